@@ -1,0 +1,42 @@
+"""ActNorm (Kingma & Dhariwal 2018): a per-channel affine map with data-dependent initialisation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flowbench.flows.base import Flow, spatial_size
+
+
+class ActNorm(Flow):
+    """y = (x + bias) · exp(log_scale), per channel.
+
+    On the first training batch, bias and scale are set so each output channel has zero mean
+    and unit variance. The ``initialized`` buffer travels with the state dict, so a loaded
+    model is never re-initialised from whatever batch it sees first.
+    """
+
+    def __init__(self, channels: int, scale: float = 1.0):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.scale = scale
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(torch.log(self.scale / (std + 1e-6)))
+        self.initialized.fill_(True)
+
+    def forward(self, x):
+        if self.training and not self.initialized:
+            self.initialize(x)
+        y = (x + self.bias) * torch.exp(self.log_scale)
+        logdet = spatial_size(x) * self.log_scale.sum()
+        return y, logdet.expand(x.shape[0])
+
+    def inverse(self, y):
+        return y * torch.exp(-self.log_scale) - self.bias

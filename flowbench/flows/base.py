@@ -1,0 +1,41 @@
+"""The layer contract: ``y, logdet = layer(x)`` and ``x = layer.inverse(y)``; logdet is [batch] nats."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Flow(nn.Module):
+    """An invertible map with a tractable log|det J|. Subclasses define ``forward`` and ``inverse``."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class FlowSequence(Flow):
+    """Layers applied in order; log-dets add up, the inverse runs them backwards."""
+
+    def __init__(self, *layers: Flow):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        logdet = x.new_zeros(x.shape[0])
+        for layer in self.layers:
+            x, ld = layer(x)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, y):
+        for layer in reversed(self.layers):
+            y = layer.inverse(y)
+        return y
+
+
+def spatial_size(x: torch.Tensor) -> int:
+    """H·W: a per-channel map applied at every pixel contributes H·W times its log-det."""
+    return x.shape[2] * x.shape[3]
