@@ -1,0 +1,382 @@
+"""ONE trial: build a flow, train it under a budget, evaluate, checkpoint, measure. No Ray here.
+
+``run_trial(config, reporter) -> TrialRecord`` runs as is from ``flowbench train`` and is
+wrapped by Ray Tune in a sweep. ``reporter(metrics, checkpoint_dir)`` is called at every
+evaluation; ``checkpoint_dir`` is set when a checkpoint was just written there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+import pydantic
+import torch
+
+import flowbench
+from flowbench.data import load_dataset
+from flowbench.errors import FlowbenchError
+from flowbench.flows.models import FlowModel
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+BudgetKind = Literal["steps", "epochs", "seconds", "images"]
+Reporter = Callable[[dict, "Path | None"], None]
+
+
+class TrialConfig(pydantic.BaseModel):
+    """Everything that defines a trial; identity fields feed ``config_hash``."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    model: str
+    dataset: str
+    hparams: dict = {}
+    seed: int = 0
+    budget_kind: BudgetKind = "steps"
+    budget: float = pydantic.Field(500, gt=0)
+    batch_size: int = pydantic.Field(64, gt=0)
+    lr: float = pydantic.Field(1e-3, gt=0)
+    warmup_steps: int = pydantic.Field(0, ge=0)
+    grad_clip: float | None = 50.0
+    eval_every: int = pydantic.Field(100, gt=0)
+    eval_images: int | None = pydantic.Field(None, gt=0)
+    checkpoint_every: int = pydantic.Field(500, gt=0)
+    latency_batch_size: int = pydantic.Field(16, gt=0)
+    latency_repeats: int = pydantic.Field(20, gt=0)
+    # where and on what it runs: not part of the trial's identity
+    data_root: str | None = None
+    device: str = "auto"
+    out_dir: str = "runs/trial"
+    sweep: str = ""
+    trial_id: str = ""
+
+    def config_hash(self) -> str:
+        identity = self.model_dump(exclude={"data_root", "device", "out_dir", "sweep", "trial_id"})
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass
+class TrialRecord:
+    """One flat row per trial (the Parquet schema of trials.parquet)."""
+
+    sweep: str
+    trial_id: str
+    model: str
+    dataset: str
+    seed: int
+    config_hash: str
+    hparams: str  # JSON: nested values do not belong in a flat table
+    budget_kind: str
+    budget: float
+    batch_size: int
+    lr: float
+    steps: int = 0
+    epochs: float = 0.0
+    images_seen: int = 0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    test_bpd: float = math.nan
+    train_bpd: float = math.nan
+    num_params: int = 0
+    throughput_images_per_s: float = math.nan
+    peak_memory_mb: float = math.nan
+    memory_kind: str = ""
+    latency_batch_size: int = 0
+    density_latency_ms: float = math.nan
+    density_latency_iqr_ms: float = math.nan
+    sample_latency_ms: float = math.nan
+    sample_latency_iqr_ms: float = math.nan
+    status: str = "ok"  # ok | diverged | failed | stopped
+    reason: str = ""
+    device: str = ""
+    torch_version: str = torch.__version__
+    flowbench_version: str = flowbench.__version__
+    git_commit: str = ""
+    hostname: str = dataclasses.field(default_factory=platform.node)
+    finished_at: str = ""
+    curve: list = dataclasses.field(default_factory=list, repr=False)  # evaluations; not a column
+
+    def row(self) -> dict:
+        """The flat Parquet row (the curve goes to curves.parquet in long format)."""
+        row = dataclasses.asdict(self)
+        del row["curve"]
+        return row
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise FlowbenchError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FlowbenchError(f"device {name!r} asked for, but this machine has no CUDA GPU: use --device cpu")
+    return device
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def warmup_schedule(warmup_steps: int) -> Callable[[int], float]:
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
+
+@torch.no_grad()
+def evaluate(model: FlowModel, split, device, batch_size: int = 256, max_images: int | None = None) -> float:
+    """Mean test bits/dim; dequantisation noise fixed so evaluations are comparable."""
+    was_training = model.training
+    model.eval()
+    n = len(split) if max_images is None else min(len(split), max_images)
+    gen = torch.Generator(device).manual_seed(0)
+    total = 0.0
+    for start in range(0, n, batch_size):
+        pixels = split.batch(np.arange(start, min(n, start + batch_size))).to(device)
+        total += model.bits_per_dim(pixels, gen).sum().item()
+    model.train(was_training)
+    return total / n
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median and interquartile range in ms of ``repeats`` calls after ``warmup``, synchronised."""
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    q1, median, q3 = np.percentile(times, [25, 50, 75])
+    return float(median), float(q3 - q1)
+
+
+@torch.no_grad()
+def measure_latency(model: FlowModel, split, device, batch_size: int, repeats: int) -> dict:
+    model.eval()
+    pixels = split.batch(np.arange(min(batch_size, len(split)))).to(device)
+    x, _ = model.preprocess_pixels(pixels, torch.Generator(device).manual_seed(0))
+    density = time_call(lambda: model.log_prob(x), device, repeats)
+    sample = time_call(lambda: model.sample(len(x)), device, repeats)
+    return {
+        "latency_batch_size": len(x),
+        "density_latency_ms": density[0],
+        "density_latency_iqr_ms": density[1],
+        "sample_latency_ms": sample[0],
+        "sample_latency_iqr_ms": sample[1],
+    }
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write-then-rename, so a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FlowbenchError(f"{path}: no checkpoint there; give a trial's checkpoint.pt or its folder")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, …: torch raises many types
+        raise FlowbenchError(f"{path}: corrupted or not a flowbench checkpoint ({type(err).__name__}); "
+                             "delete it to start the trial over") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise FlowbenchError(f"{path}: not a flowbench checkpoint (no model/config); delete it to start over")
+    return state
+
+
+def model_from_checkpoint(state: dict, device="cpu") -> FlowModel:
+    config = state["config"]
+    model = flowbench.build_model(config["model"], state["image_shape"], **config["hparams"])
+    model.load_state_dict(state["model"])
+    return model.to(device)
+
+
+class _Batches:
+    """Seeded data order: epoch e is the permutation from (seed, e), so it is reproducible from
+    (epoch, position) alone and a resumed trial sees exactly the batches it would have seen."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, position: int = 0):
+        self.n, self.seed, self.epoch, self.position = n, seed, epoch, position
+        self._order = self._permutation()
+
+    def _permutation(self):
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def next(self, size: int) -> np.ndarray:
+        idx = self._order[self.position : self.position + size]
+        self.position += len(idx)
+        if self.position >= self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._permutation()
+        return idx
+
+    @property
+    def epochs(self) -> float:
+        return self.epoch + self.position / self.n
+
+
+def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resume_from=None) -> TrialRecord:
+    """Train ``config`` to its budget and measure it. Resumes from ``resume_from`` when given.
+
+    Data-set and model errors raise FlowbenchError before training; a loss that becomes
+    NaN/inf ends the trial with status ``diverged`` rather than an exception.
+    """
+    config = TrialConfig.model_validate(config) if isinstance(config, dict) else config
+    wall_start = time.perf_counter()
+    device = resolve_device(config.device)
+    out_dir = Path(config.out_dir)
+    checkpoint_path = out_dir / "checkpoint" / CHECKPOINT_FILE
+    data = load_dataset(config.dataset, config.data_root)
+    hparams = dict(config.hparams)
+    hparams.setdefault("n_bits", data.n_bits)
+
+    torch.manual_seed(config.seed)
+    model = flowbench.build_model(config.model, data.image_shape, **hparams).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(config.warmup_steps))
+    noise = torch.Generator(device).manual_seed(config.seed + 1)
+    progress = {"step": 0, "images_seen": 0, "train_seconds": 0.0, "epoch": 0, "position": 0}
+    curve: list[dict] = []
+
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, map_location=device)
+        if state["config_hash"] != config.config_hash():
+            raise FlowbenchError(f"{resume_from}: checkpoint is of another trial configuration; "
+                                 "use a fresh --out folder")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        noise.set_state(state["noise_rng"].cpu())
+        torch.set_rng_state(state["torch_rng"].cpu())
+        progress, curve = state["progress"], state["curve"]
+        log.info("resumed %s at step %d", config.trial_id or config.model, progress["step"])
+
+    record = TrialRecord(
+        sweep=config.sweep, trial_id=config.trial_id, model=config.model, dataset=config.dataset,
+        seed=config.seed, config_hash=config.config_hash(), hparams=json.dumps(hparams, sort_keys=True),
+        budget_kind=config.budget_kind, budget=config.budget, batch_size=config.batch_size, lr=config.lr,
+        num_params=model.num_parameters(), device=str(device), git_commit=git_commit(),
+    )
+    batches = _Batches(len(data.train), config.seed, progress["epoch"], progress["position"])
+    train_bpd_sum, train_count = 0.0, 0
+
+    def budget_left() -> float:
+        spent = {"steps": progress["step"], "epochs": batches.epochs, "images": progress["images_seen"],
+                 "seconds": progress["train_seconds"]}[config.budget_kind]
+        return config.budget - spent
+
+    def next_batch_size() -> int:
+        size = config.batch_size
+        if config.budget_kind == "images":  # the last batch is cut so exactly `budget` images are seen
+            size = min(size, int(budget_left()))
+        if config.budget_kind == "epochs":  # an epoch's last batch is what remains of it
+            size = min(size, batches.n - batches.position, math.ceil(budget_left() * batches.n))
+        return size
+
+    def checkpoint_state() -> dict:
+        progress.update(epoch=batches.epoch, position=batches.position)
+        return {
+            "config": config.model_dump(), "config_hash": config.config_hash(), "image_shape": data.image_shape,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "noise_rng": noise.get_state(), "torch_rng": torch.get_rng_state(), "progress": dict(progress),
+            "curve": list(curve),
+        }
+
+    model.train()
+    status, reason = "ok", ""
+    while budget_left() > 0:
+        step_start = time.perf_counter()
+        pixels = data.train.batch(batches.next(next_batch_size())).to(device, non_blocking=True)
+        loss = model.bits_per_dim(pixels, noise).mean()
+        if not torch.isfinite(loss):
+            status, reason = "diverged", f"training loss became {loss.item()} at step {progress['step'] + 1}"
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        progress["step"] += 1
+        progress["images_seen"] += len(pixels)
+        progress["train_seconds"] += time.perf_counter() - step_start
+        train_bpd_sum, train_count = train_bpd_sum + loss.item(), train_count + 1
+
+        done = budget_left() <= 0
+        if progress["step"] % config.eval_every == 0 or done:
+            test_bpd = evaluate(model, data.test, device, max_images=config.eval_images)
+            point = {
+                "step": progress["step"], "images_seen": progress["images_seen"], "epochs": batches.epochs,
+                "train_seconds": progress["train_seconds"], "train_bpd": train_bpd_sum / train_count,
+                "test_bpd": test_bpd, "lr": scheduler.get_last_lr()[0],
+            }
+            train_bpd_sum, train_count = 0.0, 0
+            curve.append(point)
+            if not math.isfinite(test_bpd):
+                status, reason = "diverged", f"test bits/dim became {test_bpd} at step {progress['step']}"
+                break
+            saved = None
+            if progress["step"] % config.checkpoint_every == 0 or done:
+                save_checkpoint(checkpoint_path, checkpoint_state())
+                saved = checkpoint_path.parent
+            if reporter is not None:
+                reporter(dict(point, done=done), saved)
+
+    good = [p for p in curve if math.isfinite(p["test_bpd"])]
+    record.steps, record.images_seen = progress["step"], progress["images_seen"]
+    record.epochs, record.train_seconds = batches.epochs, progress["train_seconds"]
+    record.status, record.reason = status, reason
+    if good:
+        record.test_bpd, record.train_bpd = good[-1]["test_bpd"], good[-1]["train_bpd"]
+    if record.train_seconds > 0:
+        record.throughput_images_per_s = record.images_seen / record.train_seconds
+    record.peak_memory_mb, record.memory_kind = peak_memory_mb(device)
+    if status == "ok":
+        latency = measure_latency(model, data.test, device, config.latency_batch_size, config.latency_repeats)
+        for key, value in latency.items():
+            setattr(record, key, value)
+    record.wall_seconds = time.perf_counter() - wall_start
+    record.finished_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    record.curve = curve
+    return record
