@@ -297,7 +297,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
         num_params=model.num_parameters(), device=str(device), git_commit=git_commit(),
     )
     batches = _Batches(len(data.train), config.seed, progress["epoch"], progress["position"])
-    train_bpd_sum, train_count = 0.0, 0
+    train_bpd_sum, train_count, last_train_bpd = 0.0, 0, math.nan
 
     def budget_left() -> float:
         spent = {"steps": progress["step"], "epochs": batches.epochs, "images": progress["images_seen"],
@@ -341,7 +341,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
         progress["step"] += 1
         progress["images_seen"] += len(pixels)
         progress["train_seconds"] += time.perf_counter() - step_start
-        train_bpd_sum, train_count = train_bpd_sum + loss.item(), train_count + 1
+        last_train_bpd = loss.item()
+        train_bpd_sum, train_count = train_bpd_sum + last_train_bpd, train_count + 1
 
         done = budget_left() <= 0
         if progress["step"] % config.eval_every == 0 or done:
@@ -367,8 +368,9 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
     record.steps, record.images_seen = progress["step"], progress["images_seen"]
     record.epochs, record.train_seconds = batches.epochs, progress["train_seconds"]
     record.status, record.reason = status, reason
+    record.train_bpd = last_train_bpd  # the last finite training loss, also for a diverged trial
     if good:
-        record.test_bpd, record.train_bpd = good[-1]["test_bpd"], good[-1]["train_bpd"]
+        record.test_bpd = good[-1]["test_bpd"]
     if record.train_seconds > 0:
         record.throughput_images_per_s = record.images_seen / record.train_seconds
     record.peak_memory_mb, record.memory_kind = peak_memory_mb(device)

@@ -1,0 +1,133 @@
+"""One trial end to end on the digits data (1×8×8), tiny enough to run in seconds."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from flowbench import FlowbenchError
+from flowbench.trial import CHECKPOINT_FILE, TrialConfig, load_checkpoint, model_from_checkpoint, run_trial
+
+TINY = dict(model="glow", dataset="digits", hparams=dict(depth=2, levels=2, hidden_channels=8),
+            batch_size=32, eval_every=5, checkpoint_every=10, latency_repeats=2)
+
+
+def config(tmp_path, **kw):
+    return TrialConfig(**(TINY | dict(out_dir=str(tmp_path)) | kw))
+
+
+@pytest.mark.parametrize(
+    "kind,budget,steps,images",
+    [("steps", 12, 12, 12 * 32), ("images", 100, 4, 100), ("epochs", 1, 47, 1500)],
+)
+def test_budget_is_spent_exactly(tmp_path, kind, budget, steps, images):
+    record = run_trial(config(tmp_path, budget_kind=kind, budget=budget))
+    assert record.status == "ok", record.reason
+    assert (record.steps, record.images_seen) == (steps, images)
+    if kind == "epochs":
+        assert record.epochs == 1.0
+
+
+def test_seconds_budget_stops_at_the_first_step_past_it(tmp_path):
+    record = run_trial(config(tmp_path, budget_kind="seconds", budget=1.0, eval_every=1000))
+    assert record.status == "ok"
+    step_time = record.train_seconds / record.steps
+    assert 1.0 <= record.train_seconds < 1.0 + 3 * step_time + 0.2
+    assert len(record.curve) == 1  # evaluated once, at the end
+
+
+def test_record_measures_what_it_says(tmp_path):
+    record = run_trial(config(tmp_path, budget=10))
+    row = record.row()
+    assert "curve" not in row
+    assert row["num_params"] > 0 and json.loads(row["hparams"])["depth"] == 2
+    assert 0 < row["test_bpd"] < 16 and row["test_bpd"] == record.curve[-1]["test_bpd"]
+    assert row["density_latency_ms"] > 0 and row["sample_latency_ms"] > 0 and row["latency_batch_size"] == 16
+    assert row["throughput_images_per_s"] == pytest.approx(row["images_seen"] / row["train_seconds"])
+    assert row["device"] == "cpu" and row["torch_version"] == torch.__version__
+    assert [p["step"] for p in record.curve] == [5, 10]
+    assert row["config_hash"] == TrialConfig(**TINY, budget=10, out_dir="elsewhere").config_hash()
+
+
+def test_training_lowers_test_bits_per_dim(tmp_path):
+    record = run_trial(config(tmp_path, budget=60, eval_every=20))
+    curve = [p["test_bpd"] for p in record.curve]
+    assert curve[-1] < curve[1] < curve[0] - 0.2, curve
+
+
+def test_same_seed_same_result_other_seed_differs(tmp_path):
+    a = run_trial(config(tmp_path / "a", budget=10))
+    b = run_trial(config(tmp_path / "b", budget=10))
+    c = run_trial(config(tmp_path / "c", budget=10, seed=1))
+    assert without_timings(a.curve) == without_timings(b.curve)
+    assert a.test_bpd != c.test_bpd
+
+
+def without_timings(curve):
+    return [{k: v for k, v in point.items() if k != "train_seconds"} for point in curve]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resumed_trial_reaches_the_same_result(tmp_path):
+    straight = run_trial(config(tmp_path / "straight", budget=30))
+
+    def crash_after_first_checkpoint(metrics, checkpoint_dir):
+        if checkpoint_dir is not None:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_trial(config(tmp_path / "resumed", budget=30), crash_after_first_checkpoint)
+    ckpt = tmp_path / "resumed" / "checkpoint" / CHECKPOINT_FILE
+    assert load_checkpoint(ckpt)["progress"]["step"] == 10
+    resumed = run_trial(config(tmp_path / "resumed", budget=30), resume_from=ckpt)
+    assert resumed.steps == 30 and without_timings(resumed.curve) == without_timings(straight.curve)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoint")["model"]
+    b = load_checkpoint(ckpt)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    run_trial(config(tmp_path, budget=10))
+    with pytest.raises(FlowbenchError, match="another trial configuration"):
+        run_trial(config(tmp_path, budget=10, lr=1e-2), resume_from=tmp_path / "checkpoint")
+
+
+def test_diverging_trial_is_recorded_not_raised(tmp_path):
+    record = run_trial(config(tmp_path, budget=30, lr=1e4, grad_clip=None))
+    assert record.status == "diverged"
+    assert "loss became nan at step" in record.reason
+    assert 0 < record.steps < 30 and math.isfinite(record.train_bpd)
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
+    run_trial(config(tmp_path, budget=10))
+    path = tmp_path / "checkpoint" / CHECKPOINT_FILE
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(FlowbenchError, match="corrupted or not a flowbench checkpoint.*delete it"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_rebuilds_the_model(tmp_path):
+    run_trial(config(tmp_path, budget=10))
+    state = load_checkpoint(tmp_path / "checkpoint")
+    model = model_from_checkpoint(state)
+    assert model.sample(2).shape == (2, 1, 8, 8)
+    assert not list(tmp_path.glob("checkpoint/*.tmp"))
+
+
+def test_bad_inputs_fail_before_training(tmp_path):
+    with pytest.raises(FlowbenchError, match="unknown model 'glwo': did you mean 'glow'"):
+        run_trial(config(tmp_path, model="glwo"))
+    with pytest.raises(FlowbenchError, match="data set not found at .*nowhere"):
+        run_trial(config(tmp_path, dataset="cifar10", data_root=str(tmp_path / "nowhere")))
+    with pytest.raises(FlowbenchError, match="no CUDA GPU"):
+        if torch.cuda.is_available():
+            raise FlowbenchError("no CUDA GPU (skipped: this machine has one)")
+        run_trial(config(tmp_path, device="cuda"))
+    with pytest.raises(FlowbenchError, match="cannot build 'glow'"):
+        run_trial(config(tmp_path, hparams=dict(levels=4)))
