@@ -1,0 +1,172 @@
+"""The ``flowbench`` command: the only place that prints or draws progress."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from flowbench.errors import FlowbenchError
+
+log = logging.getLogger("flowbench")
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image shape must look like 3x32x32, got {text!r}") from None
+    return c, h, w
+
+
+def _hparam(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--hparam takes KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def cmd_models(args) -> None:
+    import flowbench
+    from flowbench.cards import load_card
+
+    rows = []
+    for name in flowbench.list_models():
+        card = load_card(name)
+        hparams = card.hparams_for(args.dataset)
+        model = flowbench.build_model(name, args.image_shape, **hparams)
+        paper_bpd = card.paper_bpd(args.dataset)
+        rows.append((name, f"{model.num_parameters() / 1e6:.2f}M", "—" if paper_bpd is None else f"{paper_bpd:.2f}",
+                     " ".join(f"{k}={v}" for k, v in hparams.items()), card.paper))
+    header = ("model", "params", f"paper bpd ({args.dataset})", "hparams", "paper")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print(f"image shape {'x'.join(map(str, args.image_shape))}, hyperparameters of the {args.dataset} cards")
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def cmd_train(args) -> None:
+    from tqdm import tqdm
+
+    from flowbench.cards import load_card
+    from flowbench.results.tables import curves_frame, trials_frame, write_table
+    from flowbench.trial import CHECKPOINT_FILE, TrialConfig, load_checkpoint, run_trial
+
+    budgets = {k: getattr(args, f"budget_{k}") for k in ("steps", "epochs", "seconds", "images")}
+    given = {k: v for k, v in budgets.items() if v is not None}
+    if len(given) > 1:
+        raise FlowbenchError(f"give one budget, got {', '.join('--budget-' + k for k in given)}")
+    kind, amount = next(iter(given.items())) if given else ("steps", 500)
+    hparams = load_card(args.model).hparams_for(args.dataset) | dict(args.hparam or [])
+    out = Path(args.out or f"runs/{args.model}-{args.dataset}-seed{args.seed}")
+    config = TrialConfig(
+        model=args.model, dataset=args.dataset, hparams=hparams, seed=args.seed, budget_kind=kind, budget=amount,
+        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+        data_root=args.data_root, device=args.device, out_dir=str(out), trial_id=out.name,
+    )
+    checkpoint = out / "checkpoint" / CHECKPOINT_FILE
+    resume = None
+    if checkpoint.exists():
+        if load_checkpoint(checkpoint)["config_hash"] != config.config_hash():
+            raise FlowbenchError(f"{out} holds a trial of another configuration: use another --out or delete it")
+        resume = checkpoint
+        print(f"resuming from {checkpoint}", file=sys.stderr)
+
+    total = amount if kind != "seconds" else int(amount)
+    bar = tqdm(total=total, desc=f"{args.model} on {args.dataset}", unit=kind, file=sys.stderr)
+
+    def report(metrics, checkpoint_dir):
+        done = {"steps": metrics["step"], "epochs": metrics["epochs"], "images": metrics["images_seen"],
+                "seconds": metrics["train_seconds"]}[kind]
+        bar.update(done - bar.n)
+        bar.set_postfix(train_bpd=f"{metrics['train_bpd']:.3f}", test_bpd=f"{metrics['test_bpd']:.3f}")
+
+    record = run_trial(config, report, resume_from=resume)
+    bar.close()
+    row = record.row()
+    (out / "record.json").write_text(json.dumps(row, indent=2))
+    write_table(trials_frame([row]), out / "record.parquet", "trials")
+    write_table(curves_frame([row], [record.curve]), out / "curve.parquet", "curves")
+    print(f"{record.model} on {record.dataset}: status {record.status}{' (' + record.reason + ')' if record.reason else ''}")
+    print(f"  test bits/dim   {record.test_bpd:.4f}   (last train batch {record.train_bpd:.4f})")
+    print(f"  spent           {record.steps} steps, {record.images_seen} images, {record.epochs:.2f} epochs, "
+          f"{record.train_seconds:.1f} s training ({record.throughput_images_per_s:.1f} images/s)")
+    print(f"  parameters      {record.num_params:,}")
+    print(f"  latency (batch {record.latency_batch_size})  log_prob {record.density_latency_ms:.1f} ms, "
+          f"sample {record.sample_latency_ms:.1f} ms  (median)")
+    print(f"  peak memory     {record.peak_memory_mb:.0f} MB ({record.memory_kind})")
+    print(f"  written         {out}/record.json, record.parquet, curve.parquet, checkpoint/")
+    if record.status != "ok":
+        raise SystemExit(1)
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from flowbench.results.plots import image_grid, save_png
+    from flowbench.trial import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(args.checkpoint)).eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    images = model.images(model.sample(args.n, args.temperature, generator=gen))
+    path = save_png(image_grid(images.numpy()), args.out, scale=args.scale)
+    print(f"wrote {args.n} samples at temperature {args.temperature} to {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowbench", description="Compare normalizing flows on equal budgets.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the registered flows with their parameter counts")
+    p.add_argument("--image-shape", type=_shape, default=(3, 32, 32), help="C x H x W (default 3x32x32)")
+    p.add_argument("--dataset", default="cifar10", help="whose card hyperparameters to use (default cifar10)")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="run one trial without Ray")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", default="embedded")
+    p.add_argument("--data-root", help="folder (or file) holding the data set's files")
+    for kind, typ in (("steps", int), ("epochs", float), ("seconds", float), ("images", int)):
+        p.add_argument(f"--budget-{kind}", type=typ, help=f"train for this many {kind}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--hparam", type=_hparam, action="append", help="KEY=VALUE over the model card's")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--out", help="output folder (default runs/MODEL-DATASET-seedN); re-running resumes")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="write a grid of samples from a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=int, default=2, help="enlarge pixels this many times")
+    p.add_argument("--out", default="samples.png")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except FlowbenchError as err:
+        print(f"flowbench: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flowbench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Tables, Table 2, plots and the report, from trial records alone."""
