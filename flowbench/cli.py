@@ -117,6 +117,58 @@ def cmd_sample(args) -> None:
     print(f"wrote {args.n} samples at temperature {args.temperature} to {path}")
 
 
+class SweepProgress:
+    """A Tune callback drawing the sweep's live state: done/running/failed and the best bits/dim."""
+
+    def __init__(self, total: int):
+        from ray import tune
+
+        class _Callback(tune.Callback):
+            def on_trial_result(cb, iteration, trials, trial, result, **info):
+                self.show(trials)
+
+            def on_trial_complete(cb, iteration, trials, trial, **info):
+                self.show(trials, trial)
+
+            def on_trial_error(cb, iteration, trials, trial, **info):
+                self.show(trials, trial)
+
+        self.total, self.callback, self.best = total, _Callback(), None
+
+    def show(self, trials, finished=None) -> None:
+        counts = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "RUNNING", "ERROR", "PENDING")}
+        for t in trials:
+            bpd = (t.last_result or {}).get("test_bpd")
+            if isinstance(bpd, float) and bpd == bpd and (self.best is None or bpd < self.best[0]):
+                self.best = (bpd, str(t))
+        best = f"best test bpd {self.best[0]:.3f} ({self.best[1]})" if self.best else "no evaluation yet"
+        line = (f"[{counts['TERMINATED']} done, {counts['RUNNING']} running, {counts['ERROR']} failed, "
+                f"{counts['PENDING']} pending] {best}")
+        if finished is not None:
+            status = (finished.last_result or {}).get("status", "failed" if finished.status == "ERROR" else "stopped")
+            line += f"  <- {finished} {status}"
+        print(line, file=sys.stderr, flush=True)
+
+
+def cmd_sweep(args) -> None:
+    from flowbench.sweep.runner import plan, run_sweep
+
+    spec, configs = plan(args.spec)
+    if args.dry_run:
+        print(f"sweep {spec.name}: {len(configs)} trials, budget {spec.budget.amount:g} {spec.budget.kind} each"
+              + (f", {spec.search.num_samples} search samples per model and data set" if spec.search else ""))
+        for c in configs:
+            hp = " ".join(f"{k}={v}" for k, v in c.hparams.items())
+            print(f"  {c.trial_id:40s} {hp}")
+        return
+    progress = SweepProgress(len(configs))
+    outcome = run_sweep(args.spec, args.results, args.address, args.mlflow_uri, (progress.callback,), args.num_cpus)
+    counts = outcome.trials["status"].value_counts().to_dict()
+    print(f"sweep {spec.name}: {len(outcome.trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())})")
+    print(f"  tables   {outcome.results_dir}/trials.parquet, curves.parquet")
+    print(f"  mlflow   {outcome.mlflow_uri} (experiment {spec.name})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowbench", description="Compare normalizing flows on equal budgets.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -142,6 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--out", help="output folder (default runs/MODEL-DATASET-seedN); re-running resumes")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="run (or resume) a sweep spec as Ray Tune trials")
+    p.add_argument("spec", help="sweep YAML, e.g. sweeps/table2.yaml")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the trials, run nothing")
+    p.add_argument("--address", help="Ray cluster to join ('auto' or HOST:PORT); default a local Ray")
+    p.add_argument("--mlflow-uri", help="tracking server (default: sqlite under results/NAME/)")
+    p.add_argument("--results", default="results", help="results root (default results/)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("sample", help="write a grid of samples from a checkpoint")
     p.add_argument("checkpoint")

@@ -7,3 +7,13 @@ class FlowbenchError(Exception):
     The CLI prints it as one line and exits non-zero; library code raises it instead of
     letting a low-level exception (KeyError, FileNotFoundError, …) reach the user.
     """
+
+
+def unknown_name(kind: str, name: str, known) -> str:
+    """'unknown model 'glwo': did you mean 'glow'? known models are …' — one wording everywhere."""
+    import difflib
+
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown {kind} {name!r}: {hint}known {kind}s are {', '.join(known)}"

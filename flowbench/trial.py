@@ -362,7 +362,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
                 save_checkpoint(checkpoint_path, checkpoint_state())
                 saved = checkpoint_path.parent
             if reporter is not None:
-                reporter(dict(point, done=done), saved)
+                reporter(dict(point, final=done), saved)
 
     good = [p for p in curve if math.isfinite(p["test_bpd"])]
     record.steps, record.images_seen = progress["step"], progress["images_seen"]

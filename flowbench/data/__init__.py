@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 from flowbench.data.base import ArraySplit, ImageData, PngSplit
 from flowbench.data.embedded import load_digits, load_embedded
 from flowbench.data.files import load_celeba_hq, load_cifar10, load_imagenet
-from flowbench.errors import FlowbenchError
+from flowbench.errors import FlowbenchError, unknown_name
 
 DATASETS = {
     "embedded": lambda root: load_embedded(32),
@@ -24,9 +23,7 @@ NEEDS_ROOT = {"cifar10", "imagenet32", "imagenet64", "celeba-hq"}
 
 def load_dataset(name: str, root: str | Path | None = None) -> ImageData:
     if name not in DATASETS:
-        close = difflib.get_close_matches(name, DATASETS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise FlowbenchError(f"unknown data set {name!r}: {hint}known data sets are {', '.join(DATASETS)}")
+        raise FlowbenchError(unknown_name("data set", name, DATASETS))
     return DATASETS[name](Path(root) if root is not None else None)
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from dataclasses import dataclass
 from typing import Callable
 
-from flowbench.errors import FlowbenchError
+from flowbench.errors import FlowbenchError, unknown_name
 from flowbench.flows.models import (
     FlowModel,
     build_emerging,
@@ -52,9 +51,7 @@ def list_models() -> list[str]:
 
 def model_entry(name: str) -> ModelEntry:
     if name not in MODELS:
-        close = difflib.get_close_matches(name, MODELS, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise FlowbenchError(f"unknown model {name!r}: {hint}known models are {', '.join(MODELS)}")
+        raise FlowbenchError(unknown_name("model", name, MODELS))
     return MODELS[name]
 
 

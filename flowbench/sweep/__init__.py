@@ -1,0 +1,1 @@
+"""Sweeps: the validated spec, Ray Tune wiring and MLflow tracking."""
