@@ -165,6 +165,14 @@ def fit_group(spec: SweepSpec, storage: Path, name: str, param_space: dict, tune
     return tuner.fit()
 
 
+def _grid_config():
+    from ray import tune
+
+    # reuse_actors would save ~2 s a trial, but Ray then never syncs a reused trial's files
+    # (attempts.jsonl, final/) from its working directory to storage
+    return tune.TuneConfig(trial_name_creator=_trial_name, trial_dirname_creator=_trial_name, reuse_actors=False)
+
+
 def _search_space(spec: SweepSpec) -> dict:
     from ray import tune
 
@@ -212,6 +220,8 @@ def run_sweep(
     from flowbench.results.tables import curves_frame, write_table
 
     spec, configs = plan(spec_path)
+    start_ray(address, num_cpus)
+    _check_resources(spec, address)
     out = Path(results_root).resolve() / spec.name
     uri = mlflow_uri or default_tracking_uri(out)
     _claim_results_dir(out, spec, uri)
@@ -221,25 +231,23 @@ def run_sweep(
         "models": ",".join(spec.models), "datasets": ",".join(spec.datasets), "seeds": ",".join(map(str, spec.seeds)),
         "budget": f"{spec.budget.amount:g} {spec.budget.kind}", "spec": Path(spec_path).name,
     })
-    start_ray(address, num_cpus)
-    _check_resources(spec, address)
     callbacks = [MlflowCallback(uri, spec.name, parent, artifacts), *callbacks]
     storage = out / "tune"
     metric = dict(metric="test_bpd", mode="min")
     groups: list[tuple[str, object]] = []
     if spec.search is None:
         space = {"trial": tune.grid_search([c.model_dump() for c in configs])}
-        tc = tune.TuneConfig(trial_name_creator=_trial_name, trial_dirname_creator=_trial_name, reuse_actors=True)
-        groups.append(("final", fit_group(spec, storage, "grid", space, tc, callbacks)))
+        groups.append(("final", fit_group(spec, storage, "grid", space, _grid_config(), callbacks)))
     else:
         for key in dict.fromkeys((c.model, c.dataset) for c in configs):
             group = [c for c in configs if (c.model, c.dataset) == key]
             asha = spec.search.asha
-            scheduler = ASHAScheduler(time_attr=TIME_ATTR[spec.budget.kind], max_t=spec.budget.amount,
+            # max_t past the budget: ASHA stops a trial that reaches max_t, before it reports its record
+            scheduler = ASHAScheduler(time_attr=TIME_ATTR[spec.budget.kind], max_t=2 * spec.budget.amount,
                                       grace_period=asha.grace_period, reduction_factor=asha.reduction_factor) if asha else None
-            tc = tune.TuneConfig(search_alg=OptunaSearch(seed=group[0].seed, **metric), scheduler=scheduler,
+            tc = tune.TuneConfig(search_alg=OptunaSearch(seed=group[0].seed), scheduler=scheduler, **metric,
                                  num_samples=spec.search.num_samples, trial_name_creator=_trial_name,
-                                 trial_dirname_creator=_trial_name, reuse_actors=True)
+                                 trial_dirname_creator=_trial_name, reuse_actors=False)
             name = f"{key[0]}-{key[1]}"
             grid = fit_group(spec, storage, f"search-{name}", {"trial": group[0].model_dump(), "search": _search_space(spec)},
                              tc, callbacks)
@@ -248,8 +256,8 @@ def run_sweep(
             # the best sample's values, run on every seed under the plain trial ids
             chosen = [trial_config({"trial": c.model_dump(), "search": best.config["search"]}) | {"trial_id": c.trial_id}
                       for c in group]
-            tc = tune.TuneConfig(trial_name_creator=_trial_name, trial_dirname_creator=_trial_name, reuse_actors=True)
-            groups.append(("final", fit_group(spec, storage, f"final-{name}", {"trial": tune.grid_search(chosen)}, tc, callbacks)))
+            groups.append(("final", fit_group(spec, storage, f"final-{name}", {"trial": tune.grid_search(chosen)},
+                                              _grid_config(), callbacks)))
 
     rows, curves = [], []
     for phase, grid in groups:
@@ -261,6 +269,9 @@ def run_sweep(
     write_table(trials, out / "trials.parquet", "trials")
     curve_table = curves_frame(rows, curves)
     write_table(curve_table, out / "curves.parquet", "curves")
+    for table in ("trials.parquet", "curves.parquet"):
+        tracker.client.log_artifact(parent, str(out / table))
+    tracker.client.set_terminated(parent, "FINISHED")
     return SweepOutcome(spec, out, trials, curve_table, uri, parent)
 
 
@@ -275,7 +286,8 @@ def _record_of(result, sweep: str) -> tuple[dict, list[dict]]:
         keep = ["step", "images_seen", "epochs", "train_seconds", "train_bpd", "test_bpd", "lr"]
         curve = evals[[k for k in keep if k in evals.columns]].to_dict("records")
     if "status" in metrics and "config_hash" in metrics:
-        return {k: metrics.get(k) for k in RECORD_COLUMNS}, curve
+        # Tune stamps its own trial_id (and hostname) on every result: ours comes from the config
+        return {k: metrics.get(k) for k in RECORD_COLUMNS} | {"trial_id": config["trial_id"]}, curve
     status, reason = ("failed", str(result.error).splitlines()[0][:500]) if result.error else ("stopped", "stopped early by ASHA")
     tc = TrialConfig.model_validate(config)
     record = TrialRecord(

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 
@@ -92,55 +92,49 @@ class Latency(Strict):
     repeats: int = pydantic.Field(20, gt=0)
 
 
+def _known(kind: str, known):
+    def check(name: str) -> str:
+        if name not in known:
+            raise ValueError(unknown_name(kind, name, known))
+        return name
+
+    return Annotated[str, pydantic.AfterValidator(check)]
+
+
+ModelName, DatasetName = _known("model", MODELS), _known("data set", DATASETS)
+
+
 class SweepSpec(Strict):
     name: str = pydantic.Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    models: list[str] = pydantic.Field(min_length=1)
-    datasets: list[str] = pydantic.Field(min_length=1)
+    models: list[ModelName] = pydantic.Field(min_length=1)
+    datasets: list[DatasetName] = pydantic.Field(min_length=1)
     data_roots: dict[str, str] = {}
     seeds: list[int] = pydantic.Field([0], min_length=1)
     budget: Budget
     train: Train = Train()
-    overrides: dict[str, dict] = {}
+    overrides: dict[str, dict] = {}  # per model: hyperparameters and/or train keys
     match_params: int | None = pydantic.Field(None, gt=0)
     search: Search | None = None
     resources: Resources = Resources()
     latency: Latency = Latency()
     max_failures: int = pydantic.Field(2, ge=0)
 
-    @pydantic.field_validator("models")
+    @pydantic.field_validator("models", "datasets", "seeds")
     @classmethod
-    def _known_models(cls, models):
-        for name in models:
-            if name not in MODELS:
-                raise ValueError(unknown_name("model", name, MODELS))
-        if len(set(models)) != len(models):
-            raise ValueError("a model is listed twice")
-        return models
-
-    @pydantic.field_validator("datasets")
-    @classmethod
-    def _known_datasets(cls, datasets):
-        for name in datasets:
-            if name not in DATASETS:
-                raise ValueError(unknown_name("data set", name, DATASETS))
-        return datasets
-
-    @pydantic.field_validator("seeds")
-    @classmethod
-    def _distinct_seeds(cls, seeds):
-        if len(set(seeds)) != len(seeds):
-            raise ValueError("a seed is listed twice")
-        return seeds
+    def _distinct(cls, values, info):
+        if len(set(values)) != len(values):
+            raise ValueError(f"an entry of {info.field_name} is listed twice")
+        return values
 
     @pydantic.model_validator(mode="after")
     def _consistent(self):
         for name in self.overrides:
             if name not in self.models:
                 raise ValueError(f"overrides.{name}: not one of the sweep's models {self.models}")
-            accepted = model_entry(name).hparams()
+            accepted = [*model_entry(name).hparams(), *TRAIN_KEYS]
             unknown = sorted(set(self.overrides[name]) - set(accepted))
             if unknown:
-                raise ValueError(f"overrides.{name}: unknown hyperparameter {unknown}; {name} accepts {list(accepted)}")
+                raise ValueError(f"overrides.{name}: unknown key {unknown}; {name} accepts {accepted}")
         for name in self.data_roots:
             if name not in self.datasets:
                 raise ValueError(f"data_roots.{name}: not one of the sweep's datasets {self.datasets}")
@@ -210,14 +204,18 @@ def expand(spec: SweepSpec, image_shapes: dict[str, tuple]) -> list[TrialConfig]
     configs = []
     for dataset in spec.datasets:
         for model in spec.models:
-            hparams = load_card(model).hparams_for(dataset) | spec.overrides.get(model, {})
+            override = spec.overrides.get(model, {})
+            train = spec.train.model_dump() | {k: v for k, v in override.items() if k in TRAIN_KEYS}
+            hparams = load_card(model).hparams_for(dataset) | {k: v for k, v in override.items() if k not in TRAIN_KEYS}
             if spec.match_params:
                 hparams = match_width(model, image_shapes[dataset], hparams, spec.match_params)
+            else:  # build once: a model that cannot exist for this data fails here, not in a trial
+                flowbench.build_model(model, image_shapes[dataset], **hparams)
             for seed in spec.seeds:
                 configs.append(TrialConfig(
                     model=model, dataset=dataset, hparams=hparams, seed=seed,
                     budget_kind=spec.budget.kind, budget=spec.budget.amount,
-                    **spec.train.model_dump(), latency_batch_size=spec.latency.batch_size,
+                    **train, latency_batch_size=spec.latency.batch_size,
                     latency_repeats=spec.latency.repeats, data_root=spec.data_roots.get(dataset),
                     sweep=spec.name, trial_id=f"{model}-{dataset}-seed{seed}",
                 ))
