@@ -162,11 +162,31 @@ def cmd_sweep(args) -> None:
             print(f"  {c.trial_id:40s} {hp}")
         return
     progress = SweepProgress(len(configs))
-    outcome = run_sweep(args.spec, args.results, args.address, args.mlflow_uri, (progress.callback,), args.num_cpus)
+    outcome = run_sweep(args.spec, args.results, args.address, args.mlflow_uri, (progress.callback,), args.num_cpus,
+                        args.storage)
     counts = outcome.trials["status"].value_counts().to_dict()
     print(f"sweep {spec.name}: {len(outcome.trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())})")
-    print(f"  tables   {outcome.results_dir}/trials.parquet, curves.parquet")
+    print(f"  tables   {outcome.results_dir}/trials.parquet, curves.parquet, table2.parquet")
+    print(f"  report   {outcome.results_dir}/report.md, report.html, plots/")
     print(f"  mlflow   {outcome.mlflow_uri} (experiment {spec.name})")
+
+
+def cmd_report(args) -> None:
+    from flowbench.results.report import build_report, report_from_dir
+
+    if args.mlflow_uri:
+        from flowbench.results.from_mlflow import tables_from_mlflow
+
+        if not args.experiment:
+            raise FlowbenchError("--mlflow-uri needs --experiment NAME (the sweep's name)")
+        trials, curves = tables_from_mlflow(args.mlflow_uri, args.experiment)
+        out = Path(args.results_dir or f"results/{args.experiment}-from-mlflow")
+        paths = build_report(out, trials, curves)
+    elif args.results_dir:
+        paths = report_from_dir(args.results_dir)
+    else:
+        raise FlowbenchError("give a results folder (results/NAME) or --mlflow-uri URI --experiment NAME")
+    print(f"wrote {paths['md']}, {paths['html']}, {paths['table2']} and {len(paths['plots'])} plots")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,7 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", help="tracking server (default: sqlite under results/NAME/)")
     p.add_argument("--results", default="results", help="results root (default results/)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--storage", help="Tune storage every node reaches (s3://…, NFS); default results/NAME/tune")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="regenerate Table 2, plots and the report from a sweep's tables")
+    p.add_argument("results_dir", nargs="?", help="results/NAME holding trials.parquet and curves.parquet "
+                   "(with --mlflow-uri: where to write)")
+    p.add_argument("--mlflow-uri", help="rebuild from this MLflow store's runs instead of the Parquet tables")
+    p.add_argument("--experiment", help="with --mlflow-uri: the sweep's name")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sample", help="write a grid of samples from a checkpoint")
     p.add_argument("checkpoint")

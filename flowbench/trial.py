@@ -52,7 +52,7 @@ class TrialConfig(pydantic.BaseModel):
     warmup_steps: int = pydantic.Field(0, ge=0)
     grad_clip: float | None = 50.0
     eval_every: int = pydantic.Field(100, gt=0)
-    eval_images: int | None = pydantic.Field(None, gt=0)
+    eval_images: int | None = pydantic.Field(None, gt=0)  # test images per intermediate evaluation
     checkpoint_every: int = pydantic.Field(500, gt=0)
     latency_batch_size: int = pydantic.Field(16, gt=0)
     latency_repeats: int = pydantic.Field(20, gt=0)
@@ -346,7 +346,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
 
         done = budget_left() <= 0
         if progress["step"] % config.eval_every == 0 or done:
-            test_bpd = evaluate(model, data.test, device, max_images=config.eval_images)
+            # intermediate evaluations may use a subset; the final figure is on the whole test split
+            test_bpd = evaluate(model, data.test, device, max_images=None if done else config.eval_images)
             point = {
                 "step": progress["step"], "images_seen": progress["images_seen"], "epochs": batches.epochs,
                 "train_seconds": progress["train_seconds"], "train_bpd": train_bpd_sum / train_count,

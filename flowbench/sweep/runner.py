@@ -106,6 +106,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only local Ray needs no token
     # checkpoint-driven state snapshots are deliberate (see fit_group): no warning about them
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
@@ -137,15 +138,15 @@ def _trial_name(trial) -> str:
     return trial_config(trial.config)["trial_id"]
 
 
-def fit_group(spec: SweepSpec, storage: Path, name: str, param_space: dict, tune_config, callbacks):
+def fit_group(spec: SweepSpec, storage: str, name: str, param_space: dict, tune_config, callbacks):
     """One Tuner: restored when its experiment exists (finished trials are not run again)."""
     from ray import tune
 
     trainable = tune.with_resources(tune_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    path = storage / name
-    if tune.Tuner.can_restore(str(path)):
+    path = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
         log.info("resuming %s", path)
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -153,7 +154,7 @@ def fit_group(spec: SweepSpec, storage: Path, name: str, param_space: dict, tune
             tune_config=tune_config,
             run_config=tune.RunConfig(
                 name=name,
-                storage_path=str(storage),
+                storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 # keeping one checkpoint makes Tune save its experiment state after every trial
                 # checkpoint, so a killed driver resumes each trial from its latest one
@@ -211,12 +212,18 @@ def run_sweep(
     mlflow_uri: str | None = None,
     callbacks: tuple = (),
     num_cpus: int | None = None,
+    storage: str | None = None,
 ) -> SweepOutcome:
-    """Run (or resume) every trial of the spec; write trials.parquet and curves.parquet."""
+    """Run (or resume) every trial of the spec; write the tables and the report, log them to MLflow.
+
+    ``storage`` is Tune's storage (default ``results/NAME/tune``): on a multi-node cluster give one
+    that every node reaches (``s3://bucket/prefix``, an NFS path).
+    """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from flowbench.results.report import build_report
     from flowbench.results.tables import curves_frame, write_table
 
     spec, configs = plan(spec_path)
@@ -232,7 +239,8 @@ def run_sweep(
         "budget": f"{spec.budget.amount:g} {spec.budget.kind}", "spec": Path(spec_path).name,
     })
     callbacks = [MlflowCallback(uri, spec.name, parent, artifacts), *callbacks]
-    storage = out / "tune"
+    # Tune's trial state and checkpoints; a multi-node cluster needs storage every node reaches
+    storage = storage or str(out / "tune")
     metric = dict(metric="test_bpd", mode="min")
     groups: list[tuple[str, object]] = []
     if spec.search is None:
@@ -265,12 +273,21 @@ def run_sweep(
             row, curve = _record_of(result, spec.name)
             rows.append(row | {"phase": phase})
             curves.append(curve)
+            if phase == "final" and result.checkpoint is not None:  # the report's sample figures
+                for figure in ("samples", "reconstructions"):
+                    src = Path(result.checkpoint.path) / f"{figure}.png"
+                    if src.is_file():
+                        (out / "figures").mkdir(exist_ok=True)
+                        shutil.copy2(src, out / "figures" / f"{figure}-{row['trial_id']}.png")
     trials = pd.DataFrame(rows)
     write_table(trials, out / "trials.parquet", "trials")
     curve_table = curves_frame(rows, curves)
     write_table(curve_table, out / "curves.parquet", "curves")
-    for table in ("trials.parquet", "curves.parquet"):
-        tracker.client.log_artifact(parent, str(out / table))
+    report = build_report(out, trials, curve_table)
+    for path in [out / "trials.parquet", out / "curves.parquet", report["table2"], report["md"], report["html"]]:
+        tracker.client.log_artifact(parent, str(path))
+    for path in report["plots"]:
+        tracker.client.log_artifact(parent, str(path), artifact_path="plots")
     tracker.client.set_terminated(parent, "FINISHED")
     return SweepOutcome(spec, out, trials, curve_table, uri, parent)
 

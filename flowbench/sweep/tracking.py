@@ -16,6 +16,7 @@ from pathlib import Path
 from ray import tune
 
 from flowbench.sweep.spec import trial_config
+from flowbench.trial import TrialConfig
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class MlflowCallback(tune.Callback):
         if trial.trial_id not in self._runs:
             config = trial_config(trial.config)
             run_id = self.tracker.get_or_create_run(config["trial_id"], self.parent_id, flat_params(config))
+            self.tracker.client.set_tag(run_id, "phase", "search" if trial.config.get("search") else "final")
+            self.tracker.client.set_tag(run_id, "config_hash", TrialConfig.model_validate(config).config_hash())
             self._runs[trial.trial_id] = (run_id, self.tracker.last_step(run_id))
         return self._runs[trial.trial_id]
 

@@ -1,0 +1,105 @@
+"""Parquet → report round trip, and refusal of foreign or corrupted tables."""
+
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flowbench import FlowbenchError
+from flowbench.cli import main
+from flowbench.results.report import build_report, report_from_dir
+from flowbench.results.tables import SCHEMA_VERSION, read_table, write_table
+from tests.results.test_table2 import synthetic
+
+
+def curves_for(trials):
+    rows = []
+    for t in trials.itertuples():
+        rows += [dict(sweep="s", trial_id=t.trial_id, model=t.model, dataset=t.dataset, seed=t.seed, config_hash="h",
+                      step=step, train_seconds=step / 10, test_bpd=t.test_bpd + 1 / step, train_bpd=t.test_bpd)
+                 for step in (10, 20)]
+    return pd.DataFrame(rows)
+
+
+def full_trials():
+    t = synthetic()
+    t["flowbench_version"], t["torch_version"], t["device"], t["git_commit"] = "0.1.0", "2", "cpu", "abc"
+    return t
+
+
+def test_parquet_to_report_round_trip(tmp_path, capsys):
+    trials = full_trials()
+    write_table(trials, tmp_path / "trials.parquet", "trials")
+    write_table(curves_for(trials), tmp_path / "curves.parquet", "curves")
+    assert main(["report", str(tmp_path)]) == 0
+    table2 = read_table(tmp_path / "table2.parquet", "table2")
+    glow = table2.set_index(["model", "dataset"]).loc[("glow", "cifar10")]
+    assert glow.bpd_mean == pytest.approx(3.1) and glow.paper_bpd == 3.35  # paper figure from the model card
+    md = (tmp_path / "report.md").read_text()
+    assert "| glow    | 3.10 ± 0.25" in md and "3.35" in md
+    assert "Paired comparisons" in md and "significant" in md
+    html = (tmp_path / "report.html").read_text()
+    assert "<table" in html and 'src="data:image/png;base64,' in html
+    assert "src=\"http" not in html and "src='" not in html  # self-contained
+    for plot in ("curves-cifar10.png", "curves-embedded.png", "bpd-vs-params.png", "latency.png"):
+        assert (tmp_path / "plots" / plot).stat().st_size > 1000
+
+
+def test_report_regenerates_identically(tmp_path):
+    trials = full_trials()
+    write_table(trials, tmp_path / "trials.parquet", "trials")
+    write_table(curves_for(trials), tmp_path / "curves.parquet", "curves")
+    report_from_dir(tmp_path)
+    first = read_table(tmp_path / "table2.parquet", "table2")
+    md = (tmp_path / "report.md").read_text()
+    report_from_dir(tmp_path)
+    pd.testing.assert_frame_equal(read_table(tmp_path / "table2.parquet", "table2"), first)
+    assert (tmp_path / "report.md").read_text() == md
+
+
+def test_foreign_parquet_is_refused(tmp_path):
+    pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "trials.parquet")
+    with pytest.raises(FlowbenchError, match="not a flowbench trials table"):
+        read_table(tmp_path / "trials.parquet", "trials")
+
+
+def test_other_kind_and_other_version_are_refused(tmp_path):
+    trials = full_trials()
+    write_table(trials, tmp_path / "t.parquet", "trials")
+    with pytest.raises(FlowbenchError, match=r"not a flowbench curves table \(trials\)"):
+        read_table(tmp_path / "t.parquet", "curves")
+    table = pq.read_table(tmp_path / "t.parquet")
+    meta = {b"flowbench": json.dumps({"kind": "trials", "schema_version": SCHEMA_VERSION + 1}).encode()}
+    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "v2.parquet")
+    with pytest.raises(FlowbenchError, match=f"schema version {SCHEMA_VERSION + 1}, this flowbench reads"):
+        read_table(tmp_path / "v2.parquet", "trials")
+
+
+def test_corrupted_parquet_is_refused_and_nothing_is_half_written(tmp_path, capsys):
+    trials = full_trials()
+    write_table(trials, tmp_path / "trials.parquet", "trials")
+    data = (tmp_path / "trials.parquet").read_bytes()
+    (tmp_path / "trials.parquet").write_bytes(data[: len(data) // 2])
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "trials.parquet: corrupted or not a Parquet file" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("report.*")) and not (tmp_path / "table2.parquet").exists()
+
+
+def test_a_table_lacking_required_columns_is_not_written(tmp_path):
+    with pytest.raises(ValueError, match="needs columns"):
+        write_table(pd.DataFrame({"model": ["glow"]}), tmp_path / "t.parquet", "trials")
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_results_folder(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "no trials table there; run the sweep first" in capsys.readouterr().err
+
+
+def test_build_report_without_sample_figures_still_writes(tmp_path):
+    trials = full_trials()
+    paths = build_report(tmp_path, trials, curves_for(trials))
+    assert paths["md"].exists() and "Samples" not in paths["md"].read_text()
