@@ -101,13 +101,13 @@ def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.Dat
         save(fig, f"curves-{dataset}.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    markers = dict(zip(table2["dataset"].unique(), "osD^vP*"))
     for row in table2.itertuples():
         ax.errorbar(row.num_params / 1e6, row.bpd_mean, yerr=0 if math.isnan(row.bpd_ci95) else row.bpd_ci95,
-                    fmt="o", color=colours[row.model], capsize=3)
-        ax.annotate(f"{row.model} ({row.dataset})", (row.num_params / 1e6, row.bpd_mean), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
+                    fmt=markers[row.dataset], color=colours[row.model], capsize=3, label=f"{row.model} ({row.dataset})")
     ax.set(xlabel="parameters (millions)", ylabel="test bits/dim (mean ± 95% CI)", title="bits/dim against size")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     save(fig, "bpd-vs-params.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -166,7 +166,7 @@ def build_report(out: str | Path, trials: pd.DataFrame, curves: pd.DataFrame, pa
 def _markdown(name, intro, sections, plots, figures, out: Path) -> str:
     lines = [f"# flowbench report: {name}", "", intro, ""]
     for title, frame in sections:
-        lines += [f"## {title}", "", frame.to_markdown(index=False) if len(frame) else "(none)", ""]
+        lines += [f"## {title}", "", frame.to_markdown(index=False, disable_numparse=True) if len(frame) else "(none)", ""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots] + [""]
     if figures:
         lines += ["## Samples (temperature 0.7) and reconstructions (top: data, bottom: decode(encode(x)))", ""]

@@ -38,7 +38,10 @@ def test_parquet_to_report_round_trip(tmp_path, capsys):
     glow = table2.set_index(["model", "dataset"]).loc[("glow", "cifar10")]
     assert glow.bpd_mean == pytest.approx(3.1) and glow.paper_bpd == 3.35  # paper figure from the model card
     md = (tmp_path / "report.md").read_text()
-    assert "| glow    | 3.10 ± 0.25" in md and "3.35" in md
+    glow_row = next(line for line in md.splitlines() if line.startswith("| glow"))
+    assert "3.10 ± 0.25" in glow_row and "3.35" in glow_row and "4.10 ± 1.27" in glow_row
+    nxn_row = next(line for line in md.splitlines() if line.startswith("| nxn_shift"))
+    assert "3.50 ± 0.25" in nxn_row and "| 3.50" in nxn_row
     assert "Paired comparisons" in md and "significant" in md
     html = (tmp_path / "report.html").read_text()
     assert "<table" in html and 'src="data:image/png;base64,' in html
