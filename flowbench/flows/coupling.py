@@ -38,8 +38,9 @@ class GlowCouplingNet(nn.Module):
         self.out = ZeroConv2d(hidden_channels, out_channels)
 
     def forward(self, x):
-        h = F.relu(self.norm1(self.conv1(x))[0])
-        h = F.relu(self.norm2(self.conv2(h))[0])
+        # in place: ActNorm keeps its input, not its output, for the backward pass
+        h = F.relu(self.norm1(self.conv1(x))[0], inplace=True)
+        h = F.relu(self.norm2(self.conv2(h))[0], inplace=True)
         return self.out(h)
 
 

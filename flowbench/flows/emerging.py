@@ -16,18 +16,13 @@ from flowbench.flows.base import Flow, FlowSequence, spatial_size
 from flowbench.flows.conv1x1 import make_conv1x1
 
 
-def _flip(x: torch.Tensor) -> torch.Tensor:
-    """Reverse channel, row and column order: turns the 'earlier' mask into 'later'."""
-    return x.flip(1, 2, 3)
-
-
 class MaskedAutoregressiveConv2d(Flow):
     """One autoregressive k×k convolution; ``flipped`` makes it depend on later pixels instead.
 
     The inverse solves for the pixels wavefront by wavefront: pixel (i, j) only depends on
     pixels (i', j') with (r+1)·i' + j' < (r+1)·i + j, so every pixel on the line
-    (r+1)·i + j = t is solved at once (one triangular C×C solve per pixel, batched over
-    images and pixels). That is (r+1)(H−1)+W steps instead of H·W.
+    (r+1)·i + j = t is solved at once (a triangular C×C system per pixel, batched over images
+    and pixels): (r+1)(H−1)+W steps instead of H·W. The flipped layer runs the same in reverse.
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, flipped: bool = False):
@@ -42,53 +37,63 @@ class MaskedAutoregressiveConv2d(Flow):
         mask[:, :, :r, :] = 1  # rows above
         mask[:, :, r, :r] = 1  # same row, to the left
         mask[:, :, r, r] = torch.tril(torch.ones(channels, channels), -1)  # earlier channels
-        self.register_buffer("mask", mask)
+        # flipping channels, rows and columns turns 'earlier' into 'later'
+        self.register_buffer("mask", mask.flip(0, 1, 2, 3) if flipped else mask)
         self._wavefronts: dict = {}
 
     def kernel(self) -> torch.Tensor:
+        """The masked kernel with exp(log_diag) on the centre diagonal."""
         r = self.kernel_size // 2
-        w = self.weight * self.mask
-        centre = torch.zeros_like(w)
+        centre = torch.zeros_like(self.weight)
         centre[:, :, r, r] = torch.diag(torch.exp(self.log_diag))
-        return w + centre
+        return self.weight * self.mask + centre
 
     def forward(self, x):
-        w = self.kernel()
-        if self.flipped:
-            w = w.flip(0, 1, 2, 3)  # equal to _flip(conv(_flip(x), w)) for odd k, zero padding
-        y = F.conv2d(x, w, padding=self.kernel_size // 2)
+        y = F.conv2d(x, self.kernel(), padding=self.kernel_size // 2)
         logdet = spatial_size(x) * self.log_diag.sum()
         return y, logdet.expand(x.shape[0])
 
     def inverse(self, y):
-        if self.flipped:
-            return _flip(self._solve(_flip(y)))
-        return self._solve(y)
-
-    def _wavefront_indices(self, height: int, width: int, device) -> list:
-        key = (height, width, device)
-        if key not in self._wavefronts:
-            r = self.kernel_size // 2
-            i, j = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-            t = ((r + 1) * i + j).flatten()
-            i, j = i.flatten(), j.flatten()
-            fronts = [(i[t == s].to(device), j[t == s].to(device)) for s in range(int(t.max()) + 1)]
-            self._wavefronts[key] = fronts
-        return self._wavefronts[key]
-
-    def _solve(self, y: torch.Tensor) -> torch.Tensor:
         r = self.kernel_size // 2
         batch, channels, height, width = y.shape
         w = self.kernel().to(y.dtype)
-        rows, cols = torch.nonzero(self.mask[0, 0], as_tuple=True)  # taps on earlier pixels
-        w_earlier = w[:, :, rows, cols]  # [C_out, C_in, taps]
-        w_centre = w[:, :, r, r]  # lower triangular, exp(log_diag) on the diagonal
-        x_pad = y.new_zeros(batch, channels, height + 2 * r, width + 2 * r)
-        for i, j in self._wavefront_indices(height, width, y.device):
-            patches = x_pad[:, :, i[:, None] + rows, j[:, None] + cols]  # [B, C, P, taps]
-            rhs = y[:, :, i, j] - torch.einsum("bcpn,ocn->bop", patches, w_earlier)
-            x_pad[:, :, i + r, j + r] = torch.linalg.solve_triangular(w_centre, rhs, upper=False)
-        return x_pad[:, :, r : r + height, r : r + width]
+        rows, cols = torch.nonzero(self.mask[0, 0], as_tuple=True)  # taps on pixels solved before
+        # x_p = L⁻¹(y_p − Σ W_tap·x_tap) with L the triangular centre: one matrix over
+        # [earlier taps, y_p], so each wavefront is a gather, a matmul and a scatter
+        eye = torch.eye(channels, dtype=y.dtype, device=y.device)[:, :, None]
+        taps = torch.cat([-w[:, :, rows, cols], eye], 2)
+        n_taps = taps.shape[2]
+        solve = torch.linalg.solve_triangular(w[:, :, r, r], taps.reshape(channels, -1), upper=self.flipped)
+        solve = solve.view(channels, channels, n_taps).transpose(1, 2).reshape(channels, n_taps * channels)
+        # pixel-major buffer [pixels, C, B]: a wavefront's taps gather into [P, taps·C, B] with no
+        # copy, one batched matmul solves them, whole rows scatter back. The buffer holds y where
+        # pixels are unsolved and x where solved; a pixel's own centre tap still holds its y
+        buffer = F.pad(y, (r, r, r, r)).permute(2, 3, 1, 0).reshape(-1, channels, batch).contiguous()
+        for taps_idx, centre_idx in self._wavefront_indices(height, width, y.device):
+            patches = buffer.index_select(0, taps_idx).view(-1, n_taps * channels, batch)
+            buffer.index_copy_(0, centre_idx, torch.matmul(solve, patches))
+        x = buffer.view(height + 2 * r, width + 2 * r, channels, batch).permute(3, 2, 0, 1)
+        return x[:, :, r : r + height, r : r + width].contiguous()
+
+    def _wavefront_indices(self, height: int, width: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per wavefront, in solving order: flat indices into the padded image of each pixel's
+        taps (pixels solved before it, then itself), and of the pixels themselves."""
+        key = (height, width, device)
+        if key not in self._wavefronts:
+            r = self.kernel_size // 2
+            padded_width = width + 2 * r
+            rows, cols = torch.nonzero(self.mask[0, 0].cpu(), as_tuple=True)
+            rows, cols = torch.cat([rows, torch.tensor([r])]), torch.cat([cols, torch.tensor([r])])
+            i, j = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+            i, j = i.flatten(), j.flatten()
+            t = (r + 1) * i + j if not self.flipped else (r + 1) * (height - 1 - i) + (width - 1 - j)
+            fronts = []
+            for step in range(int(t.max()) + 1):
+                fi, fj = i[t == step], j[t == step]
+                taps = (fi[:, None] + rows) * padded_width + (fj[:, None] + cols)  # [P, taps + 1]
+                fronts.append((taps.flatten().to(device), ((fi + r) * padded_width + fj + r).to(device)))
+            self._wavefronts[key] = fronts
+        return self._wavefronts[key]
 
 
 class EmergingConv2d(FlowSequence):

@@ -50,7 +50,7 @@ class FlowModel(nn.Module):
         eps, logdet = self.encode(x)
         return standard_normal_log_prob(eps) + logdet
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None):
         """n samples in model space; ε ~ N(0, T²·I) (Glow's reduced-temperature sampling)."""
         device = next(self.parameters()).device

@@ -64,11 +64,11 @@ def check_flow(make, shape=(2, 4, 4), batch: int = 2, sample=torch.randn, scale:
 
     ``make()`` builds a fresh module; ``sample(shape)`` draws valid inputs.
     """
-    for dtype, atol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+    for dtype, atol in ((torch.float64, 1e-9), (torch.float32, 1e-3)):
         torch.manual_seed(seed)
         module = make().to(dtype)
         prepare(module, sample((8, *shape)).to(dtype), scale)
         x = sample((batch, *shape)).to(dtype)
-        assert_invertible(module, x, atol=atol, rtol=1e-4 if dtype == torch.float32 else 0.0)
+        assert_invertible(module, x, atol=atol, rtol=1e-3 if dtype == torch.float32 else 0.0)
         if dtype == torch.float64:
             assert_logdet_exact(module, x)

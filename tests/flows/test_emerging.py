@@ -50,7 +50,7 @@ def test_inverse_solves_wavefronts_not_pixels():
     layer = MaskedAutoregressiveConv2d(2, 3)
     fronts = layer._wavefront_indices(32, 32, torch.device("cpu"))
     assert len(fronts) == 2 * 31 + 32  # (r+1)(H−1)+W, against 1024 pixels
-    assert sum(len(i) for i, _ in fronts) == 32 * 32
+    assert sum(len(centre) for _, centre in fronts) == 32 * 32
 
 
 def test_logdet_from_centre_diagonals():
