@@ -17,21 +17,16 @@ import time
 import torch
 
 import flowbench
+from flowbench.trial import prepare_training, train_step
 
 
-def glow_step_ours(name, args, **extra):
+def step_ours(name, args, **extra):
+    """The training step a flowbench trial runs (trial.train_step after trial.prepare_training)."""
     model = flowbench.build_model(name, (3, 32, 32), depth=args.depth, levels=args.levels,
                                   hidden_channels=args.width, lu=args.lu, **extra)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = prepare_training(model, torch.device("cpu"), lr=1e-3)
     pixels = torch.randint(0, 256, (args.batch, 3, 32, 32), dtype=torch.uint8)
-
-    def step():
-        loss = model.bits_per_dim(pixels).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step, model
+    return lambda: train_step(model, optimizer, pixels, None, grad_clip=None), model
 
 
 def glow_step_normflows(args):
@@ -96,7 +91,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads; K={args.depth} L={args.levels} width={args.width} "
           f"batch={args.batch} lu={args.lu}, median of {args.repeats}")
 
-    ours, ours_model = glow_step_ours("glow", args)
+    ours, ours_model = step_ours("glow", args)
     try:
         peer, peer_model = glow_step_normflows(args)
     except ImportError:
@@ -107,12 +102,12 @@ def main() -> None:
               f"normflows {t_peer * 1e3:.1f} ms ({sum(q.numel() for q in peer_model.parameters()):,} params)")
         print(f"  ratio flowbench / normflows: {verdict(t_ours / t_peer, 0.67)}")
 
-    nxn, _ = glow_step_ours("nxn_shift", args)
+    nxn, _ = step_ours("nxn_shift", args)
     t_nxn, t_glow = time_pair(nxn, ours, args.repeats)
     print(f"training step: n×n shift {t_nxn * 1e3:.1f} ms, 1×1 (glow) {t_glow * 1e3:.1f} ms")
     print(f"  ratio n×n shift / 1×1: {verdict(t_nxn / t_glow, 1.05)}")
 
-    _, emerging = glow_step_ours("emerging", args)
+    _, emerging = step_ours("emerging", args)
     for m in (emerging, ours_model):
         m.eval()
     with torch.no_grad():

@@ -199,6 +199,30 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
 
 
+def prepare_training(model: FlowModel, device: torch.device, lr: float) -> torch.optim.Optimizer:
+    """Move the model for training and make its optimiser (Adam, the papers' choice).
+
+    channels_last lets oneDNN/cuDNN convolve without layout conversions (~7% a step on CPU);
+    the fused Adam updates all parameters in one kernel.
+    """
+    model.to(device, memory_format=torch.channels_last)
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
+def train_step(model: FlowModel, optimizer, pixels: torch.Tensor, noise, grad_clip: float | None) -> float | None:
+    """One optimisation step on uint8 pixels; returns the batch's bits/dim, None if not finite."""
+    loss = model.bits_per_dim(pixels.contiguous(memory_format=torch.channels_last), noise).mean()
+    value = loss.item()
+    if not math.isfinite(value):
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return value
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write-then-rename, so a crash never leaves a half-written checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,8 +294,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
     hparams.setdefault("n_bits", data.n_bits)
 
     torch.manual_seed(config.seed)
-    model = flowbench.build_model(config.model, data.image_shape, **hparams).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    model = flowbench.build_model(config.model, data.image_shape, **hparams)
+    optimizer = prepare_training(model, device, config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(config.warmup_steps))
     noise = torch.Generator(device).manual_seed(config.seed + 1)
     progress = {"step": 0, "images_seen": 0, "train_seconds": 0.0, "epoch": 0, "position": 0}
@@ -325,23 +349,18 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
     status, reason = "ok", ""
     while budget_left() > 0:
         step_start = time.perf_counter()
-        pixels = data.train.batch(batches.next(next_batch_size())).to(device, non_blocking=True)
-        loss = model.bits_per_dim(pixels, noise).mean()
-        if not torch.isfinite(loss):
-            status, reason = "diverged", f"training loss became {loss.item()} at step {progress['step'] + 1}"
+        pixels = data.train.batch(batches.next(next_batch_size()))
+        loss = train_step(model, optimizer, pixels.to(device, non_blocking=True), noise, config.grad_clip)
+        if loss is None:
+            status, reason = "diverged", f"training loss became nan or inf at step {progress['step'] + 1}"
             break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
         scheduler.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         progress["step"] += 1
         progress["images_seen"] += len(pixels)
         progress["train_seconds"] += time.perf_counter() - step_start
-        last_train_bpd = loss.item()
+        last_train_bpd = loss
         train_bpd_sum, train_count = train_bpd_sum + last_train_bpd, train_count + 1
 
         done = budget_left() <= 0

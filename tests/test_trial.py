@@ -100,7 +100,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
 def test_diverging_trial_is_recorded_not_raised(tmp_path):
     record = run_trial(config(tmp_path, budget=30, lr=1e4, grad_clip=None))
     assert record.status == "diverged"
-    assert "loss became nan at step" in record.reason
+    assert "loss became nan or inf at step" in record.reason
     assert 0 < record.steps < 30 and math.isfinite(record.train_bpd)
 
 
