@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -34,6 +35,19 @@ class FlowSequence(Flow):
         for layer in reversed(self.layers):
             y = layer.inverse(y)
         return y
+
+
+class FlowStep(FlowSequence):
+    """One step of flow (e.g. ActNorm → invertible conv → coupling): the unit of gradient
+    checkpointing. With ``checkpointed`` set, training keeps only the step's input and recomputes
+    its inside during backward, so activation memory stops growing with the coupling width."""
+
+    checkpointed = False
+
+    def forward(self, x):
+        if self.checkpointed and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
+        return super().forward(x)
 
 
 def spatial_size(x: torch.Tensor) -> int:

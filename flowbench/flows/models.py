@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from flowbench.flows.actnorm import ActNorm
-from flowbench.flows.base import Flow, FlowSequence
+from flowbench.flows.base import Flow, FlowSequence, FlowStep
 from flowbench.flows.conv1x1 import make_conv1x1
 from flowbench.flows.coupling import AffineCoupling
 from flowbench.flows.emerging import EmergingConv2d
@@ -63,7 +63,8 @@ class FlowModel(nn.Module):
 
     def preprocess_pixels(self, pixels: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 pixels → (model-space x, log-det of the preprocessing), dequantised."""
-        return self.preprocess(dequantize(pixels, self.n_bits, generator))
+        dtype = next(self.parameters()).dtype
+        return self.preprocess(dequantize(pixels, self.n_bits, generator, dtype))
 
     def bits_per_dim(self, pixels: torch.Tensor, generator=None) -> torch.Tensor:
         """Bits/dim per image of uint8 pixels, with the papers' dequantisation."""
@@ -72,6 +73,12 @@ class FlowModel(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Trade compute for memory: recompute each flow step's inside during backward."""
+        for module in self.modules():
+            if isinstance(module, FlowStep):
+                module.checkpointed = enabled
 
 
 def _multiscale(image_shape, levels: int, squeezes: int, make_steps, learned_prior: bool) -> Level:
@@ -96,9 +103,8 @@ def _glow_like(image_shape, make_mixer, depth, levels, hidden_channels, additive
 
     def steps(level, c):
         c = 4 * c
-        flow_steps = []
-        for _ in range(depth):
-            flow_steps += [ActNorm(c), make_mixer(c), AffineCoupling(c, hidden_channels, additive=additive)]
+        flow_steps = [FlowStep(ActNorm(c), make_mixer(c), AffineCoupling(c, hidden_channels, additive=additive))
+                      for _ in range(depth)]
         return FlowSequence(Squeeze(), *flow_steps)
 
     return FlowModel(image_shape, CenterPreprocess(), _multiscale(image_shape, levels, levels, steps, True), n_bits)
@@ -136,17 +142,17 @@ def build_realnvp(image_shape, levels=2, hidden_channels=64, n_blocks=8, alpha=0
     ActNorm after each coupling stands in for RealNVP's batch-norm bijection."""
 
     def coupling(c, mask, parity):
-        return [
+        return FlowStep(
             AffineCoupling(c, hidden_channels, mask=mask, parity=parity, scale="tanh", n_blocks=n_blocks),
             ActNorm(c),
-        ]
+        )
 
     def steps(level, c):
         if level == levels - 1:
-            return FlowSequence(*sum((coupling(c, "checkerboard", i % 2) for i in range(4)), []))
-        layers = sum((coupling(c, "checkerboard", i % 2) for i in range(3)), [])
+            return FlowSequence(*(coupling(c, "checkerboard", i % 2) for i in range(4)))
+        layers = [coupling(c, "checkerboard", i % 2) for i in range(3)]
         layers.append(Squeeze())
-        layers += sum((coupling(4 * c, "channel", i % 2) for i in range(3)), [])
+        layers += [coupling(4 * c, "channel", i % 2) for i in range(3)]
         return FlowSequence(*layers)
 
     flow = _multiscale(image_shape, levels, levels - 1, steps, learned_prior=False)

@@ -15,11 +15,12 @@ import torch
 from flowbench.flows.base import Flow
 
 
-def dequantize(pixels: torch.Tensor, n_bits: int = 8, generator: torch.Generator | None = None):
-    """uint8 [B, C, H, W] → float in [0, 1) with uniform noise in each bin."""
+def dequantize(pixels: torch.Tensor, n_bits: int = 8, generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32):
+    """uint8 [B, C, H, W] → ``dtype`` in [0, 1) with uniform noise in each bin."""
     bins = 2**n_bits
-    x = torch.div(pixels.to(torch.int64), 2 ** (8 - n_bits), rounding_mode="floor").float()
-    noise = torch.rand(x.shape, generator=generator, device=x.device) if generator is not None else torch.rand_like(x)
+    x = torch.div(pixels.to(torch.int64), 2 ** (8 - n_bits), rounding_mode="floor").to(dtype)
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=dtype)
     return (x + noise) / bins
 
 

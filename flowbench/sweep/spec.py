@@ -51,6 +51,7 @@ class Train(Strict):
     lr: float = pydantic.Field(1e-3, gt=0)
     warmup_steps: int = pydantic.Field(0, ge=0)
     grad_clip: float | None = 50.0
+    memory_saving: bool = False
     eval_every: int = pydantic.Field(500, gt=0)
     eval_images: int | None = pydantic.Field(None, gt=0)
     checkpoint_every: int = pydantic.Field(1000, gt=0)
