@@ -100,6 +100,7 @@ class TrialRecord:
     density_latency_iqr_ms: float = math.nan
     sample_latency_ms: float = math.nan
     sample_latency_iqr_ms: float = math.nan
+    workers: int = 1  # data-parallel processes
     status: str = "ok"  # ok | diverged | failed | stopped
     reason: str = ""
     device: str = ""
@@ -129,6 +130,35 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's part of a data-parallel trial: rank ``rank`` of ``world`` processes.
+
+    Every process draws the same global batch and the same dequantisation noise, then keeps
+    every ``world``-th image from ``rank`` on: together they compute what one process would.
+    """
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> Shard:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return cls(torch.distributed.get_rank(), torch.distributed.get_world_size())
+        return cls()
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.rank :: self.world] if self.world > 1 else x
+
+    def reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        if self.world == 1:
+            return values
+        on_gpu = torch.distributed.get_backend() == "nccl"  # nccl reduces only CUDA tensors
+        t = torch.tensor(values, dtype=torch.float64, device="cuda" if on_gpu else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX)
+        return t.tolist()
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -144,7 +174,8 @@ def warmup_schedule(warmup_steps: int) -> Callable[[int], float]:
 
 
 @torch.no_grad()
-def evaluate(model: FlowModel, split, device, batch_size: int = 256, max_images: int | None = None) -> float:
+def evaluate(model: FlowModel, split, device, batch_size: int = 256, max_images: int | None = None,
+             shard: Shard = Shard()) -> float:
     """Mean test bits/dim; dequantisation noise fixed so evaluations are comparable."""
     was_training = model.training
     model.eval()
@@ -153,9 +184,10 @@ def evaluate(model: FlowModel, split, device, batch_size: int = 256, max_images:
     total = 0.0
     for start in range(0, n, batch_size):
         pixels = split.batch(np.arange(start, min(n, start + batch_size))).to(device)
-        total += model.bits_per_dim(pixels, gen).sum().item()
+        x, logdet = model.preprocess_pixels(pixels, gen)
+        total += model.bits_per_dim_of(model.log_prob(shard.take(x)), shard.take(logdet)).sum().item()
     model.train(was_training)
-    return total / n
+    return shard.reduce([total])[0] / n
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -210,14 +242,18 @@ def prepare_training(model: FlowModel, device: torch.device, lr: float) -> torch
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
-def train_step(model: FlowModel, optimizer, pixels: torch.Tensor, noise, grad_clip: float | None) -> float | None:
-    """One optimisation step on uint8 pixels; returns the batch's bits/dim, None if not finite."""
-    loss = model.bits_per_dim(pixels.contiguous(memory_format=torch.channels_last), noise).mean()
-    value = loss.item()
-    if not math.isfinite(value):
+def train_step(model: FlowModel, optimizer, pixels: torch.Tensor, noise, grad_clip: float | None,
+               shard: Shard = Shard(), net: torch.nn.Module | None = None) -> float | None:
+    """One optimisation step on a global batch of uint8 pixels; returns its mean bits/dim, or
+    None if that is not finite. In a data-parallel trial ``net`` is the DDP-wrapped model."""
+    x, logdet = model.preprocess_pixels(pixels.contiguous(memory_format=torch.channels_last), noise)
+    bpd = model.bits_per_dim_of((net or model)(shard.take(x)), shard.take(logdet))
+    value = shard.reduce([bpd.sum().item()])[0] / len(pixels)
+    if not math.isfinite(value):  # the same verdict on every process, so none waits on the others
         return None
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    # DDP averages gradients over processes: scaled so that makes the global batch's mean
+    (bpd.sum() * shard.world / len(pixels)).backward()
     if grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
@@ -287,6 +323,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
     """
     config = TrialConfig.model_validate(config) if isinstance(config, dict) else config
     wall_start = time.perf_counter()
+    shard = Shard.current()
     device = resolve_device(config.device)
     out_dir = Path(config.out_dir)
     checkpoint_path = out_dir / "checkpoint" / CHECKPOINT_FILE
@@ -320,7 +357,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
         sweep=config.sweep, trial_id=config.trial_id, model=config.model, dataset=config.dataset,
         seed=config.seed, config_hash=config.config_hash(), hparams=json.dumps(hparams, sort_keys=True),
         budget_kind=config.budget_kind, budget=config.budget, batch_size=config.batch_size, lr=config.lr,
-        num_params=model.num_parameters(), device=str(device), git_commit=git_commit(),
+        num_params=model.num_parameters(), device=str(device), git_commit=git_commit(), workers=shard.world,
     )
     batches = _Batches(len(data.train), config.seed, progress["epoch"], progress["position"])
     train_bpd_sum, train_count, last_train_bpd = 0.0, 0, math.nan
@@ -348,11 +385,18 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
         }
 
     model.train()
+    if resume_from is None:
+        # ActNorm's data-dependent initialisation on the first global batch, with noise of its
+        # own: every process of a data-parallel trial starts from the same parameters
+        first = data.train.batch(_Batches(len(data.train), config.seed).next(config.batch_size)).to(device)
+        with torch.no_grad():
+            model.log_prob(model.preprocess_pixels(first, torch.Generator(device).manual_seed(config.seed + 2))[0])
+    net = torch.nn.parallel.DistributedDataParallel(model) if shard.world > 1 else model
     status, reason = "ok", ""
     while budget_left() > 0:
         step_start = time.perf_counter()
         pixels = data.train.batch(batches.next(next_batch_size()))
-        loss = train_step(model, optimizer, pixels.to(device, non_blocking=True), noise, config.grad_clip)
+        loss = train_step(model, optimizer, pixels.to(device, non_blocking=True), noise, config.grad_clip, shard, net)
         if loss is None:
             status, reason = "diverged", f"training loss became nan or inf at step {progress['step'] + 1}"
             break
@@ -362,13 +406,15 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
         progress["step"] += 1
         progress["images_seen"] += len(pixels)
         progress["train_seconds"] += time.perf_counter() - step_start
+        if config.budget_kind == "seconds":  # all processes stop at the same step
+            progress["train_seconds"] = shard.reduce([progress["train_seconds"]], "max")[0]
         last_train_bpd = loss
         train_bpd_sum, train_count = train_bpd_sum + last_train_bpd, train_count + 1
 
         done = budget_left() <= 0
         if progress["step"] % config.eval_every == 0 or done:
             # intermediate evaluations may use a subset; the final figure is on the whole test split
-            test_bpd = evaluate(model, data.test, device, max_images=None if done else config.eval_images)
+            test_bpd = evaluate(model, data.test, device, max_images=None if done else config.eval_images, shard=shard)
             point = {
                 "step": progress["step"], "images_seen": progress["images_seen"], "epochs": batches.epochs,
                 "train_seconds": progress["train_seconds"], "train_bpd": train_bpd_sum / train_count,
@@ -380,7 +426,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
                 status, reason = "diverged", f"test bits/dim became {test_bpd} at step {progress['step']}"
                 break
             saved = None
-            if progress["step"] % config.checkpoint_every == 0 or done:
+            if (progress["step"] % config.checkpoint_every == 0 or done) and shard.rank == 0:
                 save_checkpoint(checkpoint_path, checkpoint_state())
                 saved = checkpoint_path.parent
             if reporter is not None:
@@ -396,7 +442,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
     if record.train_seconds > 0:
         record.throughput_images_per_s = record.images_seen / record.train_seconds
     record.peak_memory_mb, record.memory_kind = peak_memory_mb(device)
-    if status == "ok":
+    if status == "ok" and shard.rank == 0:
         latency = measure_latency(model, data.test, device, config.latency_batch_size, config.latency_repeats)
         for key, value in latency.items():
             setattr(record, key, value)

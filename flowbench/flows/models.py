@@ -50,6 +50,10 @@ class FlowModel(nn.Module):
         eps, logdet = self.encode(x)
         return standard_normal_log_prob(eps) + logdet
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``log_prob``: the call that DistributedDataParallel wraps in a data-parallel trial."""
+        return self.log_prob(x)
+
     @torch.inference_mode()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None):
         """n samples in model space; ε ~ N(0, T²·I) (Glow's reduced-temperature sampling)."""
@@ -69,7 +73,11 @@ class FlowModel(nn.Module):
     def bits_per_dim(self, pixels: torch.Tensor, generator=None) -> torch.Tensor:
         """Bits/dim per image of uint8 pixels, with the papers' dequantisation."""
         x, logdet = self.preprocess_pixels(pixels, generator)
-        return bits_per_dim(self.log_prob(x) + logdet, math.prod(self.image_shape), self.n_bits)
+        return self.bits_per_dim_of(self.log_prob(x), logdet)
+
+    def bits_per_dim_of(self, log_prob: torch.Tensor, preprocess_logdet: torch.Tensor) -> torch.Tensor:
+        """Bits/dim from ``log_prob`` of preprocessed images and the preprocessing's log-det."""
+        return bits_per_dim(log_prob + preprocess_logdet, math.prod(self.image_shape), self.n_bits)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

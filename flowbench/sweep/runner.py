@@ -31,6 +31,8 @@ def tune_trial(tune_config: dict) -> None:
 
     trial_dir = Path(tune.get_context().get_trial_dir())
     config = TrialConfig.model_validate(trial_config(tune_config) | {"out_dir": str(trial_dir)})
+    if tune_config["resources"]["workers"] > 1:
+        return _data_parallel_trial(config, tune_config)
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -55,6 +57,56 @@ def tune_trial(tune_config: dict) -> None:
         shutil.copy2(trial_dir / "checkpoint" / CHECKPOINT_FILE, final / CHECKPOINT_FILE)
     (final / RECORD_FILE).write_text(json.dumps(row))
     tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(final)))
+
+
+def _data_parallel_trial(config: TrialConfig, tune_config: dict) -> None:
+    """Run the trial as a Ray Train TorchTrainer inside this Tune trial; Ray Train's reports
+    reach Tune through TuneReportCallback. Re-running it with the same name and storage
+    continues from the run's latest checkpoint."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    res = tune_config["resources"]
+    per_worker = {"CPU": res["cpu"]} | ({"GPU": res["gpu"]} if res["gpu"] else {})
+    TorchTrainer(
+        ddp_worker,
+        train_loop_config={"trial": config.model_dump()},
+        scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=res["gpu"] > 0, resources_per_worker=per_worker),
+        run_config=RunConfig(name=config.trial_id, storage_path=tune_config["train_storage"],
+                             failure_config=FailureConfig(max_failures=tune_config["max_failures"]),
+                             callbacks=[TuneReportCallback()]),
+    ).fit()
+
+
+def ddp_worker(train_config: dict) -> None:
+    """One Ray Train worker of a data-parallel trial: ``run_trial`` on its shard of each batch
+    (Ray Train has set up the process group: gloo on CPU, nccl on GPU). Rank 0 checkpoints;
+    every rank reports, as Ray Train asks, with the same all-reduced figures."""
+    import tempfile
+
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    out = Path(tempfile.mkdtemp(prefix=f"flowbench-rank{rank}-"))
+    config = TrialConfig.model_validate(train_config["trial"] | {"out_dir": str(out)})
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        resume = Path(checkpoint.to_directory(str(out / "restored"))) / CHECKPOINT_FILE
+
+    def report(metrics, checkpoint_dir):
+        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    record = run_trial(config, report, resume_from=resume)
+    row = record.row() | {"step": record.steps}
+    final = None
+    if rank == 0:  # Ray Train keeps the metrics that come with a checkpoint: the record brings one
+        (out / "checkpoint").mkdir(exist_ok=True)
+        (out / "checkpoint" / RECORD_FILE).write_text(json.dumps(row))
+        final = ray.train.Checkpoint.from_directory(str(out / "checkpoint"))
+    ray.train.report(row, checkpoint=final)
 
 
 def _attempt(trial_dir: Path, how: str) -> None:
@@ -127,9 +179,10 @@ def _check_resources(spec: SweepSpec, address: str | None) -> None:
     if address:  # an autoscaling cluster may add the nodes later
         return
     have = ray.cluster_resources()
-    for kind, need in (("CPU", spec.resources.cpu), ("GPU", spec.resources.gpu)):
+    workers = spec.resources.workers
+    for kind, need in (("CPU", spec.resources.cpu * workers), ("GPU", spec.resources.gpu * workers)):
         if need > have.get(kind, 0):
-            raise FlowbenchError(f"resources: each trial asks {need:g} {kind}, this machine's Ray has "
+            raise FlowbenchError(f"resources: each trial asks {need:g} {kind} in all, this machine's Ray has "
                                  f"{have.get(kind, 0):g}: lower resources.{kind.lower()} or join a cluster "
                                  "with --address")
 
@@ -142,7 +195,13 @@ def fit_group(spec: SweepSpec, storage: str, name: str, param_space: dict, tune_
     """One Tuner: restored when its experiment exists (finished trials are not run again)."""
     from ray import tune
 
-    trainable = tune.with_resources(tune_trial, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    # a data-parallel trial only drives its Ray Train workers, which ask for the resources
+    # (Tune needs a non-empty request: a token of memory instead of a CPU the workers need)
+    own = {"cpu": 0, "memory": 2**20} if spec.resources.workers > 1 else {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    trainable = tune.with_resources(tune_trial, own)
+    extra = {"resources": spec.resources.model_dump(), "max_failures": spec.max_failures,
+             "train_storage": f"{storage.rstrip('/')}/{name}-train"}
+    param_space = param_space | extra
     path = f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):
         log.info("resuming %s", path)

@@ -84,8 +84,11 @@ class Search(Strict):
 
 
 class Resources(Strict):
+    """Per trial; with ``workers`` > 1, per data-parallel worker of the trial (Ray Train DDP)."""
+
     cpu: float = pydantic.Field(1, gt=0)
     gpu: float = pydantic.Field(0, ge=0)
+    workers: int = pydantic.Field(1, ge=1)
 
 
 class Latency(Strict):

@@ -69,7 +69,7 @@ def test_dry_run_lists_trials(tmp_path, capsys):
          r"datasets: data set not found at /nowhere/cifar: expected cifar-10-batches-py"),
         (GOOD.replace("hidden_channels: 8}\n  nxn", "hidden_channels: 8, levels: 5}\n  nxn"),
          r"cannot build 'glow' for images \(1, 8, 8\)"),
-        (GOOD + "resources: {cpu: 1, gpu: 1}\n", r"each trial asks 1 GPU, this machine's Ray has 0"),
+        (GOOD + "resources: {cpu: 1, gpu: 1}\n", r"each trial asks 1 GPU in all, this machine's Ray has 0"),
     ],
     ids=["yaml", "not-a-mapping", "unknown-key", "unknown-model", "unknown-dataset", "two-budgets", "zero-budget",
          "budget-kind", "unknown-hparam", "bad-range", "grace-over-budget", "unknown-search-key", "dup-seed",
