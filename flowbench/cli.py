@@ -121,7 +121,7 @@ def cmd_sample(args) -> None:
 class SweepProgress:
     """A Tune callback drawing the sweep's live state: done/running/failed and the best bits/dim."""
 
-    def __init__(self, total: int):
+    def __init__(self):
         from ray import tune
 
         class _Callback(tune.Callback):
@@ -134,7 +134,7 @@ class SweepProgress:
             def on_trial_error(cb, iteration, trials, trial, **info):
                 self.show(trials, trial)
 
-        self.total, self.callback, self.best = total, _Callback(), None
+        self.callback, self.best = _Callback(), None
 
     def show(self, trials, finished=None) -> None:
         counts = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "RUNNING", "ERROR", "PENDING")}
@@ -162,7 +162,7 @@ def cmd_sweep(args) -> None:
             hp = " ".join(f"{k}={v}" for k, v in c.hparams.items())
             print(f"  {c.trial_id:40s} {hp}")
         return
-    progress = SweepProgress(len(configs))
+    progress = SweepProgress()
     outcome = run_sweep(args.spec, args.results, args.address, args.mlflow_uri, (progress.callback,), args.num_cpus,
                         args.storage)
     counts = outcome.trials["status"].value_counts().to_dict()

@@ -1,5 +1,7 @@
 """The one error type for mistakes a user can make (bad spec, unknown model, missing data)."""
 
+import difflib
+
 
 class FlowbenchError(Exception):
     """A user-caused error; its message says what was wrong, where, and what to do.
@@ -11,8 +13,6 @@ class FlowbenchError(Exception):
 
 def unknown_name(kind: str, name: str, known) -> str:
     """'unknown model 'glwo': did you mean 'glow'? known models are …' — one wording everywhere."""
-    import difflib
-
     known = list(known)
     close = difflib.get_close_matches(name, known, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""

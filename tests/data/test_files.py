@@ -1,6 +1,5 @@
 """Every data format, on tiny fixtures written in the exact published formats."""
 
-import io
 import pickle
 import tarfile
 

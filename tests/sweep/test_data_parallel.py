@@ -90,7 +90,7 @@ def test_an_interrupted_two_process_trial_resumes_to_the_one_process_result(tmp_
 
     config = dict(model="nxn_shift", dataset="digits", hparams=dict(depth=2, levels=2, hidden_channels=8), seed=1,
                   batch_size=32, budget=6, eval_every=3, checkpoint_every=3, latency_repeats=2)
-    single = run_trial(TrialConfig(**config, out_dir=str(tmp_path / "single")))
+    run_trial(TrialConfig(**config, out_dir=str(tmp_path / "single")))
     out = str(tmp_path / "parallel")
     for resume in (None, str(tmp_path / "parallel" / "checkpoint")):
         with socket.socket() as s:
