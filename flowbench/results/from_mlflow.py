@@ -8,6 +8,7 @@ import os
 import pandas as pd
 
 from flowbench.errors import FlowbenchError
+from flowbench.results.tables import CURVE_METRICS, PROVENANCE_COLUMNS
 
 FINAL_PREFIX = "final_"
 INT_COLUMNS = ("seed", "batch_size", "steps", "images_seen", "num_params", "latency_batch_size")
@@ -43,16 +44,18 @@ def tables_from_mlflow(uri: str, experiment: str) -> tuple[pd.DataFrame, pd.Data
         row.update({k[len(FINAL_PREFIX):]: v for k, v in run.data.metrics.items() if k.startswith(FINAL_PREFIX)})
         row.update(status=run.data.tags.get("status", "stopped"), reason=run.data.tags.get("reason", ""),
                    phase=run.data.tags.get("phase", "final"), config_hash=run.data.tags.get("config_hash", ""))
+        row.update({k: _value(run.data.tags[k]) if k == "workers" else run.data.tags[k]
+                    for k in PROVENANCE_COLUMNS if k in run.data.tags})
         for key in INT_COLUMNS:
             if isinstance(row.get(key), float):
                 row[key] = int(row[key])
         trials.append(row)
-        history = {m: client.get_metric_history(run.info.run_id, m) for m in ("test_bpd", "train_bpd")}
-        steps = sorted({m.step for m in history["test_bpd"]})
-        by_step = {name: {m.step: m.value for m in values} for name, values in history.items()}
-        curves += [{"sweep": row.get("sweep", experiment), "trial_id": row["trial_id"], "model": row["model"],
-                    "dataset": row["dataset"], "seed": row["seed"], "config_hash": row["config_hash"], "step": s,
-                    "test_bpd": by_step["test_bpd"].get(s), "train_bpd": by_step["train_bpd"].get(s)} for s in steps]
+        by_step = {name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
+                   for name in CURVE_METRICS}
+        identity = {"sweep": row.get("sweep", experiment), "trial_id": row["trial_id"], "model": row["model"],
+                    "dataset": row["dataset"], "seed": row["seed"], "config_hash": row["config_hash"]}
+        curves += [identity | {"step": s} | {name: values[s] for name, values in by_step.items() if s in values}
+                   for s in sorted(by_step["test_bpd"])]
     order = ["model", "dataset", "seed"]
     trials_frame = pd.DataFrame(trials).sort_values(order, kind="stable").reset_index(drop=True)
     return trials_frame, pd.DataFrame(curves)

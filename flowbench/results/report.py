@@ -86,7 +86,8 @@ def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.Dat
         written.append(path)
 
     finals = final_trials(trials)
-    x_axis = "train_seconds" if (finals["budget_kind"] == "seconds").all() else "step"
+    seconds = (finals["budget_kind"] == "seconds").all() and "train_seconds" in curves.columns
+    x_axis = "train_seconds" if seconds else "step"
     for dataset in table2["dataset"].unique():
         fig, ax = plt.subplots(figsize=(6, 4))
         ids = set(finals.loc[finals["dataset"] == dataset, "trial_id"])
@@ -148,8 +149,9 @@ def build_report(out: str | Path, trials: pd.DataFrame, curves: pd.DataFrame, pa
     finals = final_trials(trials)
     budget = f"{finals['budget'].iloc[0]:g} {finals['budget_kind'].iloc[0]}" if len(finals) else "?"
     status = ", ".join(f"{n} {s}" for s, n in finals["status"].value_counts().items())
-    provenance = (f"flowbench {finals['flowbench_version'].iloc[0]}, torch {finals['torch_version'].iloc[0]}, "
-                  f"device {finals['device'].iloc[0]}, commit {str(finals['git_commit'].iloc[0])[:10]}") if len(finals) else ""
+    first = finals.iloc[0] if len(finals) else {}
+    provenance = (f"flowbench {first.get('flowbench_version', '?')}, torch {first.get('torch_version', '?')}, "
+                  f"device {first.get('device', '?')}, commit {str(first.get('git_commit', '?'))[:10]}")
     intro = (f"Sweep **{name}**: {len(finals)} trials ({status}), equal budget of {budget} per trial. "
              f"Bits/dim on the held-out split, mean ± 95% CI over seeds. {provenance}.")
     sections = [

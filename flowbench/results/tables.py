@@ -17,6 +17,11 @@ import pyarrow.parquet as pq
 from flowbench.errors import FlowbenchError
 
 SCHEMA_VERSION = 1
+# one evaluation of a trial: what curves.parquet and MLflow's metric histories hold per step
+CURVE_METRICS = ("test_bpd", "train_bpd", "lr", "train_seconds", "images_seen", "epochs")
+# where and with what a trial ran; MLflow keeps them as tags of the trial's run
+PROVENANCE_COLUMNS = ("flowbench_version", "torch_version", "device", "git_commit", "hostname", "workers",
+                      "memory_kind", "finished_at")
 METADATA_KEY = b"flowbench"
 REQUIRED = {
     "trials": ["sweep", "trial_id", "model", "dataset", "seed", "config_hash", "status", "test_bpd", "num_params"],

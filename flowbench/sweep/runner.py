@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from flowbench.errors import FlowbenchError
+from flowbench.results.tables import CURVE_METRICS
 from flowbench.sweep.spec import TIME_ATTR, SweepSpec, check_data, expand, load_sweep_spec, trial_config
 from flowbench.sweep.tracking import MlflowCallback, MlflowTracker, default_tracking_uri
 from flowbench.trial import CHECKPOINT_FILE, TrialConfig, TrialRecord, load_checkpoint, model_from_checkpoint, run_trial
@@ -359,7 +360,7 @@ def _record_of(result, sweep: str) -> tuple[dict, list[dict]]:
     curve = []
     if history is not None and "final" in history.columns:
         evals = history[history["final"].notna()].drop_duplicates("step", keep="last").sort_values("step")
-        keep = ["step", "images_seen", "epochs", "train_seconds", "train_bpd", "test_bpd", "lr"]
+        keep = ["step", *CURVE_METRICS]
         curve = evals[[k for k in keep if k in evals.columns]].to_dict("records")
     if "status" in metrics and "config_hash" in metrics:
         # Tune stamps its own trial_id (and hostname) on every result: ours comes from the config

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ray import tune
 
+from flowbench.results.tables import CURVE_METRICS, PROVENANCE_COLUMNS
 from flowbench.sweep.spec import trial_config
 from flowbench.trial import TrialConfig
 
@@ -115,7 +116,7 @@ class MlflowCallback(tune.Callback):
         run_id, last = self._run_for(trial)
         if result["step"] <= last:  # a resumed trial re-reporting what is logged already
             return
-        metrics = {k: result[k] for k in ("test_bpd", "train_bpd", "lr") if _finite(result.get(k))}
+        metrics = {k: result[k] for k in CURVE_METRICS if _finite(result.get(k))}
         for name, value in metrics.items():
             self.tracker.client.log_metric(run_id, name, value, step=int(result["step"]))
         self._runs[trial.trial_id] = (run_id, int(result["step"]))
@@ -128,6 +129,9 @@ class MlflowCallback(tune.Callback):
             if _finite(result.get(name)):
                 client.log_metric(run_id, f"final_{name}", float(result[name]))
         client.set_tag(run_id, "status", result.get("status", "stopped"))
+        for name in PROVENANCE_COLUMNS:
+            if name in result:
+                client.set_tag(run_id, name, str(result[name]))
         if result.get("reason"):
             client.set_tag(run_id, "reason", str(result["reason"])[:5000])
         if trial.checkpoint is not None:

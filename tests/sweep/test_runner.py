@@ -9,6 +9,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -84,6 +85,16 @@ def test_sweep_end_to_end_and_rerun_runs_nothing_again(tmp_path, local_ray):
     assert child.data.metrics["final_test_bpd"] == pytest.approx(
         trials.set_index("trial_id").test_bpd[child.info.run_name])
     assert "samples.png" in [a.path for a in client.list_artifacts(child.info.run_id)]
+
+    # the report from MLflow alone: the same Table 2 as from the Parquet tables
+    from flowbench.results.from_mlflow import tables_from_mlflow
+    from flowbench.results.report import build_report
+
+    mlflow_trials, mlflow_curves = tables_from_mlflow(outcome.mlflow_uri, "e2e")
+    build_report(tmp_path / "from-mlflow", mlflow_trials, mlflow_curves)
+    pd.testing.assert_frame_equal(read_table(tmp_path / "from-mlflow" / "table2.parquet", "table2"),
+                                  read_table(out / "table2.parquet", "table2"))
+    assert sorted(mlflow_curves.step.tolist()) == sorted(curves.step.tolist())
 
     # the same command again: Tune restores the finished experiment, no trial runs again
     before = {d.name: attempts(d) for d in (out / "tune" / "grid").iterdir() if d.is_dir()}
