@@ -77,17 +77,21 @@ def cmd_train(args) -> None:
         resume = checkpoint
         print(f"resuming from {checkpoint}", file=sys.stderr)
 
-    total = amount if kind != "seconds" else int(amount)
-    bar = tqdm(total=total, desc=f"{args.model} on {args.dataset}", unit=kind, file=sys.stderr)
+    bars = []  # drawn from the first evaluation on, so an error before training prints alone
 
     def report(metrics, checkpoint_dir):
+        if not bars:
+            bars.append(tqdm(total=amount, desc=f"{args.model} on {args.dataset}", unit=kind, file=sys.stderr))
         done = {"steps": metrics["step"], "epochs": metrics["epochs"], "images": metrics["images_seen"],
                 "seconds": metrics["train_seconds"]}[kind]
-        bar.update(done - bar.n)
-        bar.set_postfix(train_bpd=f"{metrics['train_bpd']:.3f}", test_bpd=f"{metrics['test_bpd']:.3f}")
+        bars[0].update(done - bars[0].n)
+        bars[0].set_postfix(train_bpd=f"{metrics['train_bpd']:.3f}", test_bpd=f"{metrics['test_bpd']:.3f}")
 
-    record = run_trial(config, report, resume_from=resume)
-    bar.close()
+    try:
+        record = run_trial(config, report, resume_from=resume)
+    finally:
+        for bar in bars:
+            bar.close()
     row = record.row()
     (out / "record.json").write_text(json.dumps(row, indent=2))
     write_table(trials_frame([row]), out / "record.parquet", "trials")
