@@ -432,6 +432,10 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
             if reporter is not None:
                 reporter(dict(point, final=done), saved)
 
+    if status == "ok" and shard.rank == 0 and not checkpoint_path.is_file():
+        # resumed from a checkpoint already at the budget: nothing trained, but the trial's final
+        # checkpoint belongs in its out_dir all the same
+        save_checkpoint(checkpoint_path, checkpoint_state())
     good = [p for p in curve if math.isfinite(p["test_bpd"])]
     record.steps, record.images_seen = progress["step"], progress["images_seen"]
     record.epochs, record.train_seconds = batches.epochs, progress["train_seconds"]

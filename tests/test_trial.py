@@ -91,6 +91,14 @@ def test_resumed_trial_reaches_the_same_result(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
+def test_resuming_a_trial_already_at_its_budget_trains_nothing_and_keeps_a_checkpoint(tmp_path):
+    first = run_trial(config(tmp_path / "first", budget=10))
+    again = run_trial(config(tmp_path / "again", budget=10), resume_from=tmp_path / "first" / "checkpoint")
+    assert again.steps == 10 and again.status == "ok" and again.test_bpd == first.test_bpd
+    state = load_checkpoint(tmp_path / "again" / "checkpoint")
+    assert state["progress"]["step"] == 10
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     run_trial(config(tmp_path, budget=10))
     with pytest.raises(FlowbenchError, match="another trial configuration"):
