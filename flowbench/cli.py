@@ -66,7 +66,7 @@ def cmd_train(args) -> None:
     config = TrialConfig(
         model=args.model, dataset=args.dataset, hparams=hparams, seed=args.seed, budget_kind=kind, budget=amount,
         batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-        memory_saving=args.memory_saving,
+        memory_saving=args.memory_saving, coupling_precision=args.coupling_precision,
         data_root=args.data_root, device=args.device, out_dir=str(out), trial_id=out.name,
     )
     checkpoint = out / "checkpoint" / CHECKPOINT_FILE
@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--memory-saving", action="store_true", help="gradient checkpointing per flow step")
+    p.add_argument("--coupling-precision", choices=["float32", "bfloat16"], default="float32",
+                   help="compute of the coupling networks; maps and log-dets stay float32")
     p.add_argument("--hparam", type=_hparam, action="append", help="KEY=VALUE over the model card's")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--out", help="output folder (default runs/MODEL-DATASET-seedN); re-running resumes")

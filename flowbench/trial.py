@@ -52,6 +52,7 @@ class TrialConfig(pydantic.BaseModel):
     warmup_steps: int = pydantic.Field(0, ge=0)
     grad_clip: float | None = 50.0
     memory_saving: bool = False  # gradient checkpointing per flow step: less memory, more compute
+    coupling_precision: Literal["float32", "bfloat16"] = "float32"  # the coupling networks' compute
     eval_every: int = pydantic.Field(100, gt=0)
     eval_images: int | None = pydantic.Field(None, gt=0)  # test images per intermediate evaluation
     checkpoint_every: int = pydantic.Field(500, gt=0)
@@ -334,6 +335,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
     torch.manual_seed(config.seed)
     model = flowbench.build_model(config.model, data.image_shape, **hparams)
     model.set_gradient_checkpointing(config.memory_saving)
+    model.set_coupling_precision(torch.bfloat16 if config.coupling_precision == "bfloat16" else None)
     optimizer = prepare_training(model, device, config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(config.warmup_steps))
     noise = torch.Generator(device).manual_seed(config.seed + 1)

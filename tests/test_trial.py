@@ -157,3 +157,10 @@ def test_trial_on_cuda_matches_cpu(tmp_path):
     gpu = run_trial(config(tmp_path / "gpu", budget=5, device="cuda"))
     assert gpu.device.startswith("cuda") and gpu.memory_kind == "cuda_allocated"
     assert gpu.test_bpd == pytest.approx(cpu.test_bpd, abs=0.05)
+
+
+def test_bf16_coupling_trial_trains_close_to_float32(tmp_path):
+    full = run_trial(config(tmp_path / "full", budget=10))
+    mixed = run_trial(config(tmp_path / "mixed", budget=10, coupling_precision="bfloat16"))
+    assert mixed.status == "ok" and mixed.config_hash != full.config_hash
+    assert mixed.test_bpd == pytest.approx(full.test_bpd, abs=0.1)

@@ -111,8 +111,17 @@ class AffineCoupling(Flow):
         if scale == "tanh":
             self.tanh_scale = nn.Parameter(torch.ones(1, n_target, 1, 1))
 
+    # None: the network runs in its parameters' dtype; torch.bfloat16: under autocast. The flow
+    # itself (the affine map and its log-det) stays in full precision either way, so it stays exact
+    net_dtype: torch.dtype | None = None
+
     def _shift_and_log_scale(self, cond):
-        h = self.net(cond)
+        if self.net_dtype is None:
+            h = self.net(cond)
+        else:
+            with torch.autocast(cond.device.type, dtype=self.net_dtype):
+                h = self.net(cond)
+            h = h.to(cond.dtype)
         if self.additive:
             return h, torch.zeros_like(h)
         shift, raw = h[:, 0::2], h[:, 1::2]

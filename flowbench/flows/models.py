@@ -82,6 +82,17 @@ class FlowModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def set_coupling_precision(self, dtype: torch.dtype | None) -> None:
+        """Mixed precision that keeps the density exact: the coupling networks (nearly all the
+        convolution work) compute in ``dtype`` (e.g. torch.bfloat16); every invertible map,
+        log-det and determinant stays in the model's own precision, so log_prob is the exact
+        density of the map computed. Reconstructions hold to about ``dtype``'s precision only.
+        None restores full precision. Checked against the Jacobian for the Glow family only: for
+        realnvp the two disagree by a few percent, not yet understood."""
+        for module in self.modules():
+            if isinstance(module, AffineCoupling):
+                module.net_dtype = dtype
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Trade compute for memory: recompute each flow step's inside during backward."""
         for module in self.modules():

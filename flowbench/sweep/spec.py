@@ -52,6 +52,7 @@ class Train(Strict):
     warmup_steps: int = pydantic.Field(0, ge=0)
     grad_clip: float | None = 50.0
     memory_saving: bool = False
+    coupling_precision: Literal["float32", "bfloat16"] = "float32"
     eval_every: int = pydantic.Field(500, gt=0)
     eval_images: int | None = pydantic.Field(None, gt=0)
     checkpoint_every: int = pydantic.Field(1000, gt=0)
