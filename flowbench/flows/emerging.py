@@ -39,6 +39,9 @@ class MaskedAutoregressiveConv2d(Flow):
         mask[:, :, r, r] = torch.tril(torch.ones(channels, channels), -1)  # earlier channels
         # flipping channels, rows and columns turns 'earlier' into 'later'
         self.register_buffer("mask", mask.flip(0, 1, 2, 3) if flipped else mask)
+        # kernel taps on pixels solved before the centre (as ints: no device sync to index with)
+        rows, cols = torch.nonzero(self.mask[0, 0], as_tuple=True)
+        self.earlier_taps = (rows.tolist(), cols.tolist())
         self._wavefronts: dict = {}
 
     def kernel(self) -> torch.Tensor:
@@ -57,7 +60,7 @@ class MaskedAutoregressiveConv2d(Flow):
         r = self.kernel_size // 2
         batch, channels, height, width = y.shape
         w = self.kernel().to(y.dtype)
-        rows, cols = torch.nonzero(self.mask[0, 0], as_tuple=True)  # taps on pixels solved before
+        rows, cols = self.earlier_taps
         # x_p = L⁻¹(y_p − Σ W_tap·x_tap) with L the triangular centre: one matrix over
         # [earlier taps, y_p], so each wavefront is a gather, a matmul and a scatter
         eye = torch.eye(channels, dtype=y.dtype, device=y.device)[:, :, None]
@@ -82,8 +85,7 @@ class MaskedAutoregressiveConv2d(Flow):
         if key not in self._wavefronts:
             r = self.kernel_size // 2
             padded_width = width + 2 * r
-            rows, cols = torch.nonzero(self.mask[0, 0].cpu(), as_tuple=True)
-            rows, cols = torch.cat([rows, torch.tensor([r])]), torch.cat([cols, torch.tensor([r])])
+            rows, cols = (torch.tensor([*taps, r]) for taps in self.earlier_taps)
             i, j = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
             i, j = i.flatten(), j.flatten()
             t = (r + 1) * i + j if not self.flipped else (r + 1) * (height - 1 - i) + (width - 1 - j)
