@@ -27,57 +27,61 @@ RECORD_COLUMNS = [f.name for f in dataclasses.fields(TrialRecord) if f.name != "
 
 # --------------------------------------------------------------------------- in the Ray workers
 def tune_trial(tune_config: dict) -> None:
-    """The Tune trainable: one ``run_trial``, resumed from Tune's checkpoint when it has one."""
+    """The Tune trainable: one trial, resumed from Tune's checkpoint when it has one. Its last
+    report carries the record and a checkpoint holding the weights and the sample figures."""
     from ray import tune
 
     trial_dir = Path(tune.get_context().get_trial_dir())
     config = TrialConfig.model_validate(trial_config(tune_config) | {"out_dir": str(trial_dir)})
-    if tune_config["resources"]["workers"] > 1:
-        return _data_parallel_trial(config, tune_config)
-    resume = None
     checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        restored = Path(checkpoint.to_directory(str(trial_dir / "restored")))
-        if (restored / RECORD_FILE).is_file():  # finished before the driver died: report, train nothing
-            _attempt(trial_dir, "finished already")
-            tune.report(json.loads((restored / RECORD_FILE).read_text()), checkpoint=checkpoint)
-            return
-        resume = restored / CHECKPOINT_FILE
-    _attempt(trial_dir, "resumed" if resume else "fresh")
-
-    def report(metrics, checkpoint_dir):
-        ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=ckpt)
-
-    record = run_trial(config, report, resume_from=resume)
+    restored = Path(checkpoint.to_directory(str(trial_dir / "restored"))) if checkpoint is not None else None
+    if restored is not None and (restored / RECORD_FILE).is_file():  # finished before the driver died
+        _attempt(trial_dir, "finished already")
+        tune.report(json.loads((restored / RECORD_FILE).read_text()), checkpoint=checkpoint)
+        return
     final = trial_dir / "final"
-    final.mkdir(exist_ok=True)
-    row = record.row() | {"step": record.steps}
-    if record.status == "ok":
-        write_figures(trial_dir / "checkpoint" / CHECKPOINT_FILE, final, config.seed)
-        shutil.copy2(trial_dir / "checkpoint" / CHECKPOINT_FILE, final / CHECKPOINT_FILE)
-    (final / RECORD_FILE).write_text(json.dumps(row))
+    if tune_config["resources"]["workers"] > 1:
+        _attempt(trial_dir, "data-parallel")  # Ray Train restarts and resumes its workers itself
+        _data_parallel_trial(config, tune_config, final)
+    else:
+        _attempt(trial_dir, "resumed" if restored else "fresh")
+
+        def report(metrics, checkpoint_dir):
+            ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+            tune.report(metrics, checkpoint=ckpt)
+
+        record = run_trial(config, report, resume_from=restored / CHECKPOINT_FILE if restored else None)
+        final.mkdir(exist_ok=True)
+        if record.status == "ok":  # a trial that diverged early may have no checkpoint
+            shutil.copy2(trial_dir / "checkpoint" / CHECKPOINT_FILE, final / CHECKPOINT_FILE)
+        (final / RECORD_FILE).write_text(json.dumps(record.row() | {"step": record.steps}))
+    row = json.loads((final / RECORD_FILE).read_text())
+    if row["status"] == "ok":
+        write_figures(final / CHECKPOINT_FILE, final, config.seed)
     tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(final)))
 
 
-def _data_parallel_trial(config: TrialConfig, tune_config: dict) -> None:
-    """Run the trial as a Ray Train TorchTrainer inside this Tune trial; Ray Train's reports
-    reach Tune through TuneReportCallback. Re-running it with the same name and storage
-    continues from the run's latest checkpoint."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+def _data_parallel_trial(config: TrialConfig, tune_config: dict, final: Path) -> None:
+    """Run the trial as a Ray Train TorchTrainer inside this Tune trial and copy its final
+    checkpoint (weights and record) to ``final``. Ray Train's reports reach Tune through
+    TuneReportCallback; a failed worker group restarts from the run's latest checkpoint, as does
+    a re-run of the same trial (same run name and storage)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     res = tune_config["resources"]
     per_worker = {"CPU": res["cpu"]} | ({"GPU": res["gpu"]} if res["gpu"] else {})
-    TorchTrainer(
+    result = TorchTrainer(
         ddp_worker,
         train_loop_config={"trial": config.model_dump()},
         scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=res["gpu"] > 0, resources_per_worker=per_worker),
         run_config=RunConfig(name=config.trial_id, storage_path=tune_config["train_storage"],
                              failure_config=FailureConfig(max_failures=tune_config["max_failures"]),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest resumes
                              callbacks=[TuneReportCallback()]),
     ).fit()
+    result.checkpoint.to_directory(str(final))
 
 
 def ddp_worker(train_config: dict) -> None:
@@ -89,25 +93,27 @@ def ddp_worker(train_config: dict) -> None:
     import ray.train
 
     rank = ray.train.get_context().get_world_rank()
-    out = Path(tempfile.mkdtemp(prefix=f"flowbench-rank{rank}-"))
-    config = TrialConfig.model_validate(train_config["trial"] | {"out_dir": str(out)})
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        resume = Path(checkpoint.to_directory(str(out / "restored"))) / CHECKPOINT_FILE
+    # scratch only: Ray Train copies each reported checkpoint to the run's storage
+    with tempfile.TemporaryDirectory(prefix=f"flowbench-rank{rank}-") as scratch:
+        out = Path(scratch)
+        config = TrialConfig.model_validate(train_config["trial"] | {"out_dir": scratch})
+        resume = None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            resume = Path(checkpoint.to_directory(str(out / "restored"))) / CHECKPOINT_FILE
 
-    def report(metrics, checkpoint_dir):
-        ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
+        def report(metrics, checkpoint_dir):
+            ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+            ray.train.report(metrics, checkpoint=ckpt)
 
-    record = run_trial(config, report, resume_from=resume)
-    row = record.row() | {"step": record.steps}
-    final = None
-    if rank == 0:  # Ray Train keeps the metrics that come with a checkpoint: the record brings one
-        (out / "checkpoint").mkdir(exist_ok=True)
-        (out / "checkpoint" / RECORD_FILE).write_text(json.dumps(row))
-        final = ray.train.Checkpoint.from_directory(str(out / "checkpoint"))
-    ray.train.report(row, checkpoint=final)
+        record = run_trial(config, report, resume_from=resume)
+        row = record.row() | {"step": record.steps}
+        final = None
+        if rank == 0:  # the run's last checkpoint holds the record: the Tune trial reads it from there
+            (out / "checkpoint").mkdir(exist_ok=True)  # a trial that diverged early has no checkpoint
+            (out / "checkpoint" / RECORD_FILE).write_text(json.dumps(row))
+            final = ray.train.Checkpoint.from_directory(str(out / "checkpoint"))
+        ray.train.report(row, checkpoint=final)
 
 
 def _attempt(trial_dir: Path, how: str) -> None:
