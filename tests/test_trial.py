@@ -152,15 +152,6 @@ def test_memory_saving_trial_reaches_the_plain_trials_result(tmp_path):
         assert q["test_bpd"] == pytest.approx(p["test_bpd"], rel=1e-5)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_trial_on_cuda_matches_cpu(tmp_path):
-    cpu = run_trial(config(tmp_path / "cpu", budget=5, device="cpu"))
-    gpu = run_trial(config(tmp_path / "gpu", budget=5, device="cuda"))
-    assert gpu.device.startswith("cuda") and gpu.memory_kind == "cuda_allocated"
-    assert gpu.test_bpd == pytest.approx(cpu.test_bpd, abs=0.05)
-
-
 def test_bf16_coupling_trial_trains_close_to_float32(tmp_path):
     full = run_trial(config(tmp_path / "full", budget=10))
     mixed = run_trial(config(tmp_path / "mixed", budget=10, coupling_precision="bfloat16"))

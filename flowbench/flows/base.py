@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+
+
+def exact_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 0):
+    """``F.conv2d`` in ``x``'s own precision. cuDNN runs float32 convolutions in TF32 by default
+    (~1e-3 relative error); an invertible layer must compute the map its log-det and inverse
+    describe, so TF32 is off for it (the coupling networks keep the user's setting)."""
+    if not x.is_cuda:
+        return F.conv2d(x, weight, bias, padding=padding)
+    cudnn = torch.backends.cudnn
+    allowed, cudnn.allow_tf32 = cudnn.allow_tf32, False
+    try:
+        return F.conv2d(x, weight, bias, padding=padding)
+    finally:
+        cudnn.allow_tf32 = allowed
 
 
 class Flow(nn.Module):

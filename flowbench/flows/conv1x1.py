@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from flowbench.flows.base import Flow, spatial_size
+from flowbench.flows.base import Flow, exact_conv2d, spatial_size
 
 
 def random_rotation(channels: int) -> torch.Tensor:
@@ -18,7 +17,7 @@ def random_rotation(channels: int) -> torch.Tensor:
 
 
 def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return F.conv2d(x, weight[:, :, None, None], bias)
+    return exact_conv2d(x, weight[:, :, None, None], bias)
 
 
 class InvConv1x1(Flow):

@@ -59,16 +59,17 @@ def assert_logdet_exact(module, x: torch.Tensor, atol: float = 1e-7) -> None:
     torch.testing.assert_close(logdet, brute_force_logdet(module, x), atol=atol, rtol=1e-9)
 
 
-def check_flow(make, shape=(2, 4, 4), batch: int = 2, sample=torch.randn, scale: float = 0.1, seed: int = 0):
+def check_flow(make, shape=(2, 4, 4), batch: int = 2, sample=torch.randn, scale: float = 0.1, seed: int = 0,
+               device="cpu"):
     """The whole harness: round trip in float32 and float64, exact log-det in float64.
 
-    ``make()`` builds a fresh module; ``sample(shape)`` draws valid inputs.
+    ``make()`` builds a fresh module; ``sample(shape)`` draws valid inputs (on the CPU).
     """
     for dtype, atol in ((torch.float64, 1e-9), (torch.float32, 1e-3)):
         torch.manual_seed(seed)
-        module = make().to(dtype)
-        prepare(module, sample((8, *shape)).to(dtype), scale)
-        x = sample((batch, *shape)).to(dtype)
+        module = make().to(device, dtype)
+        prepare(module, sample((8, *shape)).to(device, dtype), scale)
+        x = sample((batch, *shape)).to(device, dtype)
         assert_invertible(module, x, atol=atol, rtol=1e-3 if dtype == torch.float32 else 0.0)
         if dtype == torch.float64:
             assert_logdet_exact(module, x)

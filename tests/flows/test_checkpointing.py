@@ -11,7 +11,7 @@ from tests.flows.test_models import TINY
 
 def loss_and_grads(model, pixels):
     model.zero_grad()
-    loss = model.bits_per_dim(pixels, torch.Generator().manual_seed(0)).mean()
+    loss = model.bits_per_dim(pixels, torch.Generator(pixels.device).manual_seed(0)).mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -31,12 +31,11 @@ def coupling_inputs(model, x):
     return seen
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
-def test_bf16_coupling_nets_keep_the_flow_exact(name):
+def check_bf16_couplings(name: str, device="cpu"):
     torch.manual_seed(0)
-    model = flowbench.build_model(name, (3, 8, 8), **TINY[name])
-    prepare(model, torch.rand(8, 3, 8, 8) - 0.5, scale=0.05)
-    x = torch.rand(2, 3, 8, 8) - 0.5
+    model = flowbench.build_model(name, (3, 8, 8), **TINY[name]).to(device)
+    prepare(model, torch.rand(8, 3, 8, 8, device=device) - 0.5, scale=0.05)
+    x = torch.rand(2, 3, 8, 8, device=device) - 0.5
     full, _ = model.encode(x)
     model.set_coupling_precision(torch.bfloat16)
     with torch.no_grad():
@@ -51,3 +50,8 @@ def test_bf16_coupling_nets_keep_the_flow_exact(name):
     assert couplings and all(layer.net_dtype == torch.bfloat16 for layer, _, _ in couplings)
     for layer, inp, logdet in couplings:
         torch.testing.assert_close(logdet, brute_force_logdet(layer, inp), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_bf16_coupling_nets_keep_the_flow_exact(name):
+    check_bf16_couplings(name)

@@ -1,12 +1,15 @@
 """Each class of bad spec: one clear line naming file, line and key; exit 2; nothing written."""
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from flowbench.cli import main
 from flowbench.sweep.runner import plan
-from flowbench.sweep.spec import match_width
+from flowbench.sweep.spec import load_sweep_spec, match_width
+
+SWEEPS = Path(__file__).parents[2] / "sweeps"
 
 GOOD = """\
 name: t
@@ -101,3 +104,10 @@ def test_match_params_scales_width_to_the_target():
     narrower = flowbench.build_model("glow", (3, 32, 32), **(hparams | {"hidden_channels": hparams["hidden_channels"] - 1}))
     assert abs(count - 2e6) <= min(abs(wider.num_parameters() - 2e6), abs(narrower.num_parameters() - 2e6))
     assert abs(count - 2e6) / 2e6 < 0.01
+
+
+@pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_spec_is_valid(path):
+    spec = load_sweep_spec(path)
+    if not spec.data_roots:  # the ones on embedded data expand into trials here too
+        assert len(plan(path)[1]) == len(spec.models) * len(spec.datasets) * len(spec.seeds)
