@@ -188,3 +188,41 @@ max_failures: 1
     (child,) = client.search_runs([client.get_experiment_by_name("restart").experiment_id],
                                   "tags.mlflow.parentRunId != ''")
     assert "samples.png" in [a.path for a in client.list_artifacts(child.info.run_id)]
+
+
+def _step_log(path):
+    """A Ray Train callback (it runs in Train's controller) appending each report's step to ``path``."""
+    from ray.train import UserCallback
+
+    class StepLog(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as f:
+                f.write(f"{metrics[0]['step']}\n")
+
+    return StepLog()
+
+
+def test_a_data_parallel_trial_run_again_continues_from_its_run_storage(tmp_path):
+    """What resumes a data-parallel trial after the driver dies: the Tune trial starts the same
+    Ray Train run (name and storage) again, and its workers get the run's latest checkpoint."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config = dict(model="glow", dataset="digits", hparams=dict(depth=2, levels=2, hidden_channels=8), seed=3,
+                  batch_size=32, budget=6, eval_every=3, checkpoint_every=3, latency_repeats=2)
+    start_ray(None, num_cpus=2)
+    try:
+        results = []
+        for attempt in ("first", "again"):
+            results.append(TorchTrainer(
+                ddp_worker, train_loop_config={"trial": config},
+                scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+                run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "train"),
+                                     callbacks=[_step_log(str(tmp_path / f"{attempt}.log"))]),
+            ).fit())
+    finally:
+        ray.shutdown()
+    assert (tmp_path / "first.log").read_text().split() == ["3", "6", "6"]  # two evaluations, the record
+    assert (tmp_path / "again.log").read_text().split() == ["6"]  # at its budget already: the record only
+    assert results[1].metrics["status"] == "ok" and results[1].metrics["test_bpd"] == results[0].metrics["test_bpd"]
