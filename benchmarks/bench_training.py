@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6)
     p.add_argument("--device", default="auto")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = p.parse_args()

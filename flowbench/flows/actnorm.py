@@ -25,6 +25,7 @@ class ActNorm(Flow):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
+        x = x.to(self.bias.dtype)
         mean = x.mean(dim=(0, 2, 3), keepdim=True)
         std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
         self.bias.copy_(-mean)
@@ -34,7 +35,9 @@ class ActNorm(Flow):
     def forward(self, x):
         if self.training and not self.initialized:
             self.initialize(x)
-        y = (x + self.bias) * torch.exp(self.log_scale)
+        # in x's dtype: inside a bfloat16 coupling network, float32 parameters would promote every
+        # activation after it to float32 (twice the memory, and the next conv casts it back)
+        y = (x + self.bias.to(x.dtype)) * torch.exp(self.log_scale).to(x.dtype)
         logdet = spatial_size(x) * self.log_scale.sum()
         return y, logdet.expand(x.shape[0])
 
