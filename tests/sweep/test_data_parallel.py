@@ -127,21 +127,12 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
 
     from flowbench.results.tables import read_table
     from flowbench.sweep.runner import run_sweep
+    from tests.sweep.test_runner import spec_file
 
     trial = dict(model="glow", dataset="digits", hparams=dict(depth=2, levels=2, hidden_channels=8), seed=0,
                  batch_size=32, budget=200, eval_every=10, checkpoint_every=10, latency_repeats=2, latency_batch_size=8)
-    spec = tmp_path / "restart.yaml"
-    spec.write_text("""\
-name: restart
-models: [glow]
-datasets: [digits]
-budget: {steps: 200}
-train: {batch_size: 32, eval_every: 10, checkpoint_every: 10}
-overrides: {glow: {depth: 2, levels: 2, hidden_channels: 8}}
-resources: {cpu: 1, workers: 2}
-latency: {batch_size: 8, repeats: 2}
-max_failures: 1
-""")
+    spec = spec_file(tmp_path, "restart", models=("glow",), steps=200,
+                     extra="resources: {cpu: 1, workers: 2}\nmax_failures: 1\n")
     tune_dir = tmp_path / "results" / "restart" / "tune"
     killed = {}
 
