@@ -85,11 +85,12 @@ def _rank(rank: int, world: int, port: int, config: dict, out: str, resume: str 
         torch.distributed.destroy_process_group()
 
 
-def test_an_interrupted_two_process_trial_resumes_to_the_one_process_result(tmp_path):
+def test_an_interrupted_two_process_memory_lean_trial_resumes_to_the_one_process_result(tmp_path):
     import socket
 
+    # memory-lean too: DDP's gradient hooks must fire once per parameter through recomputed steps
     config = dict(model="nxn_shift", dataset="digits", hparams=dict(depth=2, levels=2, hidden_channels=8), seed=1,
-                  batch_size=32, budget=6, eval_every=3, checkpoint_every=3, latency_repeats=2)
+                  batch_size=32, budget=6, eval_every=3, checkpoint_every=3, latency_repeats=2, memory_saving=True)
     run_trial(TrialConfig(**config, out_dir=str(tmp_path / "single")))
     out = str(tmp_path / "parallel")
     for resume in (None, str(tmp_path / "parallel" / "checkpoint")):
