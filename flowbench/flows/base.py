@@ -15,11 +15,17 @@ def exact_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if not x.is_cuda:
         return F.conv2d(x, weight, bias, padding=padding)
     cudnn = torch.backends.cudnn
-    allowed, cudnn.allow_tf32 = cudnn.allow_tf32, False
+    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        # torch ≥ 2.9 sets it per operation; its legacy flag raises once conv and rnn differ
+        owner, flag, exact = cudnn.conv, "fp32_precision", "ieee"
+    else:
+        owner, flag, exact = cudnn, "allow_tf32", False
+    previous = getattr(owner, flag)
+    setattr(owner, flag, exact)
     try:
         return F.conv2d(x, weight, bias, padding=padding)
     finally:
-        cudnn.allow_tf32 = allowed
+        setattr(owner, flag, previous)
 
 
 class Flow(nn.Module):
