@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import flowbench
 from flowbench.trial import prepare_training, train_step
+from timing import time_interleaved, verdict  # benchmarks/timing.py: the script's folder is on sys.path
 
 
 def step_ours(name, args, **extra):
@@ -58,21 +58,10 @@ def glow_step_normflows(args):
     return step, model
 
 
-def time_pair(a, b, repeats: int, warmup: int = 2) -> tuple[float, float]:
+def time_pair(a, b, repeats: int) -> tuple[float, float]:
     """Median seconds of a and b, interleaved."""
-    for _ in range(warmup):
-        a(), b()
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, times in ((a, ta), (b, tb)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(ta), statistics.median(tb)
-
-
-def verdict(ratio: float, target: float) -> str:
-    return f"{ratio:.2f}×  (target ≤ {target}×: {'met' if ratio <= target else 'NOT met'})"
+    times = time_interleaved({"a": a, "b": b}, repeats)
+    return statistics.median(times["a"]), statistics.median(times["b"])
 
 
 def main() -> None:

@@ -21,9 +21,10 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
+from functools import partial
 
 import torch
+from timing import time_interleaved, verdict  # benchmarks/timing.py: the script's folder is on sys.path
 
 VARIANTS = ("plain", "checkpointed", "bf16-couplings")
 
@@ -79,14 +80,13 @@ def measure_times(args) -> dict:
     """Step times of all variants on one model, interleaved (plain, checkpointed, bf16, plain, …)
     so that drift in the machine's speed lands on every variant alike."""
     model, _, _, _, step = setup(args)
-    times = {variant: [] for variant in VARIANTS}
-    for i in range(args.steps + 1):
-        for variant in VARIANTS:
-            use_variant(model, variant)
-            start = time.perf_counter()
-            step()
-            if i:  # the first round warms allocator pools and kernels
-                times[variant].append(time.perf_counter() - start)
+
+    def step_as(variant):
+        use_variant(model, variant)
+        return step()
+
+    # one warm-up round: allocator pools and kernels
+    times = time_interleaved({v: partial(step_as, v) for v in VARIANTS}, args.steps, warmup=1)
     return {variant: statistics.quantiles(t, n=4) for variant, t in times.items()}  # q1, median, q3
 
 
@@ -131,9 +131,9 @@ def main() -> None:
             f"{v} {r['peak_mb']:.0f} MB (activations {activations[v]:.0f} MB)" for v, r in results.items()))
     lean = ratios["live (mmap ≥ 64 KiB)"]["checkpointed"]
     t = times["checkpointed"] / times["plain"]
-    print(f"  checkpointed: activation memory ratio {lean:.2f}× live ({ratios['glibc default']['checkpointed']:.2f}× "
-          f"by default RSS), target ≤ 0.3×: {'met' if lean <= 0.3 else 'NOT met'}")
-    print(f"  checkpointed: step time ratio {t:.2f}×, target ≤ 1.5×: {'met' if t <= 1.5 else 'NOT met'}")
+    print(f"  checkpointed: activation memory ratio live {verdict(lean, 0.3)}, "
+          f"{ratios['glibc default']['checkpointed']:.2f}× by default RSS")
+    print(f"  checkpointed: step time ratio {verdict(t, 1.5)}")
     print(f"  bf16 couplings: step time ratio {times['bf16-couplings'] / times['plain']:.2f}×, activation memory "
           f"ratio {ratios['live (mmap ≥ 64 KiB)']['bf16-couplings']:.2f}× live")
 
