@@ -36,10 +36,27 @@ BudgetKind = Literal["steps", "epochs", "seconds", "images"]
 Reporter = Callable[[dict, "Path | None"], None]
 
 
-class TrialConfig(pydantic.BaseModel):
-    """Everything that defines a trial; identity fields feed ``config_hash``."""
+CouplingPrecision = Literal["float32", "bfloat16"]
+
+
+class TrainSettings(pydantic.BaseModel):
+    """How a trial trains: the part of its config that a sweep spec's ``train:`` sets for all."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
+
+    batch_size: int = pydantic.Field(64, gt=0)
+    lr: float = pydantic.Field(1e-3, gt=0)
+    warmup_steps: int = pydantic.Field(0, ge=0)
+    grad_clip: float | None = 50.0
+    memory_saving: bool = False  # gradient checkpointing per flow step: less memory, more compute
+    coupling_precision: CouplingPrecision = "float32"  # the coupling networks' compute
+    eval_every: int = pydantic.Field(100, gt=0)
+    eval_images: int | None = pydantic.Field(None, gt=0)  # test images per intermediate evaluation
+    checkpoint_every: int = pydantic.Field(500, gt=0)
+
+
+class TrialConfig(TrainSettings):
+    """Everything that defines a trial; identity fields feed ``config_hash``."""
 
     model: str
     dataset: str
@@ -47,15 +64,6 @@ class TrialConfig(pydantic.BaseModel):
     seed: int = 0
     budget_kind: BudgetKind = "steps"
     budget: float = pydantic.Field(500, gt=0)
-    batch_size: int = pydantic.Field(64, gt=0)
-    lr: float = pydantic.Field(1e-3, gt=0)
-    warmup_steps: int = pydantic.Field(0, ge=0)
-    grad_clip: float | None = 50.0
-    memory_saving: bool = False  # gradient checkpointing per flow step: less memory, more compute
-    coupling_precision: Literal["float32", "bfloat16"] = "float32"  # the coupling networks' compute
-    eval_every: int = pydantic.Field(100, gt=0)
-    eval_images: int | None = pydantic.Field(None, gt=0)  # test images per intermediate evaluation
-    checkpoint_every: int = pydantic.Field(500, gt=0)
     latency_batch_size: int = pydantic.Field(16, gt=0)
     latency_repeats: int = pydantic.Field(20, gt=0)
     # where and on what it runs: not part of the trial's identity

@@ -14,7 +14,7 @@ from flowbench.data import DATASETS, NEEDS_ROOT, load_dataset
 from flowbench.errors import FlowbenchError, unknown_name
 from flowbench.flows.registry import MODELS, model_entry
 from flowbench.specfile import load_spec
-from flowbench.trial import TrialConfig
+from flowbench.trial import TrainSettings, TrialConfig
 
 TRAIN_KEYS = ("batch_size", "lr", "warmup_steps", "grad_clip")  # searchable besides model hparams
 TIME_ATTR = {"steps": "step", "epochs": "epochs", "images": "images_seen", "seconds": "train_seconds"}
@@ -46,15 +46,9 @@ class Budget(Strict):
         return getattr(self, self.kind)
 
 
-class Train(Strict):
-    batch_size: int = pydantic.Field(64, gt=0)
-    lr: float = pydantic.Field(1e-3, gt=0)
-    warmup_steps: int = pydantic.Field(0, ge=0)
-    grad_clip: float | None = 50.0
-    memory_saving: bool = False
-    coupling_precision: Literal["float32", "bfloat16"] = "float32"
+class Train(TrainSettings):
+    # a sweep's trials are long: rarer evaluations and checkpoints than a single trial's defaults
     eval_every: int = pydantic.Field(500, gt=0)
-    eval_images: int | None = pydantic.Field(None, gt=0)
     checkpoint_every: int = pydantic.Field(1000, gt=0)
 
 
