@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import platform
 import resource
 import subprocess
@@ -25,6 +24,7 @@ import pydantic
 import torch
 
 import flowbench
+from flowbench.atomic import atomic_write
 from flowbench.data import load_dataset
 from flowbench.errors import FlowbenchError
 from flowbench.flows.models import FlowModel
@@ -270,11 +270,8 @@ def train_step(model: FlowModel, optimizer, pixels: torch.Tensor, noise, grad_cl
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write-then-rename, so a crash never leaves a half-written checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:  # a crash never leaves a half-written checkpoint
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -10,7 +10,9 @@ import pandas as pd
 from flowbench.errors import FlowbenchError
 from flowbench.results.tables import CURVE_METRICS, PROVENANCE_COLUMNS
 
-FINAL_PREFIX = "final_"
+# what the sweep's MlflowCallback writes and this reads back
+FINAL_PREFIX = "final_"  # a trial's final figures are metrics final_<column>
+PARENT_TAG = "mlflow.parentRunId"  # trial runs are the sweep run's children
 INT_COLUMNS = ("seed", "batch_size", "steps", "images_seen", "num_params", "latency_batch_size")
 
 
@@ -33,7 +35,7 @@ def tables_from_mlflow(uri: str, experiment: str) -> tuple[pd.DataFrame, pd.Data
         raise FlowbenchError(f"cannot read MLflow at {uri}: {err.message.splitlines()[0]}") from None
     if exp is None:
         raise FlowbenchError(f"MLflow at {uri} has no experiment {experiment!r}; the experiment is the sweep's name")
-    runs = [r for r in client.search_runs([exp.experiment_id], max_results=50000) if "mlflow.parentRunId" in r.data.tags]
+    runs = [r for r in client.search_runs([exp.experiment_id], max_results=50000) if PARENT_TAG in r.data.tags]
     if not runs:
         raise FlowbenchError(f"experiment {experiment!r} at {uri} has no trial runs yet")
     trials, curves = [], []

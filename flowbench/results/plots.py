@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from flowbench.atomic import atomic_write
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
@@ -26,11 +27,8 @@ def save_png(picture: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     """Atomically write an RGB uint8 array as PNG, enlarged ``scale``× (nearest neighbour)."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if scale > 1:
         picture = picture.repeat(scale, axis=0).repeat(scale, axis=1)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(picture).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as tmp:
+        Image.fromarray(picture).save(tmp, format="PNG")
+    return Path(path)

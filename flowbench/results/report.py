@@ -6,12 +6,12 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from flowbench.atomic import atomic_write
 from flowbench.results.table2 import final_trials, paired_comparisons, table2_frame
 from flowbench.results.tables import read_table, write_table
 
@@ -79,10 +79,9 @@ def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.Dat
 
     def save(fig, name):
         path = plot_dir / name
-        tmp = path.with_name(f".{name}.tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
         plt.close(fig)
-        os.replace(tmp, path)
         written.append(path)
 
     finals = final_trials(trials)
@@ -206,9 +205,8 @@ def _html(name, intro, sections, plots, figures) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
     return path
 
 

@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flowbench.atomic import atomic_write
 from flowbench.errors import FlowbenchError
 
 SCHEMA_VERSION = 1
@@ -35,15 +35,12 @@ def write_table(frame: pd.DataFrame, path: str | Path, kind: str) -> Path:
     missing = [c for c in REQUIRED[kind] if c not in frame.columns]
     if missing:
         raise ValueError(f"a {kind} table needs columns {missing}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
     meta = {METADATA_KEY: json.dumps({"kind": kind, "schema_version": SCHEMA_VERSION}).encode()}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+    with atomic_write(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
 
 
 def read_table(path: str | Path, kind: str) -> pd.DataFrame:

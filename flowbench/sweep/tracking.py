@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ray import tune
 
+from flowbench.results.from_mlflow import FINAL_PREFIX, PARENT_TAG
 from flowbench.results.tables import CURVE_METRICS, PROVENANCE_COLUMNS
 from flowbench.sweep.spec import trial_config
 from flowbench.trial import TrialConfig
@@ -22,7 +23,6 @@ from flowbench.trial import TrialConfig
 log = logging.getLogger(__name__)
 
 KEY_TAG = "flowbench.key"
-PARENT_TAG = "mlflow.parentRunId"
 FINAL_METRICS = (
     "test_bpd", "train_bpd", "num_params", "steps", "images_seen", "epochs", "train_seconds",
     "throughput_images_per_s", "peak_memory_mb", "density_latency_ms", "sample_latency_ms",
@@ -127,7 +127,7 @@ class MlflowCallback(tune.Callback):
         client = self.tracker.client
         for name in FINAL_METRICS:
             if _finite(result.get(name)):
-                client.log_metric(run_id, f"final_{name}", float(result[name]))
+                client.log_metric(run_id, f"{FINAL_PREFIX}{name}", float(result[name]))
         client.set_tag(run_id, "status", result.get("status", "stopped"))
         for name in PROVENANCE_COLUMNS:
             if name in result:
