@@ -3,6 +3,7 @@ hyperparameters per data set, and the bits/dim the n×n-convolution paper's Tabl
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from pathlib import Path
 
@@ -37,15 +38,17 @@ class ModelCard(pydantic.BaseModel):
 
 
 def cards_dir() -> Path:
-    """``$FLOWBENCH_MODELS_DIR``, else ``models/`` beside the package (a source checkout)."""
-    return Path(os.environ.get("FLOWBENCH_MODELS_DIR", Path(__file__).resolve().parents[1] / "models"))
+    """``$FLOWBENCH_MODELS_DIR``, else the cards shipped inside the package (``flowbench/models/``,
+    package data: found the same from a checkout, an editable install or a wheel)."""
+    override = os.environ.get("FLOWBENCH_MODELS_DIR")
+    return Path(override) if override else Path(str(importlib.resources.files("flowbench") / "models"))
 
 
 def load_card(name: str) -> ModelCard:
     model_entry(name)  # an unknown model is reported with a suggestion before looking for files
     path = cards_dir() / f"{name}.yaml"
     if not path.is_file():
-        raise FlowbenchError(f"{path}: no model card for {name!r}; set FLOWBENCH_MODELS_DIR to the models/ folder")
+        raise FlowbenchError(f"{path}: no model card for {name!r}; add models/{name}.yaml (or set FLOWBENCH_MODELS_DIR to a folder of cards)")
     card = load_spec(path, ModelCard, "model card")
     if card.name != name:
         raise FlowbenchError(f"{path}: card names model {card.name!r}, expected {name!r}")

@@ -28,6 +28,7 @@ from flowbench.atomic import atomic_write
 from flowbench.data import load_dataset
 from flowbench.errors import FlowbenchError
 from flowbench.flows.models import FlowModel
+from flowbench.record import TrialRecord
 
 log = logging.getLogger(__name__)
 
@@ -76,55 +77,6 @@ class TrialConfig(TrainSettings):
     def config_hash(self) -> str:
         identity = self.model_dump(exclude={"data_root", "device", "out_dir", "sweep", "trial_id"})
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-
-
-@dataclasses.dataclass
-class TrialRecord:
-    """One flat row per trial (the Parquet schema of trials.parquet)."""
-
-    sweep: str
-    trial_id: str
-    model: str
-    dataset: str
-    seed: int
-    config_hash: str
-    hparams: str  # JSON: nested values do not belong in a flat table
-    budget_kind: str
-    budget: float
-    batch_size: int
-    lr: float
-    steps: int = 0
-    epochs: float = 0.0
-    images_seen: int = 0
-    train_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    test_bpd: float = math.nan
-    train_bpd: float = math.nan
-    num_params: int = 0
-    throughput_images_per_s: float = math.nan
-    peak_memory_mb: float = math.nan
-    memory_kind: str = ""
-    latency_batch_size: int = 0
-    density_latency_ms: float = math.nan
-    density_latency_iqr_ms: float = math.nan
-    sample_latency_ms: float = math.nan
-    sample_latency_iqr_ms: float = math.nan
-    workers: int = 1  # data-parallel processes
-    status: str = "ok"  # ok | diverged | failed | stopped
-    reason: str = ""
-    device: str = ""
-    torch_version: str = torch.__version__
-    flowbench_version: str = flowbench.__version__
-    git_commit: str = ""
-    hostname: str = dataclasses.field(default_factory=platform.node)
-    finished_at: str = ""
-    curve: list = dataclasses.field(default_factory=list, repr=False)  # evaluations; not a column
-
-    def row(self) -> dict:
-        """The flat Parquet row (the curve goes to curves.parquet in long format)."""
-        row = dataclasses.asdict(self)
-        del row["curve"]
-        return row
 
 
 def resolve_device(name: str) -> torch.device:
@@ -364,7 +316,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
         sweep=config.sweep, trial_id=config.trial_id, model=config.model, dataset=config.dataset,
         seed=config.seed, config_hash=config.config_hash(), hparams=json.dumps(hparams, sort_keys=True),
         budget_kind=config.budget_kind, budget=config.budget, batch_size=config.batch_size, lr=config.lr,
-        num_params=model.num_parameters(), device=str(device), git_commit=git_commit(), workers=shard.world,
+        num_params=model.num_parameters(), num_params_allocated=model.num_allocated_parameters(), device=str(device), git_commit=git_commit(), workers=shard.world,
     )
     batches = _Batches(len(data.train), config.seed, progress["epoch"], progress["position"])
     train_bpd_sum, train_count, last_train_bpd = 0.0, 0, math.nan

@@ -1,4 +1,12 @@
-"""The layer contract: ``y, logdet = layer(x)`` and ``x = layer.inverse(y)``; logdet is [batch] nats."""
+"""The layer protocol, stated once; every layer of ``flowbench.flows`` follows it.
+
+- ``y, logdet = layer(x)``: the map and log|det ∂y/∂x| per sample, shape [batch], in nats.
+- ``x = layer.inverse(y)``: the exact inverse, defined beside ``forward``.
+- ``layer.parameter_masks()``: for a parameter only partly free (entries fixed to zero by a
+  mask), a 0/1 tensor of its shape marking the entries that can change the map. Parameters not
+  named there count whole; buffers never count. ``effective_parameter_count`` sums this over a
+  module tree: it is the count every report of flowbench gives.
+"""
 
 from __future__ import annotations
 
@@ -36,6 +44,20 @@ class Flow(nn.Module):
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def parameter_masks(self) -> dict[str, torch.Tensor]:
+        """{name of an own parameter: 0/1 mask of its entries that can change the map}."""
+        return {}
+
+
+def effective_parameter_count(module: nn.Module) -> int:
+    """Parameters that can change the map: masked-out entries and buffers do not count."""
+    total = 0
+    for sub in module.modules():
+        masks = sub.parameter_masks() if isinstance(sub, Flow) else {}
+        for name, param in sub.named_parameters(recurse=False):
+            total += int(masks[name].count_nonzero()) if name in masks else param.numel()
+    return total
 
 
 class FlowSequence(Flow):

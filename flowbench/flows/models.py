@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from flowbench.flows.actnorm import ActNorm
-from flowbench.flows.base import Flow, FlowSequence, FlowStep
+from flowbench.flows.base import Flow, FlowSequence, FlowStep, effective_parameter_count
 from flowbench.flows.conv1x1 import make_conv1x1
 from flowbench.flows.coupling import AffineCoupling
 from flowbench.flows.emerging import EmergingConv2d
@@ -80,6 +80,11 @@ class FlowModel(nn.Module):
         return bits_per_dim(log_prob + preprocess_logdet, math.prod(self.image_shape), self.n_bits)
 
     def num_parameters(self) -> int:
+        """Parameters that can change the map (see ``flows.base``): what every report counts."""
+        return effective_parameter_count(self)
+
+    def num_allocated_parameters(self) -> int:
+        """Every entry of every parameter tensor, masked-out ones included (memory, not capacity)."""
         return sum(p.numel() for p in self.parameters())
 
     def set_coupling_precision(self, dtype: torch.dtype | None) -> None:

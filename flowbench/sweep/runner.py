@@ -18,11 +18,11 @@ from flowbench.errors import FlowbenchError
 from flowbench.results.tables import CURVE_METRICS
 from flowbench.sweep.spec import TIME_ATTR, SweepSpec, check_data, expand, load_sweep_spec, trial_config
 from flowbench.sweep.tracking import MlflowCallback, MlflowTracker, default_tracking_uri
-from flowbench.trial import CHECKPOINT_FILE, TrialConfig, TrialRecord, load_checkpoint, model_from_checkpoint, run_trial
+from flowbench.record import RECORD_COLUMNS, TrialRecord
+from flowbench.trial import CHECKPOINT_FILE, TrialConfig, load_checkpoint, model_from_checkpoint, run_trial
 
 log = logging.getLogger(__name__)
 RECORD_FILE = "record.json"
-RECORD_COLUMNS = [f.name for f in dataclasses.fields(TrialRecord) if f.name != "curve"]
 
 
 # --------------------------------------------------------------------------- in the Ray workers
