@@ -49,6 +49,7 @@ class TrialRecord:
     dataset: str = column(mlflow=PARAM)
     seed: int = column(mlflow=PARAM)
     config_hash: str = column(mlflow=TAG)  # hash of the fully expanded configuration
+    variant: str = column("", mlflow=PARAM)  # an ablation's setting, e.g. "actnorm=false"; "" for the card's model
     hparams: str = column("{}", mlflow=PARAM)  # JSON: the architecture actually built
     recipe: str = column("{}", mlflow=PARAM)  # JSON: the training recipe actually used, with its source
     # budget and what was spent
