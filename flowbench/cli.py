@@ -156,7 +156,7 @@ class SweepProgress:
 
 
 def cmd_sweep(args) -> None:
-    from flowbench.sweep.runner import plan, run_sweep
+    from flowbench.sweep.driver import plan, run_sweep
 
     spec, configs = plan(args.spec)
     if args.dry_run:

@@ -107,7 +107,7 @@ def test_trial_on_cuda_matches_cpu(tmp_path):
 def test_a_sweep_schedules_its_trials_on_the_gpu(tmp_path):
     import ray
 
-    from flowbench.sweep.runner import run_sweep
+    from flowbench.sweep.driver import run_sweep
 
     spec = tmp_path / "gpu.yaml"
     spec.write_text("""\
@@ -135,7 +135,8 @@ def test_two_nccl_workers_reach_the_one_gpu_result(tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from flowbench.sweep.runner import ddp_worker, start_ray
+    from flowbench.sweep.driver import start_ray
+    from flowbench.sweep.worker import ddp_worker
     from flowbench.trial import TrialConfig, run_trial
 
     config = dict(model="glow", dataset="digits", hparams=dict(depth=2, levels=2, hidden_channels=8), seed=3,

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from flowbench.sweep.runner import ddp_worker, start_ray
+from flowbench.sweep.driver import start_ray
+from flowbench.sweep.worker import ddp_worker
 from flowbench.trial import TrialConfig, load_checkpoint, run_trial
 
 pytestmark = pytest.mark.slow
@@ -39,7 +40,7 @@ def test_two_gloo_workers_reach_the_one_worker_parameters(tmp_path):
 
 def test_a_sweep_runs_data_parallel_trials_through_tune(tmp_path):
     from flowbench.results.tables import read_table
-    from flowbench.sweep.runner import run_sweep
+    from flowbench.sweep.driver import run_sweep
 
     spec = tmp_path / "ddp.yaml"
     spec.write_text("""\
@@ -127,7 +128,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from flowbench.results.tables import read_table
-    from flowbench.sweep.runner import run_sweep
+    from flowbench.sweep.driver import run_sweep
     from tests.sweep.test_runner import spec_file
 
     trial = dict(model="glow", dataset="digits", hparams=dict(depth=2, levels=2, hidden_channels=8), seed=0,

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flowbench.results.tables import read_table
-from flowbench.sweep.runner import run_sweep, start_ray
+from flowbench.sweep.driver import run_sweep, start_ray
 
 pytestmark = pytest.mark.slow
 

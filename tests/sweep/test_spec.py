@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from flowbench.cli import main
-from flowbench.sweep.runner import plan
+from flowbench.sweep.driver import plan
 from flowbench.sweep.spec import load_sweep_spec, match_width
 
 SWEEPS = Path(__file__).parents[2] / "sweeps"
