@@ -70,7 +70,7 @@ def test_dry_run_lists_trials(tmp_path, capsys):
         (GOOD.replace("[digits]", "[cifar10]"), r"datasets: cifar10 needs data_roots.cifar10"),
         (GOOD.replace("[digits]", "[cifar10]") + "data_roots: {cifar10: /nowhere/cifar}\n",
          r"datasets: data set not found at /nowhere/cifar: expected cifar-10-batches-py"),
-        (GOOD.replace("hidden_channels: 8}\n  nxn", "hidden_channels: 8, levels: 5}\n  nxn"),
+        (GOOD.replace("levels: 2, hidden_channels: 8}\n  nxn", "levels: 5, hidden_channels: 8}\n  nxn"),
          r"cannot build 'glow' for images \(1, 8, 8\)"),
         (GOOD + "resources: {cpu: 1, gpu: 1}\n", r"each trial asks 1 GPU in all, this machine's Ray has 0"),
     ],
