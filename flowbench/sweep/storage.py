@@ -1,0 +1,53 @@
+"""Where Ray Tune keeps a sweep's trial state and checkpoints: a local folder (one machine, or a
+folder every node mounts) or an S3 URI that every node of a cluster reaches.
+
+The driver and the trials on worker nodes resolve the same ``--storage`` text here, so a trial
+restarted on another node finds the checkpoints of its earlier attempt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from flowbench.errors import FlowbenchError
+
+
+def tune_storage(location: str):
+    """``(filesystem, path)`` for Tune's ``storage_filesystem`` and ``storage_path``.
+
+    A URI (``s3://bucket/prefix?endpoint_override=HOST:PORT&scheme=http&region=us-east-1``) goes
+    through pyarrow's own parser, which reads the S3 options from the query; its credentials come
+    from the environment (``AWS_ACCESS_KEY_ID``…, an instance profile), never from the URI, which
+    Tune writes into every trial's state. A plain path is Tune's local storage (filesystem None).
+    """
+    if "://" not in location:
+        return None, location
+    import pyarrow.fs
+
+    if "@" in urlsplit(location).netloc:
+        raise FlowbenchError(f"--storage: {location.split('@')[0]}@…: credentials in the URI end up in every trial's "
+                             "saved state; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an instance profile) instead")
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(location)
+        filesystem.get_file_info(path)  # reachable, and the bucket exists: fail here, not in every trial
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        raise FlowbenchError(f"--storage {location}: {str(err).splitlines()[0]}; give s3://BUCKET/PREFIX of an existing "
+                             "bucket (options as pyarrow reads them: ?endpoint_override=HOST:PORT&scheme=http&region=R) "
+                             "or a folder every node mounts") from None
+    return filesystem, path.rstrip("/")
+
+
+def copy_from_checkpoint(checkpoint, name: str, dest: Path) -> bool:
+    """Copy the file ``name`` of a Tune checkpoint, local or in S3, to the local path ``dest``
+    (one file, not the whole checkpoint with its weights). False when the checkpoint has none
+    (a diverged trial has no figures)."""
+    import pyarrow.fs
+
+    src = f"{checkpoint.path}/{name}"
+    if checkpoint.filesystem.get_file_info(src).type != pyarrow.fs.FileType.File:
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    pyarrow.fs.copy_files(src, str(dest), source_filesystem=checkpoint.filesystem,
+                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    return True
