@@ -155,9 +155,27 @@ class SweepProgress:
         print(line, file=sys.stderr, flush=True)
 
 
+def _sweep_spec(text: str) -> Path:
+    """A sweep spec file, else the spec of that name shipped in the package (``table2-cpu``, or
+    ``sweeps/table2-cpu.yaml`` run from outside the checkout): a wheel carries the examples."""
+    import importlib.resources
+
+    path = Path(text)
+    if path.exists():
+        return path
+    shipped = importlib.resources.files("flowbench") / "specs"
+    found = shipped / f"{path.stem}.yaml"
+    if found.is_file():
+        return Path(str(found))
+    names = sorted(f.name.removesuffix(".yaml") for f in shipped.iterdir() if f.name.endswith(".yaml"))
+    raise FlowbenchError(f"{text}: no such sweep spec file, nor a shipped spec of that name; give a YAML file or one "
+                         f"of {', '.join(names)}")
+
+
 def cmd_sweep(args) -> None:
     from flowbench.sweep.driver import plan, run_sweep
 
+    args.spec = _sweep_spec(args.spec)
     spec, configs = plan(args.spec)
     if args.dry_run:
         print(f"sweep {spec.name}: {len(configs)} trials, budget {spec.budget.amount:g} {spec.budget.kind} each"
@@ -224,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="run (or resume) a sweep spec as Ray Tune trials")
-    p.add_argument("spec", help="sweep YAML, e.g. sweeps/table2.yaml")
+    p.add_argument("spec", help="sweep YAML, e.g. sweeps/table2.yaml, or the name of a shipped one (table2-cpu)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the trials, run nothing")
     p.add_argument("--address", help="Ray cluster to join ('auto' or HOST:PORT); default a local Ray")
     p.add_argument("--mlflow-uri", help="tracking server (default: sqlite under results/NAME/)")
