@@ -122,6 +122,17 @@ def cmd_sample(args) -> None:
     print(f"wrote {args.n} samples at temperature {args.temperature} to {path}")
 
 
+def cmd_data_prepare(args) -> None:
+    from flowbench.data import prepare_dataset
+
+    cache, manifest, built = prepare_dataset(args.name, args.root, args.cache)
+    sizes = ", ".join(f"{split} {n:,}" for split, n in manifest["splits"].items())
+    shape = "x".join(map(str, manifest["image_shape"]))
+    print(f"{args.name}: {'prepared' if built else 'already prepared, unchanged'} {cache}")
+    print(f"  {sizes} images of {shape}, {manifest['n_bits']} bits, from {manifest['source']}")
+    print(f"  trials find it from the same --data-root, or give --data-root {cache}")
+
+
 class SweepProgress:
     """A Tune callback drawing the sweep's live state: done/running/failed and the best bits/dim."""
 
@@ -266,6 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=2, help="enlarge pixels this many times")
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_sample)
+
+    data = sub.add_parser("data", help="data set commands").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="convert a data set once into the memory-mapped cache trials read")
+    p.add_argument("name", help="data set name, e.g. cifar10, imagenet32")
+    p.add_argument("--root", "--data-root", dest="root", help="the data set's files (not needed for embedded, digits)")
+    p.add_argument("--cache", help="cache folder (default $FLOWBENCH_CACHE_DIR or ~/.cache/flowbench/NAME-HASH)")
+    p.set_defaults(func=cmd_data_prepare)
     return parser
 
 

@@ -1,30 +1,111 @@
-"""Data sets as uint8 image splits; ``load_dataset(name, root)`` is the one entry point."""
+"""Data sets as uint8 image splits read memory-mapped from a prepared cache.
+
+``load_dataset(name, root)`` is the one entry point for trials: it opens the data set's prepared
+cache, preparing it first when there is none or its source changed (``flowbench.data.cache``).
+``root`` is the data set's source folder/file, or a prepared cache itself. ``dataset_info`` says
+what a data set is without loading pixels (the sweep driver's check); ``prepare_dataset`` is
+``flowbench data prepare``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from flowbench.data.base import ArraySplit, ImageData, PngSplit
-from flowbench.data.embedded import load_digits, load_embedded
-from flowbench.data.files import load_celeba_hq, load_cifar10, load_imagenet
+from flowbench.data.base import SPLITS, ArraySplit, ImageData, Source
+from flowbench.data.cache import (
+    DatasetInfo, build_cache, default_cache_dir, is_cache, is_current, open_cache, read_manifest, split_sizes,
+)
+from flowbench.data.embedded import digits_source, embedded_source
+from flowbench.data.files import celeba_hq_source, cifar10_source, imagenet_source
+from flowbench.data.loader import Prefetcher
 from flowbench.errors import FlowbenchError, unknown_name
 
-DATASETS = {
-    "embedded": lambda root: load_embedded(32),
-    "embedded64": lambda root: load_embedded(64),
-    "digits": lambda root: load_digits(),
-    "cifar10": load_cifar10,
-    "imagenet32": lambda root: load_imagenet(root, 32),
-    "imagenet64": lambda root: load_imagenet(root, 64),
-    "celeba-hq": load_celeba_hq,
+DATASETS = {  # name -> the Source of its files under a root (None: data shipped with the packages)
+    "embedded": lambda root: embedded_source(32),
+    "embedded64": lambda root: embedded_source(64),
+    "digits": lambda root: digits_source(),
+    "cifar10": cifar10_source,
+    "imagenet32": lambda root: imagenet_source(root, 32),
+    "imagenet64": lambda root: imagenet_source(root, 64),
+    "celeba-hq": celeba_hq_source,
 }
 NEEDS_ROOT = {"cifar10", "imagenet32", "imagenet64", "celeba-hq"}
 
 
-def load_dataset(name: str, root: str | Path | None = None) -> ImageData:
+def find_source(name: str, root: str | Path | None) -> Source:
+    """The data set's files under ``root`` (cheap checks only); a one-line error when absent."""
     if name not in DATASETS:
         raise FlowbenchError(unknown_name("data set", name, DATASETS))
     return DATASETS[name](Path(root) if root is not None else None)
 
 
-__all__ = ["ArraySplit", "DATASETS", "ImageData", "NEEDS_ROOT", "PngSplit", "load_dataset"]
+def load_dataset(name: str, root: str | Path | None = None) -> ImageData:
+    """The data set's splits, memory-mapped from its prepared cache: ``root`` itself when it is
+    one, else the default cache of ``root`` (built here, once, when missing or out of date)."""
+    prepared = _given_cache(name, root)
+    if prepared is not None:
+        data = open_cache(prepared, name)
+        if data is None:
+            raise FlowbenchError(f"{prepared}: a cache of an older flowbench format; run "
+                                 f"`flowbench data prepare {name}` on its source again")
+        return data
+    source = find_source(name, root)
+    cache = default_cache_dir(name, root)
+    checksum = source.checksum()
+    data = open_cache(cache, name, checksum)
+    if data is None:
+        build_cache(source, cache)
+        data = open_cache(cache, name, checksum)
+    if data is None:
+        raise FlowbenchError(f"{cache}: its source changed while it was prepared; run again")
+    return data
+
+
+def prepare_dataset(name: str, root: str | Path | None = None, cache: str | Path | None = None) -> tuple[Path, dict, bool]:
+    """``flowbench data prepare``: (cache folder, its manifest, whether this call built it)."""
+    if root is not None and is_cache(root):
+        raise FlowbenchError(f"{root}: already a prepared cache; give the data set's source folder")
+    source = find_source(name, root)
+    cache = Path(cache) if cache is not None else default_cache_dir(name, root)
+    built = build_cache(source, cache)
+    return cache, read_manifest(cache), built
+
+
+def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
+    """Image shape, n_bits and images per split without loading pixels: from the prepared cache's
+    manifest when there is a current one, else from the source's listing and headers."""
+    prepared = _given_cache(name, root)
+    if prepared is not None:
+        manifest = read_manifest(prepared)
+        if not is_current(manifest):
+            raise FlowbenchError(f"{prepared}: a cache of an older flowbench format; run "
+                                 f"`flowbench data prepare {name}` on its source again")
+        if manifest.get("dataset") != name:
+            raise FlowbenchError(f"{prepared}: a prepared cache of {manifest.get('dataset')!r}, not of {name!r}; "
+                                 "give the data set's own cache or source folder")
+        return DatasetInfo(name, tuple(manifest["image_shape"]), manifest["n_bits"], manifest["splits"], prepared)
+    source = find_source(name, root)
+    cache = default_cache_dir(name, root)
+    manifest = read_manifest(cache) if cache.is_dir() else None
+    if is_current(manifest, source.checksum()):
+        return DatasetInfo(name, tuple(manifest["image_shape"]), manifest["n_bits"], manifest["splits"], cache)
+    return DatasetInfo(name, source.image_shape, source.n_bits, split_sizes(source, source.sizes()), None)
+
+
+def _given_cache(name: str, root: str | Path | None) -> Path | None:
+    """``root`` when it is a prepared cache; refuses a cache folder whose manifest is missing."""
+    if root is None:
+        return None
+    root = Path(root)
+    if is_cache(root):
+        return root
+    if root.is_dir() and any((root / f"{split}.npy").exists() for split in SPLITS):
+        raise FlowbenchError(f"{root}: a flowbench cache without its manifest (its preparation was interrupted); "
+                             f"delete it and run `flowbench data prepare {name}` again")
+    return None
+
+
+__all__ = [
+    "ArraySplit", "DATASETS", "DatasetInfo", "ImageData", "NEEDS_ROOT", "Prefetcher", "dataset_info",
+    "default_cache_dir", "find_source", "load_dataset", "prepare_dataset",
+]

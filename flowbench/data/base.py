@@ -1,7 +1,12 @@
-"""What every data set is: a train and a test split of uint8 images [N, C, H, W]."""
+"""What every data set is: train, validation and test splits of uint8 images [N, C, H, W], and the
+``Source`` a data set's published files are read from (chunk by chunk, never a whole split at once)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +14,8 @@ import numpy as np
 import torch
 
 from flowbench.errors import FlowbenchError
+
+SPLITS = ("train", "validation", "test")
 
 
 class ArraySplit:
@@ -26,35 +33,62 @@ class ArraySplit:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.array.shape[1:])
 
-    def batch(self, indices) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.array[np.asarray(indices)]))
+    def batch(self, indices, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The images at ``indices`` (in that order) as a uint8 tensor; gathered straight into
+        ``out`` (e.g. pinned memory) when given."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if out is None:
+            return torch.from_numpy(np.take(self.array, indices, axis=0))
+        np.take(self.array, indices, axis=0, out=out.numpy())
+        return out
 
 
-class PngSplit:
-    """A folder of same-sized PNG images, read lazily batch by batch (ImageNet is too big to load)."""
+@dataclass
+class ImageData:
+    """A data set's three splits; validation is carved from the training images, the same for
+    every seed and model (see ``flowbench.data.cache``)."""
 
-    def __init__(self, files: list[Path]):
-        self.files = files
-        self._shape = tuple(read_png(files[0]).shape)
-
-    def __len__(self) -> int:
-        return len(self.files)
+    name: str
+    train: ArraySplit
+    validation: ArraySplit
+    test: ArraySplit
+    n_bits: int = 8
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return self._shape
+        return self.train.image_shape
 
-    def batch(self, indices) -> torch.Tensor:
-        images = []
-        for i in np.asarray(indices):
-            img = read_png(self.files[i])
-            if img.shape != self._shape:
-                raise FlowbenchError(
-                    f"{self.files[i]}: image of shape {img.shape}, expected {self._shape} like the rest "
-                    "of its folder; remove or resize it"
-                )
-            images.append(img)
-        return torch.from_numpy(np.stack(images))
+
+@dataclass
+class Source:
+    """One data set's files in one published format.
+
+    ``sizes()`` counts the images per split as the source holds them ("train" and "test", plus
+    "validation" for a source that carves its own); ``chunks(split)`` yields that split's images in
+    order as uint8 [n, C, H, W] arrays of bounded size. ``files`` and ``identity`` make the
+    checksum that tells whether a prepared cache still matches its source.
+    """
+
+    dataset: str
+    description: str
+    files: list[Path]
+    image_shape: tuple[int, int, int]
+    n_bits: int
+    sizes: Callable[[], dict[str, int]]
+    chunks: Callable[[str], Iterator[np.ndarray]]
+    identity: str = ""
+
+    def checksum(self) -> str:
+        """sha256 of the source listing: each file's name, size and modification time."""
+        listing = []
+        for path in self.files:
+            try:
+                st = os.stat(path)
+            except OSError as err:
+                raise FlowbenchError(f"{path}: cannot be read ({err.strerror}); check the data set's folder") from None
+            listing.append((str(path), st.st_size, st.st_mtime_ns))
+        text = json.dumps({"dataset": self.dataset, "identity": self.identity, "files": listing})
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -69,16 +103,16 @@ def read_png(path: Path) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-@dataclass
-class ImageData:
-    name: str
-    train: ArraySplit | PngSplit
-    test: ArraySplit | PngSplit
-    n_bits: int = 8
+def png_shape(path: Path) -> tuple[int, int, int]:
+    """A PNG's [C, H, W] from its header alone (no pixels decoded)."""
+    from PIL import Image
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return self.train.image_shape
+    try:
+        with Image.open(path) as im:
+            channels = 1 if im.mode in ("L", "1", "I;16") else 3
+            return channels, im.height, im.width
+    except OSError as err:
+        raise FlowbenchError(f"{path}: not a readable PNG ({err}); re-extract the data set") from None
 
 
 def missing(path: Path | None, what: str, source: str) -> FlowbenchError:

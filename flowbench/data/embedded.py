@@ -2,18 +2,25 @@
 
 ``embedded``: real photographs bundled in scikit-image's wheel cut into RGB patches; the split
 is by source image (four photographs train, the cat ``chelsea`` tests) so no test patch
-overlaps a training one. ``digits``: scikit-learn's 8×8 handwritten digits (values 0–16).
+overlaps a training one. Validation is the bottom band of each training photograph, about a
+tenth of its patch rows, cut so that no validation patch shares a pixel with a training patch
+(patches overlap their neighbours by half). ``digits``: scikit-learn's 8×8 handwritten digits
+(values 0–16); its validation is carved like the downloaded sets' (``flowbench.data.cache``).
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from flowbench.data.base import ArraySplit, ImageData
+from flowbench.data.base import Source
 
 TRAIN_IMAGES = ("astronaut", "coffee", "immunohistochemistry", "stereo_motorcycle")
 TEST_IMAGES = ("chelsea",)
 MIN_PATCH_STD = 4.0  # drop near-flat patches (sky, background): they teach a flow nothing
+VALIDATION_ROWS = 0.1  # the share of each training photograph's patch rows held out for validation
+DIGITS_TEST = 297  # the last 297 of the 1797 digits
 
 
 def _photo(name: str) -> np.ndarray:
@@ -23,32 +30,59 @@ def _photo(name: str) -> np.ndarray:
     return img[0] if isinstance(img, tuple) else img  # stereo_motorcycle: (left, right, disparity)
 
 
-def _patches(names, size: int, stride: int) -> np.ndarray:
+def _patches(img: np.ndarray, size: int, stride: int, rows: range) -> list[np.ndarray]:
+    """Patches whose top edge lies at ``rows`` (pixel offsets), left to right, top to bottom."""
+    w = img.shape[1]
     out = []
-    for name in names:
-        img = _photo(name)
-        h, w, _ = img.shape
-        for i in range(0, h - size + 1, stride):
-            for j in range(0, w - size + 1, stride):
-                patch = img[i : i + size, j : j + size]
-                if patch.std() >= MIN_PATCH_STD:
-                    out.append(patch.transpose(2, 0, 1))
-    return np.ascontiguousarray(np.stack(out))
+    for i in rows:
+        for j in range(0, w - size + 1, stride):
+            patch = img[i : i + size, j : j + size]
+            if patch.std() >= MIN_PATCH_STD:
+                out.append(patch.transpose(2, 0, 1))
+    return out
 
 
-def load_embedded(size: int = 32) -> ImageData:
+def _embedded_splits(size: int) -> dict[str, np.ndarray]:
     stride = size // 2
-    return ImageData(
-        "embedded" if size == 32 else f"embedded{size}",
-        ArraySplit(_patches(TRAIN_IMAGES, size, stride)),
-        ArraySplit(_patches(TEST_IMAGES, size, stride)),
+    splits = {"train": [], "validation": [], "test": []}
+    for name in TRAIN_IMAGES:
+        img = _photo(name)
+        n_rows = (img.shape[0] - size) // stride + 1
+        cut = (n_rows - max(1, round(n_rows * VALIDATION_ROWS))) * stride  # first validation row
+        splits["train"] += _patches(img, size, stride, range(0, cut - size + 1, stride))  # wholly above the cut
+        splits["validation"] += _patches(img, size, stride, range(cut, img.shape[0] - size + 1, stride))
+    for name in TEST_IMAGES:
+        img = _photo(name)
+        splits["test"] += _patches(img, size, stride, range(0, img.shape[0] - size + 1, stride))
+    return {split: np.stack(patches) for split, patches in splits.items()}
+
+
+def embedded_source(size: int = 32) -> Source:
+    import skimage
+
+    splits = functools.cache(lambda: _embedded_splits(size))
+    identity = (f"scikit-image {skimage.__version__}; {size}x{size} patches, stride {size // 2}, std >= {MIN_PATCH_STD}; "
+                f"train {TRAIN_IMAGES} less their bottom {VALIDATION_ROWS:.0%} of patch rows (validation); test {TEST_IMAGES}")
+    return Source(
+        "embedded" if size == 32 else f"embedded{size}", f"{size}x{size} patches of scikit-image's photographs",
+        [], (3, size, size), 8, lambda: {k: len(v) for k, v in splits().items()}, lambda split: iter([splits()[split]]),
+        identity,
     )
 
 
-def load_digits() -> ImageData:
+def digits_source() -> Source:
     """1×8×8 digits, 0–16 scaled onto 0–255; the last 297 of the 1797 images are the test split."""
-    from sklearn.datasets import load_digits as sk_digits
+    import sklearn
+    from sklearn.datasets import load_digits
 
-    images = sk_digits().images  # float 0..16
-    pixels = np.round(images * (255 / 16)).astype(np.uint8)[:, None]
-    return ImageData("digits", ArraySplit(pixels[:1500]), ArraySplit(pixels[1500:]))
+    @functools.cache
+    def pixels() -> np.ndarray:
+        images = load_digits().images  # float 0..16
+        return np.round(images * (255 / 16)).astype(np.uint8)[:, None]
+
+    def chunks(split: str):
+        yield pixels()[:-DIGITS_TEST] if split == "train" else pixels()[-DIGITS_TEST:]
+
+    return Source("digits", "scikit-learn's 8x8 digits", [], (1, 8, 8), 8,
+                  lambda: {"train": len(pixels()) - DIGITS_TEST, "test": DIGITS_TEST}, chunks,
+                  f"scikit-learn {sklearn.__version__}; last {DIGITS_TEST} test")
