@@ -1,26 +1,21 @@
-"""Rebuild the trials and curves tables from an MLflow experiment's child runs alone."""
+"""Rebuild the trials and curves tables from an MLflow experiment's child runs alone.
+
+A trial run holds its record as ``flowbench.record`` declares it (params, ``final_<name>``
+metrics, tags); ``row_from_mlflow`` turns them back into the trials.parquet row, so a table
+rebuilt here has exactly the Parquet table's columns. The evaluations are metric histories.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pandas as pd
 
 from flowbench.errors import FlowbenchError
-from flowbench.results.tables import CURVE_METRICS, PROVENANCE_COLUMNS
+from flowbench.record import RECORD_COLUMNS, row_from_mlflow
+from flowbench.results.tables import CURVE_KEYS, CURVE_METRICS, REQUIRED
 
-# what the sweep's MlflowCallback writes and this reads back
-FINAL_PREFIX = "final_"  # a trial's final figures are metrics final_<column>
 PARENT_TAG = "mlflow.parentRunId"  # trial runs are the sweep run's children
-INT_COLUMNS = ("seed", "batch_size", "steps", "images_seen", "num_params", "latency_batch_size")
-
-
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def tables_from_mlflow(uri: str, experiment: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -40,24 +35,13 @@ def tables_from_mlflow(uri: str, experiment: str) -> tuple[pd.DataFrame, pd.Data
         raise FlowbenchError(f"experiment {experiment!r} at {uri} has no trial runs yet")
     trials, curves = [], []
     for run in runs:
-        row = {k: _value(v) for k, v in run.data.params.items() if not k.startswith("hparams.")}
-        row["hparams"] = json.dumps({k[8:]: _value(v) for k, v in run.data.params.items() if k.startswith("hparams.")},
-                                    sort_keys=True)
-        row.update({k[len(FINAL_PREFIX):]: v for k, v in run.data.metrics.items() if k.startswith(FINAL_PREFIX)})
-        row.update(status=run.data.tags.get("status", "stopped"), reason=run.data.tags.get("reason", ""),
-                   phase=run.data.tags.get("phase", "final"), config_hash=run.data.tags.get("config_hash", ""))
-        row.update({k: _value(run.data.tags[k]) if k == "workers" else run.data.tags[k]
-                    for k in PROVENANCE_COLUMNS if k in run.data.tags})
-        for key in INT_COLUMNS:
-            if isinstance(row.get(key), float):
-                row[key] = int(row[key])
+        row = row_from_mlflow(run.data.params, run.data.metrics, run.data.tags)
         trials.append(row)
         by_step = {name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
                    for name in CURVE_METRICS}
-        identity = {"sweep": row.get("sweep", experiment), "trial_id": row["trial_id"], "model": row["model"],
-                    "dataset": row["dataset"], "seed": row["seed"], "config_hash": row["config_hash"]}
-        curves += [identity | {"step": s} | {name: values[s] for name, values in by_step.items() if s in values}
-                   for s in sorted(by_step["test_bpd"])]
-    order = ["model", "dataset", "seed"]
-    trials_frame = pd.DataFrame(trials).sort_values(order, kind="stable").reset_index(drop=True)
-    return trials_frame, pd.DataFrame(curves)
+        identity = {key: row[key] for key in CURVE_KEYS}
+        curves += [identity | {"step": step} | {name: values[step] for name, values in by_step.items() if step in values}
+                   for step in sorted(by_step[CURVE_METRICS[0]])]
+    trials_frame = pd.DataFrame(trials, columns=RECORD_COLUMNS)
+    trials_frame = trials_frame.sort_values(["model", "variant", "dataset", "seed"], kind="stable")
+    return trials_frame.reset_index(drop=True), pd.DataFrame(curves, columns=None if curves else REQUIRED["curves"])

@@ -4,18 +4,38 @@ regenerated from the trials and curves tables alone."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from flowbench.atomic import atomic_write
-from flowbench.results.table2 import final_trials, paired_comparisons, table2_frame
+from flowbench.results.claims import METRIC_NAMES, PAPER, PAPER_IMAGE_SHAPES, rule_claims
+from flowbench.results.table2 import ALPHA, final_trials, paired_comparisons, table2_frame
 from flowbench.results.tables import read_table, write_table
 
 PLOTS = "plots"
+ABLATIONS = "ablations"  # a sibling results folder of that name holds the ablation sweep
+LATENCY_METRICS = ("density_latency_ms", "sample_latency_ms")
+SPLITS = ("Splits: validation bits/dim (carved from the training data, the same for every seed and model) for "
+          "everything that selects — search, ASHA, early stopping and the checkpoint reported; test bits/dim "
+          "once per trial, on the selected checkpoint.")
+NXN_GLOW = ("The n×n / Glow relation: an n×n model and a Glow model of the same card define the same family of "
+            "densities. The shift S is a per-channel affine map directly after ActNorm, itself per-channel "
+            "affine, so S folds into the ActNorm before it (flowbench.flows.shift.fold_shift_into_actnorm); any "
+            "difference in bits/dim between them is one of optimisation.")
+
+
+@dataclasses.dataclass
+class Section:
+    title: str
+    paragraphs: list[str] = dataclasses.field(default_factory=list)
+    table: pd.DataFrame | None = None
+    bullets: list[str] = dataclasses.field(default_factory=list)
 
 
 def paper_bpd_from_cards(model: str, dataset: str):
@@ -30,16 +50,29 @@ def _fmt(value, digits=2, suffix="") -> str:
     return f"{value:.{digits}f}{suffix}"
 
 
+def _si(value) -> str:
+    """1.23e+12 style for FLOPs; — when unmeasured."""
+    return "—" if value is None or math.isnan(value) else f"{value:.3g}"
+
+
+def _label(model: str, variant: str) -> str:
+    return f"{model} ({variant})" if variant else model
+
+
 def _bpd_cell(row) -> str:
-    ci = f" ± {row.bpd_ci95:.2f}" if not math.isnan(row.bpd_ci95) else ""
-    return f"{_fmt(row.bpd_mean)}{ci}" if row.n_seeds else f"— ({row.n_trials} failed)"
+    if not row.n_seeds:
+        return f"— ({row.n_trials} failed)"
+    half = (row.test_bpd_ci_high - row.test_bpd_ci_low) / 2  # the t interval is symmetric
+    return f"{_fmt(row.test_bpd_mean)}" + (f" ± {half:.2f}" if not math.isnan(half) else "")
 
 
 def paper_shaped(table2: pd.DataFrame) -> pd.DataFrame:
-    """Models × datasets of 'mean ± CI', with the paper's figure beside each dataset."""
-    out = pd.DataFrame(index=pd.Index(table2["model"].unique(), name="model"))
+    """Models (and variants) × datasets of test 'mean ± CI', with the paper's figure beside each dataset."""
+    labels = [_label(m, v) for m, v in zip(table2["model"], table2["variant"])]
+    table2 = table2.assign(label=labels)
+    out = pd.DataFrame(index=pd.Index(list(dict.fromkeys(labels)), name="model"))
     for dataset in table2["dataset"].unique():
-        part = table2[table2["dataset"] == dataset].set_index("model")
+        part = table2[table2["dataset"] == dataset].set_index("label")
         out[f"{dataset} (ours)"] = [_bpd_cell(part.loc[m]) if m in part.index else "" for m in out.index]
         out[f"{dataset} (paper)"] = [_fmt(part.loc[m, "paper_bpd"]) if m in part.index else "" for m in out.index]
     return out
@@ -47,8 +80,14 @@ def paper_shaped(table2: pd.DataFrame) -> pd.DataFrame:
 
 def cost_table(table2: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
-        "model": table2["model"], "dataset": table2["dataset"],
-        "parameters": [f"{p / 1e6:.2f}M" for p in table2["num_params"]],
+        "model": [_label(m, v) for m, v in zip(table2["model"], table2["variant"])], "dataset": table2["dataset"],
+        "val bpd": [_fmt(v, 3) for v in table2["val_bpd_mean"]],
+        "test bpd": [_fmt(v, 3) for v in table2["test_bpd_mean"]],
+        "parameters (effective)": [f"{p:,}" for p in table2["num_params"]],
+        "allocated": [f"{p:,}" for p in table2["num_params_allocated"]],
+        "FLOPs / image": [_si(v) for v in table2["flops_per_image"]],
+        "training FLOPs (mean)": [_si(v) for v in table2["train_flops_mean"]],
+        "images (mean)": [_fmt(v, 0) for v in table2["images_seen_mean"]],
         "steps (mean)": [_fmt(s, 0) for s in table2["steps_mean"]],
         "train images/s": [_fmt(t, 1) for t in table2["throughput_images_per_s"]],
         "log_prob ms": [_fmt(v, 1) for v in table2["density_latency_ms"]],
@@ -56,13 +95,36 @@ def cost_table(table2: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def comparison_table(pairs: pd.DataFrame) -> pd.DataFrame:
+def comparison_table(pairs: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    def diff(d, low, high):
+        return _fmt(d, digits) if math.isnan(low) else f"{d:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
     return pd.DataFrame({
-        "dataset": pairs["dataset"], "a": pairs["model_a"], "b": pairs["model_b"], "seeds": pairs["n_seeds"],
-        "bpd a − b": [f"{d:+.3f} ± {c:.3f}" if not math.isnan(c) else _fmt(d, 3) for d, c in zip(pairs["a_minus_b"], pairs["ci95"])],
+        "measure": [METRIC_NAMES[m] for m in pairs["metric"]],
+        "dataset": pairs["dataset"], "variant": pairs["variant"], "a": pairs["model_a"], "b": pairs["model_b"],
+        "seeds": pairs["n_seeds"],
+        "a − b [95% CI]": [diff(*v) for v in zip(pairs["a_minus_b"], pairs["ci_low"], pairs["ci_high"])],
         "p (paired t)": [_fmt(p, 3) for p in pairs["p_value"]],
-        "significant (Holm, 5%)": ["yes" if s else "no" for s in pairs["significant"]],
+        "p_holm": [_fmt(p, 3) for p in pairs["p_holm"]],
+        f"significant (p_holm ≤ {ALPHA:g})": ["yes" if p <= ALPHA else "no" for p in pairs["p_holm"]],
     })
+
+
+def claims_table(rulings) -> pd.DataFrame:
+    return pd.DataFrame({
+        "claim": [f"({r.claim.key}) {r.claim.statement}" for r in rulings],
+        "source": [r.claim.source for r in rulings],
+        "verdict": [r.verdict for r in rulings],
+        "evidence": [r.evidence for r in rulings],
+    })
+
+
+def _budgets(finals: pd.DataFrame) -> str:
+    kinds = finals[["budget_kind", "budget"]].drop_duplicates()
+    text = ", ".join(f"{b:g} {k}" for k, b in kinds.itertuples(index=False))
+    flops = " (training FLOPs measured with PyTorch's FLOP counter at each trial's shape)" if "flops" in set(
+        kinds["budget_kind"]) else ""
+    return f"equal budget of {text} per trial{flops}" if len(kinds) == 1 else f"budgets {text}{flops}"
 
 
 def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.DataFrame) -> list[Path]:
@@ -73,8 +135,8 @@ def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.Dat
 
     plot_dir = out / PLOTS
     plot_dir.mkdir(parents=True, exist_ok=True)
-    models = list(table2["model"].unique())
-    colours = {m: plt.cm.tab10(i) for i, m in enumerate(models)}
+    labels = list(dict.fromkeys(_label(m, v) for m, v in zip(table2["model"], table2["variant"])))
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(labels)}
     written = []
 
     def save(fig, name):
@@ -85,17 +147,20 @@ def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.Dat
         written.append(path)
 
     finals = final_trials(trials)
-    seconds = (finals["budget_kind"] == "seconds").all() and "train_seconds" in curves.columns
-    x_axis = "train_seconds" if seconds else "step"
+    kinds = set(finals["budget_kind"])
+    x_axis = {"seconds": "train_seconds", "flops": "train_flops"}.get(kinds.pop() if len(kinds) == 1 else "", "step")
+    x_axis = x_axis if x_axis in curves.columns else "step"
+    x_label = {"train_seconds": "training seconds", "train_flops": "training FLOPs", "step": "step"}[x_axis]
     for dataset in table2["dataset"].unique():
         fig, ax = plt.subplots(figsize=(6, 4))
         ids = set(finals.loc[finals["dataset"] == dataset, "trial_id"])
         part = curves[curves["trial_id"].isin(ids) & (curves["dataset"] == dataset)]
-        for (model, _), c in part.groupby(["model", "trial_id"], sort=False):
-            label = model if model not in ax.get_legend_handles_labels()[1] else None
-            ax.plot(c[x_axis], c["test_bpd"], color=colours.get(model), alpha=0.8, label=label, marker=".")
-        ax.set(xlabel="training seconds" if x_axis == "train_seconds" else "step", ylabel="test bits/dim",
-               title=f"{dataset}: test bits/dim during training (one line per seed)")
+        for (model, variant, _), c in part.groupby(["model", "variant", "trial_id"], sort=False):
+            label = _label(model, variant)
+            shown = label if label not in ax.get_legend_handles_labels()[1] else None
+            ax.plot(c[x_axis], c["val_bpd"], color=colours.get(label), alpha=0.8, label=shown, marker=".")
+        ax.set(xlabel=x_label, ylabel="validation bits/dim",
+               title=f"{dataset}: validation bits/dim during training (one line per seed)")
         ax.grid(alpha=0.3)
         ax.legend()
         save(fig, f"curves-{dataset}.png")
@@ -103,60 +168,92 @@ def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.Dat
     fig, ax = plt.subplots(figsize=(6, 4))
     markers = dict(zip(table2["dataset"].unique(), "osD^vP*"))
     for row in table2.itertuples():
-        ax.errorbar(row.num_params / 1e6, row.bpd_mean, yerr=0 if math.isnan(row.bpd_ci95) else row.bpd_ci95,
-                    fmt=markers[row.dataset], color=colours[row.model], capsize=3, label=f"{row.model} ({row.dataset})")
-    ax.set(xlabel="parameters (millions)", ylabel="test bits/dim (mean ± 95% CI)", title="bits/dim against size")
+        label = _label(row.model, row.variant)
+        half = (row.test_bpd_ci_high - row.test_bpd_ci_low) / 2
+        ax.errorbar(row.num_params / 1e6, row.test_bpd_mean, yerr=0 if math.isnan(half) else half,
+                    fmt=markers[row.dataset], color=colours[label], capsize=3, label=f"{label} ({row.dataset})")
+    ax.set(xlabel="effective parameters (millions)", ylabel="test bits/dim (mean ± 95% CI)",
+           title="bits/dim against size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save(fig, "bpd-vs-params.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    labels = [f"{r.model}\n{r.dataset}" for r in table2.itertuples()]
-    x = np.arange(len(labels))
+    names = [f"{_label(r.model, r.variant)}\n{r.dataset}" for r in table2.itertuples()]
+    x = np.arange(len(names))
     ax.bar(x - 0.2, table2["density_latency_ms"], 0.4, label="log_prob")
     ax.bar(x + 0.2, table2["sample_latency_ms"], 0.4, label="sample")
-    ax.set_xticks(x, labels, fontsize=8)
-    ax.set(ylabel="ms per batch (median)", title="inference latency")
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set(ylabel="ms per batch (median over seeds)", title="inference latency")
     ax.legend()
     save(fig, "latency.png")
     return written
 
 
 def _sample_figures(out: Path, trials: pd.DataFrame) -> list[tuple[str, Path, Path | None]]:
-    """(caption, samples.png, reconstructions.png) for the lowest-seed ok trial per model and data set."""
+    """(caption, samples.png, reconstructions.png) for the lowest-seed ok trial per model, variant and data set."""
     finals = final_trials(trials)
     ok = finals[finals["status"] == "ok"].sort_values("seed")
     figures = []
-    for (model, dataset), group in ok.groupby(["model", "dataset"], sort=False):
+    for (model, variant, dataset), group in ok.groupby(["model", "variant", "dataset"], sort=False):
         trial = group.iloc[0]["trial_id"]
         samples = out / "figures" / f"samples-{trial}.png"
         recon = out / "figures" / f"reconstructions-{trial}.png"
         if samples.is_file():
-            figures.append((f"{model} on {dataset} (seed {group.iloc[0]['seed']})", samples, recon if recon.is_file() else None))
+            caption = f"{_label(model, variant)} on {dataset} (seed {group.iloc[0]['seed']})"
+            figures.append((caption, samples, recon if recon.is_file() else None))
     return figures
+
+
+def _claims_section(trials: pd.DataFrame, table2: pd.DataFrame, pairs: pd.DataFrame) -> Section:
+    rulings = rule_claims(trials, table2, pairs)
+    ran = sorted(set(final_trials(trials)["dataset"]))
+    other = [d for d in ran if d not in PAPER_IMAGE_SHAPES]
+    return Section(
+        "The paper's claims",
+        [f"{PAPER}. Each claim is paraphrased with where the paper makes it. Its verdict is computed from this "
+         f"sweep's tables — paired over seeds (scipy's ttest_rel, 95% t-interval of the difference), supported or "
+         f"contradicted when the Holm-adjusted p-value (over the data set's pairs) is at most {ALPHA:g} — or, for "
+         f"(c) and (e), from the models' structure, as the evidence says. This sweep ran on: {', '.join(ran)}. "
+         "A claim about a data set it did not run is not tested by it; results on other data are shown as the "
+         "same comparison, without a verdict on the paper's claim"
+         + (f" ({', '.join(other)} is not one of the paper's data sets)." if other else ".")],
+        claims_table(rulings),
+        [f"({r.claim.key}) {line}" for r in rulings for line in r.same_comparison],
+    )
 
 
 def build_report(out: str | Path, trials: pd.DataFrame, curves: pd.DataFrame, paper_bpd=paper_bpd_from_cards) -> dict:
     """Write table2.parquet, plots, report.md and report.html under ``out``; return their paths."""
     out = Path(out)
     table2 = table2_frame(trials, paper_bpd)
-    pairs = paired_comparisons(trials)
+    bpd_pairs = paired_comparisons(trials)
+    latency_pairs = pd.concat([paired_comparisons(trials, m) for m in LATENCY_METRICS], ignore_index=True)
     paths = {"table2": write_table(table2, out / "table2.parquet", "table2")}
     plots = _plots(out, trials, curves, table2)
     figures = _sample_figures(out, trials)
     name = trials["sweep"].iloc[0] if len(trials) else out.name
     finals = final_trials(trials)
-    budget = f"{finals['budget'].iloc[0]:g} {finals['budget_kind'].iloc[0]}" if len(finals) else "?"
     status = ", ".join(f"{n} {s}" for s, n in finals["status"].value_counts().items())
     first = finals.iloc[0] if len(finals) else {}
     provenance = (f"flowbench {first.get('flowbench_version', '?')}, torch {first.get('torch_version', '?')}, "
                   f"device {first.get('device', '?')}, commit {str(first.get('git_commit', '?'))[:10]}")
-    intro = (f"Sweep **{name}**: {len(finals)} trials ({status}), equal budget of {budget} per trial. "
-             f"Bits/dim on the held-out split, mean ± 95% CI over seeds. {provenance}.")
+    intro = [f"Sweep **{name}**: {len(finals)} trials ({status}), {_budgets(finals)}. Test bits/dim of the "
+             f"selected checkpoints, mean ± 95% CI over seeds. {provenance}.", SPLITS, NXN_GLOW]
+    ablations = out.parent / ABLATIONS
+    if (ablations / "report.md").is_file() and out.resolve() != ablations.resolve():
+        intro.append(f"Ablations (n×n and Glow with and without ActNorm and the learned prior): "
+                     f"../{ABLATIONS}/report.md (report.html beside it).")
     sections = [
-        ("Table 2 (bits/dim, lower is better)", paper_shaped(table2).reset_index()),
-        ("Parameters, throughput and latency", cost_table(table2)),
-        ("Paired comparisons over seeds", comparison_table(pairs)),
+        Section("Table 2 (test bits/dim, lower is better)", table=paper_shaped(table2).reset_index()),
+        Section("Validation and test bits/dim, parameters, compute and latency",
+                ["FLOPs are training FLOPs (forward and backward) per image at the trial's shape; parameters "
+                 "count what can change the map (masked entries and buffers excluded), allocated counts every "
+                 "entry."], cost_table(table2)),
+        Section("Paired comparisons of test bits/dim over seeds", table=comparison_table(bpd_pairs)),
+        Section("Paired comparisons of inference latency over seeds (ms per batch)",
+                table=comparison_table(latency_pairs, digits=1)),
+        _claims_section(trials, table2, pd.concat([bpd_pairs, latency_pairs], ignore_index=True)),
     ]
     paths["md"] = _write_atomic(out / "report.md", _markdown(name, intro, sections, plots, figures, out))
     paths["html"] = _write_atomic(out / "report.html", _html(name, intro, sections, plots, figures))
@@ -165,9 +262,17 @@ def build_report(out: str | Path, trials: pd.DataFrame, curves: pd.DataFrame, pa
 
 
 def _markdown(name, intro, sections, plots, figures, out: Path) -> str:
-    lines = [f"# flowbench report: {name}", "", intro, ""]
-    for title, frame in sections:
-        lines += [f"## {title}", "", frame.to_markdown(index=False, disable_numparse=True) if len(frame) else "(none)", ""]
+    lines = [f"# flowbench report: {name}", ""]
+    for paragraph in intro:
+        lines += [paragraph, ""]
+    for s in sections:
+        lines += [f"## {s.title}", ""]
+        for paragraph in s.paragraphs:
+            lines += [paragraph, ""]
+        if s.table is not None:
+            lines += [s.table.to_markdown(index=False, disable_numparse=True) if len(s.table) else "(none)", ""]
+        if s.bullets:
+            lines += [f"- {b}" for b in s.bullets] + [""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots] + [""]
     if figures:
         lines += ["## Samples (temperature 0.7) and reconstructions (top: data, bottom: decode(encode(x)))", ""]
@@ -183,13 +288,21 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _html(name, intro, sections, plots, figures) -> str:
-    import re
+def _inline(text: str) -> str:
+    """Markdown's **bold** and ../x/report.md links as HTML; everything else escaped."""
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+    return re.sub(r"(\.\./[\w-]+/)report\.md", r'<a href="\1report.html">\1report.html</a>', text)
 
-    intro_html = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(intro))
-    body = [f"<h1>flowbench report: {html.escape(name)}</h1>", f"<p>{intro_html}</p>"]
-    for title, frame in sections:
-        body += [f"<h2>{html.escape(title)}</h2>", frame.to_html(index=False, border=0, na_rep="—") if len(frame) else "<p>(none)</p>"]
+
+def _html(name, intro, sections, plots, figures) -> str:
+    body = [f"<h1>flowbench report: {html.escape(name)}</h1>"] + [f"<p>{_inline(p)}</p>" for p in intro]
+    for s in sections:
+        body.append(f"<h2>{html.escape(s.title)}</h2>")
+        body += [f"<p>{_inline(p)}</p>" for p in s.paragraphs]
+        if s.table is not None:
+            body.append(s.table.to_html(index=False, border=0, na_rep="—") if len(s.table) else "<p>(none)</p>")
+        if s.bullets:
+            body.append("<ul>" + "".join(f"<li>{html.escape(b)}</li>" for b in s.bullets) + "</ul>")
     body += ["<h2>Plots</h2>", '<div class="row">'] + [_img(p, p.stem) for p in plots] + ["</div>"]
     if figures:
         body.append("<h2>Samples (temperature 0.7) and reconstructions</h2>")
@@ -198,8 +311,9 @@ def _html(name, intro, sections, plots, figures) -> str:
                      + f"<figcaption>{html.escape(caption)}</figcaption></figure>"]
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
              "table{border-collapse:collapse;margin:1em 0}td,th{padding:4px 10px;border-bottom:1px solid #ddd;"
-             "text-align:left}th{background:#f3f3f3}img{max-width:100%;margin:4px}.row img{width:48%}"
-             "figure{display:inline-block;margin:8px;vertical-align:top}figcaption{font-size:90%;color:#555}")
+             "text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%;margin:4px}"
+             ".row img{width:48%}figure{display:inline-block;margin:8px;vertical-align:top}"
+             "figcaption{font-size:90%;color:#555}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>flowbench: {html.escape(name)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
 

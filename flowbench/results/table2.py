@@ -1,27 +1,75 @@
-"""Aggregate trial records into Table 2 and paired comparisons between models over seeds."""
+"""Table 2 and paired comparisons between models over seeds, with scipy.stats' tests and intervals.
+
+Selection (search, ASHA, early stopping, the reported checkpoint) happened on validation bits/dim
+inside each trial; a trial's ``test_bpd`` is its selected checkpoint's, computed once. Table 2
+shows it beside ``val_bpd``, the parameter counts, the FLOPs and the latency.
+"""
 
 from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-# what table2.parquet holds per (model, dataset)
+GROUP = ["model", "variant", "dataset"]  # one Table 2 row each; variant "" is the card's model
+CONFIDENCE = 0.95
+ALPHA = 0.05  # a comparison is significant when its Holm-adjusted p-value is at most ALPHA
+
+# what table2.parquet holds per (model, variant, dataset)
 TABLE2_COLUMNS = [
-    "model", "dataset", "n_trials", "n_seeds", "bpd_mean", "bpd_std", "bpd_ci95", "num_params",
-    "density_latency_ms", "sample_latency_ms", "throughput_images_per_s", "steps_mean", "paper_bpd", "delta_vs_paper",
+    *GROUP, "n_trials", "n_seeds", "test_bpd_mean", "test_bpd_std", "test_bpd_ci_low", "test_bpd_ci_high",
+    "val_bpd_mean", "num_params", "num_params_allocated", "flops_per_image", "train_flops_mean", "images_seen_mean",
+    "steps_mean", "density_latency_ms", "sample_latency_ms", "throughput_images_per_s", "paper_bpd", "delta_vs_paper",
 ]
+PAIR_COLUMNS = ["metric", "dataset", "variant", "model_a", "model_b", "n_seeds", "a_minus_b", "ci_low", "ci_high",
+                "p_value", "p_holm"]
 
 
-def ci95_half_width(values: np.ndarray) -> float:
-    """Half-width of the 95% Student-t confidence interval of the mean; NaN for one value."""
-    n = len(values)
-    if n < 2:
-        return math.nan
-    return float(stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
+def mean_interval(values) -> tuple[float, float]:
+    """The 95% Student-t interval of the mean (scipy's ``ttest_1samp(...).confidence_interval``,
+    i.e. ``t.interval`` around the mean with its standard error); NaN for fewer than two values."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return math.nan, math.nan
+    with warnings.catch_warnings():  # identical values (a deterministic figure) warn of precision loss
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ci = stats.ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE)
+    return float(ci.low), float(ci.high)
+
+
+def paired_test(a, b) -> tuple[float, float, float]:
+    """``scipy.stats.ttest_rel(a, b)``: (p-value, interval low, interval high) of the mean of a − b.
+    NaN with fewer than two pairs; scipy gives p = 0 for a constant non-zero difference and NaN for
+    none at all."""
+    if len(a) < 2:
+        return math.nan, math.nan, math.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_rel(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
+        ci = result.confidence_interval(CONFIDENCE)
+    return float(result.pvalue), float(ci.low), float(ci.high)
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values (Holm 1979) over one family; NaNs are not tests and stay NaN.
+
+    With the m p-values sorted ascending, p_(1) ≤ … ≤ p_(m), the adjusted value of the i-th is
+    max over j ≤ i of min(1, (m − j + 1)·p_(j)): rejecting where it is ≤ α is Holm's procedure.
+    """
+    p = np.asarray(p_values, dtype=float)
+    adjusted = np.full(p.shape, math.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    order = tested[np.argsort(p[tested], kind="stable")]
+    m = len(order)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted
 
 
 def _order(model: str, dataset: str) -> tuple:
@@ -33,65 +81,74 @@ def _order(model: str, dataset: str) -> tuple:
             datasets.index(dataset) if dataset in datasets else len(datasets), dataset)
 
 
+def _row_order(model: str, variant: str, dataset: str) -> tuple:
+    model_rank, model, dataset_rank, dataset = _order(model, dataset)
+    return model_rank, model, variant, dataset_rank, dataset
+
+
 def final_trials(trials: pd.DataFrame) -> pd.DataFrame:
     """The trials Table 2 is about: not search samples."""
-    return trials[trials["phase"] != "search"] if "phase" in trials.columns else trials
+    return trials[trials["phase"] != "search"]
+
+
+def _mean(values: pd.Series) -> float:
+    return float(values.mean()) if len(values) else math.nan
 
 
 def table2_frame(trials: pd.DataFrame, paper_bpd) -> pd.DataFrame:
-    """One row per (model, dataset), models in registry order (the paper's), then data sets.
+    """One row per (model, variant, dataset): models in registry order (the paper's), then variants,
+    then data sets.
 
-    ``paper_bpd(model, dataset)`` gives the paper's figure or None. Only trials with status
-    ``ok`` enter the means; ``n_trials`` counts all of them so failures stay visible.
+    ``paper_bpd(model, dataset)`` gives the paper's figure or None; it is shown for the card's model
+    (variant "") only. Only trials with status ``ok`` enter the figures; ``n_trials`` counts all of
+    them so failures stay visible.
     """
     trials = final_trials(trials)
     rows = []
-    for (model, dataset), group in sorted(trials.groupby(["model", "dataset"]), key=lambda kv: _order(*kv[0])):
+    for (model, variant, dataset), group in sorted(trials.groupby(GROUP), key=lambda kv: _row_order(*kv[0])):
         ok = group[group["status"] == "ok"]
         bpd = ok["test_bpd"].to_numpy(dtype=float)
-        paper = paper_bpd(model, dataset)
-        mean = float(bpd.mean()) if len(bpd) else math.nan
+        low, high = mean_interval(bpd)
+        paper = paper_bpd(model, dataset) if variant == "" else None
+        mean = _mean(ok["test_bpd"])
         rows.append({
-            "model": model, "dataset": dataset, "n_trials": len(group), "n_seeds": int(ok["seed"].nunique()),
-            "bpd_mean": mean, "bpd_std": float(np.std(bpd, ddof=1)) if len(bpd) > 1 else math.nan,
-            "bpd_ci95": ci95_half_width(bpd), "num_params": int(group["num_params"].max()),
+            "model": model, "variant": variant, "dataset": dataset, "n_trials": len(group),
+            "n_seeds": int(ok["seed"].nunique()), "test_bpd_mean": mean,
+            "test_bpd_std": float(np.std(bpd, ddof=1)) if len(bpd) > 1 else math.nan,
+            "test_bpd_ci_low": low, "test_bpd_ci_high": high, "val_bpd_mean": _mean(ok["val_bpd"]),
+            "num_params": int(group["num_params"].max()),
+            "num_params_allocated": int(group["num_params_allocated"].max()),
+            "flops_per_image": _mean(ok["flops_per_image"]), "train_flops_mean": _mean(ok["train_flops"]),
+            "images_seen_mean": _mean(ok["images_seen"]), "steps_mean": _mean(ok["steps"]),
             "density_latency_ms": float(ok["density_latency_ms"].median()) if len(ok) else math.nan,
             "sample_latency_ms": float(ok["sample_latency_ms"].median()) if len(ok) else math.nan,
-            "throughput_images_per_s": float(ok["throughput_images_per_s"].mean()) if len(ok) else math.nan,
-            "steps_mean": float(ok["steps"].mean()) if len(ok) else math.nan,
+            "throughput_images_per_s": _mean(ok["throughput_images_per_s"]),
             "paper_bpd": math.nan if paper is None else float(paper),
             "delta_vs_paper": math.nan if paper is None else mean - float(paper),
         })
     return pd.DataFrame(rows, columns=TABLE2_COLUMNS)
 
 
-def paired_comparisons(trials: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
-    """Per dataset and pair of models: bits/dim difference over shared seeds, paired t-test,
-    Holm-corrected across the dataset's pairs. ``a_minus_b`` < 0 means model a is better."""
-    trials = final_trials(trials)
-    ok = trials[trials["status"] == "ok"]
+def paired_comparisons(trials: pd.DataFrame, metric: str = "test_bpd") -> pd.DataFrame:
+    """Per (data set, variant) and pair of models: ``metric`` of a − b over the seeds both have a
+    finite value for, ``scipy.stats.ttest_rel`` with its 95% interval, and Holm-adjusted p-values
+    (``p_holm``) over the family of that (data set, variant)'s pairs. ``a_minus_b`` < 0: a is lower
+    (better for bits/dim and latency)."""
+    finals = final_trials(trials)
+    ok = finals[(finals["status"] == "ok") & np.isfinite(finals[metric].astype(float))]
     rows = []
-    for dataset, group in sorted(ok.groupby("dataset"), key=lambda kv: _order("", kv[0])):
-        by_model = {m: g.set_index("seed")["test_bpd"]
+    for (dataset, variant), group in sorted(ok.groupby(["dataset", "variant"]), key=lambda kv: (_order("", kv[0][0]), kv[0][1])):
+        by_model = {m: g.set_index("seed")[metric].astype(float)
                     for m, g in sorted(group.groupby("model"), key=lambda kv: _order(kv[0], dataset))}
-        pairs = []
+        family = []
         for a, b in itertools.combinations(by_model, 2):
-            seeds = by_model[a].index.intersection(by_model[b].index)
-            diff = (by_model[a][seeds] - by_model[b][seeds]).to_numpy(dtype=float)
-            p = float(stats.ttest_rel(by_model[a][seeds], by_model[b][seeds]).pvalue) if len(diff) > 1 else math.nan
-            if len(diff) > 1 and np.all(diff == diff[0]):  # zero variance: the t-test is undefined
-                p = 0.0 if diff[0] != 0 else 1.0
-            pairs.append({"dataset": dataset, "model_a": a, "model_b": b, "n_seeds": len(diff),
-                          "a_minus_b": float(diff.mean()) if len(diff) else math.nan,
-                          "ci95": ci95_half_width(diff), "p_value": p})
-        # Holm: the k-th smallest p-value is compared with alpha / (m - k)
-        tested = sorted((r for r in pairs if not math.isnan(r["p_value"])), key=lambda r: r["p_value"])
-        still = True
-        for k, r in enumerate(tested):
-            still = still and r["p_value"] <= alpha / (len(tested) - k)
-            r["significant"] = still
-        for r in pairs:
-            r.setdefault("significant", False)
-        rows += pairs
-    columns = ["dataset", "model_a", "model_b", "n_seeds", "a_minus_b", "ci95", "p_value", "significant"]
-    return pd.DataFrame(rows, columns=columns)
+            seeds = by_model[a].index.intersection(by_model[b].index).sort_values()
+            xa, xb = by_model[a][seeds].to_numpy(), by_model[b][seeds].to_numpy()
+            p, low, high = paired_test(xa, xb)
+            family.append({"metric": metric, "dataset": dataset, "variant": variant, "model_a": a, "model_b": b,
+                           "n_seeds": len(seeds), "a_minus_b": float(np.mean(xa - xb)) if len(seeds) else math.nan,
+                           "ci_low": low, "ci_high": high, "p_value": p})
+        for row, adjusted in zip(family, holm([r["p_value"] for r in family])):
+            row["p_holm"] = float(adjusted)
+        rows += family
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)

@@ -1,7 +1,8 @@
 """Long-format Parquet tables with a schema version, written atomically.
 
-``trials.parquet`` holds one row per trial (the TrialRecord), ``curves.parquet`` one row per
-(trial, evaluation), ``table2.parquet`` one row per (model, dataset).
+``trials.parquet`` holds one row per trial, exactly the columns of ``flowbench.record.TrialRecord``;
+``curves.parquet`` one row per (trial, evaluation); ``table2.parquet`` one row per (model, variant,
+dataset).
 """
 
 from __future__ import annotations
@@ -15,26 +16,37 @@ import pyarrow.parquet as pq
 
 from flowbench.atomic import atomic_write
 from flowbench.errors import FlowbenchError
+from flowbench.record import RECORD_COLUMNS
 
-SCHEMA_VERSION = 1
-# one evaluation of a trial: what curves.parquet and MLflow's metric histories hold per step
-CURVE_METRICS = ("test_bpd", "train_bpd", "lr", "train_seconds", "images_seen", "epochs")
-# where and with what a trial ran; MLflow keeps them as tags of the trial's run
-PROVENANCE_COLUMNS = ("flowbench_version", "torch_version", "device", "git_commit", "hostname", "workers",
-                      "memory_kind", "finished_at")
+# 2: val_bpd (selection) beside test_bpd (once, on the selected checkpoint), variant, effective and
+# allocated parameter counts, FLOPs. Version 1 tables ranked trials by test bits/dim: not read.
+SCHEMA_VERSION = 2
+# one evaluation of a trial (on the validation split): what curves.parquet and MLflow's metric
+# histories hold per step
+CURVE_METRICS = ("val_bpd", "train_bpd", "lr", "train_seconds", "train_flops", "images_seen", "epochs")
+# what identifies a trial's rows in curves.parquet
+CURVE_KEYS = ("sweep", "trial_id", "model", "variant", "dataset", "seed", "config_hash")
 METADATA_KEY = b"flowbench"
 REQUIRED = {
-    "trials": ["sweep", "trial_id", "model", "dataset", "seed", "config_hash", "status", "test_bpd", "num_params"],
-    "curves": ["sweep", "trial_id", "model", "dataset", "seed", "step", "test_bpd", "train_bpd"],
-    "table2": ["model", "dataset", "bpd_mean", "bpd_ci95", "n_seeds", "paper_bpd"],
+    "trials": RECORD_COLUMNS,
+    "curves": [*CURVE_KEYS, "step", "val_bpd", "train_bpd"],
+    "table2": ["model", "variant", "dataset", "n_seeds", "test_bpd_mean", "test_bpd_ci_low", "test_bpd_ci_high",
+               "val_bpd_mean", "num_params", "flops_per_image", "paper_bpd"],
 }
 
 
 def write_table(frame: pd.DataFrame, path: str | Path, kind: str) -> Path:
-    """Write ``frame`` as ``kind`` to ``path``: temp file then rename, never half a file."""
+    """Write ``frame`` as ``kind`` to ``path``: temp file then rename, never half a file.
+
+    A trials table holds exactly the TrialRecord's columns, in their declared order."""
     missing = [c for c in REQUIRED[kind] if c not in frame.columns]
     if missing:
         raise ValueError(f"a {kind} table needs columns {missing}")
+    if kind == "trials":
+        extra = [c for c in frame.columns if c not in RECORD_COLUMNS]
+        if extra:
+            raise ValueError(f"columns {extra} are not declared in flowbench.record.TrialRecord; declare them there")
+        frame = frame[RECORD_COLUMNS]
     table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
     meta = {METADATA_KEY: json.dumps({"kind": kind, "schema_version": SCHEMA_VERSION}).encode()}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
@@ -63,17 +75,17 @@ def read_table(path: str | Path, kind: str) -> pd.DataFrame:
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise FlowbenchError(
             f"{path}: {kind} table of schema version {meta.get('schema_version')}, this flowbench reads "
-            f"version {SCHEMA_VERSION}; re-run the sweep or use the flowbench version that wrote it"
+            f"version {SCHEMA_VERSION} (validation-selected results, variants, FLOPs); re-run the sweep "
+            f"(flowbench sweep SPEC) or use the flowbench version that wrote it"
         )
     return table.to_pandas()
 
 
 def trials_frame(rows: list[dict]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=list(rows[0]) if rows else REQUIRED["trials"])
+    return pd.DataFrame(rows, columns=RECORD_COLUMNS)
 
 
 def curves_frame(trials: list[dict], curves: list[list[dict]]) -> pd.DataFrame:
     """Long format: one row per (trial, evaluation), keyed by the trial's identity."""
-    keys = ["sweep", "trial_id", "model", "dataset", "seed", "config_hash"]
-    rows = [{**{k: t[k] for k in keys}, **point} for t, curve in zip(trials, curves) for point in curve]
+    rows = [{**{k: t[k] for k in CURVE_KEYS}, **point} for t, curve in zip(trials, curves) for point in curve]
     return pd.DataFrame(rows, columns=None if rows else REQUIRED["curves"])

@@ -1,6 +1,8 @@
-"""Parquet → report round trip, and refusal of foreign or corrupted tables."""
+"""Parquet → report round trip, and refusal of foreign, corrupted or old tables."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -8,7 +10,8 @@ import pytest
 
 from flowbench import FlowbenchError
 from flowbench.cli import main
-from flowbench.results.report import build_report, report_from_dir
+from flowbench.record import RECORD_COLUMNS
+from flowbench.results.report import NXN_GLOW, SPLITS, build_report, report_from_dir
 from flowbench.results.tables import SCHEMA_VERSION, read_table, write_table
 from tests.results.test_table2 import synthetic
 
@@ -16,41 +19,50 @@ from tests.results.test_table2 import synthetic
 def curves_for(trials):
     rows = []
     for t in trials.itertuples():
-        rows += [dict(sweep="s", trial_id=t.trial_id, model=t.model, dataset=t.dataset, seed=t.seed, config_hash="h",
-                      step=step, train_seconds=step / 10, test_bpd=t.test_bpd + 1 / step, train_bpd=t.test_bpd)
-                 for step in (10, 20)]
+        rows += [dict(sweep="s", trial_id=t.trial_id, model=t.model, variant=t.variant, dataset=t.dataset, seed=t.seed,
+                      config_hash="h", step=step, train_flops=step * 1e7, val_bpd=t.val_bpd + 1 / step,
+                      train_bpd=t.test_bpd) for step in (10, 20)]
     return pd.DataFrame(rows)
 
 
-def full_trials():
-    t = synthetic()
-    t["flowbench_version"], t["torch_version"], t["device"], t["git_commit"] = "0.1.0", "2", "cpu", "abc"
-    return t
-
-
 def test_parquet_to_report_round_trip(tmp_path, capsys):
-    trials = full_trials()
+    trials = synthetic()
     write_table(trials, tmp_path / "trials.parquet", "trials")
     write_table(curves_for(trials), tmp_path / "curves.parquet", "curves")
     assert main(["report", str(tmp_path)]) == 0
     table2 = read_table(tmp_path / "table2.parquet", "table2")
-    glow = table2.set_index(["model", "dataset"]).loc[("glow", "cifar10")]
-    assert glow.bpd_mean == pytest.approx(3.1) and glow.paper_bpd == 3.35  # paper figure from the model card
+    glow = table2.set_index(["model", "variant", "dataset"]).loc[("glow", "", "cifar10")]
+    assert glow.test_bpd_mean == pytest.approx(3.1) and glow.paper_bpd == 3.35  # paper figure from the model card
     md = (tmp_path / "report.md").read_text()
-    glow_row = next(line for line in md.splitlines() if line.startswith("| glow"))
+    glow_row = next(line for line in md.splitlines() if line.startswith("| glow "))
     assert "3.10 ± 0.25" in glow_row and "3.35" in glow_row and "4.10 ± 1.27" in glow_row
-    nxn_row = next(line for line in md.splitlines() if line.startswith("| nxn_shift"))
+    nxn_row = next(line for line in md.splitlines() if line.startswith("| nxn_shift "))
     assert "3.50 ± 0.25" in nxn_row and "| 3.50" in nxn_row
-    assert "Paired comparisons" in md and "significant" in md
+    assert SPLITS in md and NXN_GLOW in md and "equal budget of 1e+09 flops per trial" in md
+    cost = next(line for line in md.splitlines() if line.startswith("| glow ") and "| embedded" in line and "2e+06" in line)
+    assert "| 50 " in cost and "| 60 " in cost  # effective and allocated parameters
+    assert "p_holm" in md and "## The paper's claims" in md and "not tested by this sweep" in md
     html = (tmp_path / "report.html").read_text()
-    assert "<table" in html and 'src="data:image/png;base64,' in html
+    assert "<table" in html and 'src="data:image/png;base64,' in html and "The paper&#x27;s claims" in html
     assert "src=\"http" not in html and "src='" not in html  # self-contained
     for plot in ("curves-cifar10.png", "curves-embedded.png", "bpd-vs-params.png", "latency.png"):
         assert (tmp_path / "plots" / plot).stat().st_size > 1000
 
 
+def test_report_points_to_a_sibling_ablation_report(tmp_path):
+    trials = synthetic()
+    main_dir, ablations = tmp_path / "table2-cpu", tmp_path / "ablations"
+    build_report(main_dir, trials, curves_for(trials))
+    assert "ablations" not in (main_dir / "report.md").read_text()
+    build_report(ablations, trials, curves_for(trials))
+    assert "../ablations/report.md" not in (ablations / "report.md").read_text()  # not to itself
+    build_report(main_dir, trials, curves_for(trials))
+    assert "../ablations/report.md" in (main_dir / "report.md").read_text()
+    assert '<a href="../ablations/report.html">' in (main_dir / "report.html").read_text()
+
+
 def test_report_regenerates_identically(tmp_path):
-    trials = full_trials()
+    trials = synthetic()
     write_table(trials, tmp_path / "trials.parquet", "trials")
     write_table(curves_for(trials), tmp_path / "curves.parquet", "curves")
     report_from_dir(tmp_path)
@@ -68,20 +80,42 @@ def test_foreign_parquet_is_refused(tmp_path):
 
 
 def test_other_kind_and_other_version_are_refused(tmp_path):
-    trials = full_trials()
-    write_table(trials, tmp_path / "t.parquet", "trials")
+    write_table(synthetic(), tmp_path / "t.parquet", "trials")
     with pytest.raises(FlowbenchError, match=r"not a flowbench curves table \(trials\)"):
         read_table(tmp_path / "t.parquet", "curves")
     table = pq.read_table(tmp_path / "t.parquet")
-    meta = {b"flowbench": json.dumps({"kind": "trials", "schema_version": SCHEMA_VERSION + 1}).encode()}
-    pq.write_table(table.replace_schema_metadata(meta), tmp_path / "v2.parquet")
-    with pytest.raises(FlowbenchError, match=f"schema version {SCHEMA_VERSION + 1}, this flowbench reads"):
-        read_table(tmp_path / "v2.parquet", "trials")
+    for version in (1, SCHEMA_VERSION + 1):  # 1: the tables before validation-selected results
+        meta = {b"flowbench": json.dumps({"kind": "trials", "schema_version": version}).encode()}
+        pq.write_table(table.replace_schema_metadata(meta), tmp_path / "v.parquet")
+        with pytest.raises(FlowbenchError, match=f"schema version {version}, this flowbench reads version "
+                                                 f"{SCHEMA_VERSION} .*re-run the sweep"):
+            read_table(tmp_path / "v.parquet", "trials")
+
+
+def test_the_committed_reference_run_is_read_or_refused_in_one_line(tmp_path, capsys):
+    """results/table2-cpu as committed: a schema-1 table (before validation-selected results) is refused
+    with one line saying what to do; once re-run, it reads with exactly the record's columns."""
+    committed = Path(__file__).parents[2] / "results" / "table2-cpu"
+    shutil.copy2(committed / "trials.parquet", tmp_path / "trials.parquet")
+    version = json.loads(pq.read_metadata(tmp_path / "trials.parquet").metadata[b"flowbench"])["schema_version"]
+    if version == SCHEMA_VERSION:
+        assert list(read_table(tmp_path / "trials.parquet", "trials").columns) == RECORD_COLUMNS
+        return
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"schema version {version}, this flowbench reads" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_trials_table_holds_exactly_the_records_columns(tmp_path):
+    trials = synthetic()
+    with pytest.raises(ValueError, match=r"\['extra'\] are not declared in flowbench.record.TrialRecord"):
+        write_table(trials.assign(extra=1), tmp_path / "t.parquet", "trials")
+    write_table(trials[list(reversed(trials.columns))], tmp_path / "t.parquet", "trials")
+    assert list(read_table(tmp_path / "t.parquet", "trials").columns) == RECORD_COLUMNS  # declared order
 
 
 def test_corrupted_parquet_is_refused_and_nothing_is_half_written(tmp_path, capsys):
-    trials = full_trials()
-    write_table(trials, tmp_path / "trials.parquet", "trials")
+    write_table(synthetic(), tmp_path / "trials.parquet", "trials")
     data = (tmp_path / "trials.parquet").read_bytes()
     (tmp_path / "trials.parquet").write_bytes(data[: len(data) // 2])
     assert main(["report", str(tmp_path)]) == 2
@@ -102,6 +136,6 @@ def test_missing_results_folder(tmp_path, capsys):
 
 
 def test_build_report_without_sample_figures_still_writes(tmp_path):
-    trials = full_trials()
+    trials = synthetic()
     paths = build_report(tmp_path, trials, curves_for(trials))
     assert paths["md"].exists() and "Samples" not in paths["md"].read_text()
