@@ -7,12 +7,16 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Annotated
 
-import yaml
+import pydantic
 
+from flowbench.atomic import write_error
 from flowbench.errors import FlowbenchError
+from flowbench.specfile import error_location, parse_scalar
 
 log = logging.getLogger("flowbench")
+BUDGET_KINDS = {"steps": int, "epochs": float, "seconds": float, "images": int, "flops": float}
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -27,7 +31,55 @@ def _hparam(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"--hparam takes KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
+    return key, parse_scalar(value)
+
+
+def _number(kind: type, **bounds):
+    """An argparse type: a number as a spec would read it (1e-4, 3, 1e3 for an integer), finite,
+    within ``bounds`` (pydantic.Field's gt, ge, …)."""
+    finite = {"allow_inf_nan": False} if kind is float else {}
+    adapter = pydantic.TypeAdapter(Annotated[kind, pydantic.Field(**finite, **bounds)])
+
+    def parse(text: str):
+        value = parse_scalar(text)
+        try:
+            if isinstance(value, bool):  # YAML's yes/true: not a number, though pydantic would take it for 1
+                raise ValueError
+            return adapter.validate_python(value)
+        except (ValueError, pydantic.ValidationError) as err:
+            problem = err.errors()[0]["msg"] if isinstance(err, pydantic.ValidationError) else f"not {kind.__name__}"
+            raise argparse.ArgumentTypeError(f"{problem[0].lower()}{problem[1:]}, got {text!r}") from None
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _option_error(err: pydantic.ValidationError, budget_kind: str) -> FlowbenchError:
+    """The one line for a trial config the command-line options make invalid, naming the option."""
+    loc, message = error_location(err.errors()[0])
+    field = str(loc[0]) if loc else ""
+    option = {"budget": f"budget-{budget_kind}", "hparams": "hparam"}.get(field, field.replace("_", "-"))
+    return FlowbenchError(f"--{option}: {message}")
+
+
+def _cli_hparams(model: str, pairs) -> dict:
+    """--hparam KEY=VALUE pairs typed and range-checked as a card's hyperparameters are."""
+    from flowbench.cards import check_hparams
+    from flowbench.specfile import FieldError
+
+    given = dict(pairs or [])
+    try:
+        return check_hparams(model, given)
+    except FieldError as err:
+        key = err.loc[0] if err.loc else ""
+        raise FlowbenchError(f"--hparam {key}={given.get(key)}: {err}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (its default prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def cmd_models(args) -> None:
@@ -52,61 +104,80 @@ def cmd_models(args) -> None:
 def cmd_train(args) -> None:
     from tqdm import tqdm
 
-    from flowbench.cards import load_card
+    from flowbench.atomic import atomic_write
+    from flowbench.cards import load_card, training_settings
+    from flowbench.locks import exclusive_lock
     from flowbench.results.tables import curves_frame, trials_frame, write_table
     from flowbench.trial import CHECKPOINT_FILE, TrialConfig, load_checkpoint, run_trial
 
-    budgets = {k: getattr(args, f"budget_{k}") for k in ("steps", "epochs", "seconds", "images")}
+    budgets = {k: getattr(args, f"budget_{k}") for k in BUDGET_KINDS}
     given = {k: v for k, v in budgets.items() if v is not None}
     if len(given) > 1:
         raise FlowbenchError(f"give one budget, got {', '.join('--budget-' + k for k in given)}")
     kind, amount = next(iter(given.items())) if given else ("steps", 500)
-    hparams = load_card(args.model).hparams_for(args.dataset) | dict(args.hparam or [])
+    hparams = load_card(args.model).hparams_for(args.dataset) | _cli_hparams(args.model, args.hparam)
     out = Path(args.out or f"runs/{args.model}-{args.dataset}-seed{args.seed}")
-    config = TrialConfig(
-        model=args.model, dataset=args.dataset, hparams=hparams, seed=args.seed, budget_kind=kind, budget=amount,
-        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
-        memory_saving=args.memory_saving, coupling_precision=args.coupling_precision,
-        data_root=args.data_root, device=args.device, out_dir=str(out), trial_id=out.name,
-    )
-    checkpoint = out / "checkpoint" / CHECKPOINT_FILE
-    resume = None
-    if checkpoint.exists():
-        if load_checkpoint(checkpoint)["config_hash"] != config.config_hash():
-            raise FlowbenchError(f"{out} holds a trial of another configuration: use another --out or delete it")
-        resume = checkpoint
-        print(f"resuming from {checkpoint}", file=sys.stderr)
-
-    bars = []  # drawn from the first evaluation on, so an error before training prints alone
-
-    def report(metrics, checkpoint_dir):
-        if not bars:
-            bars.append(tqdm(total=amount, desc=f"{args.model} on {args.dataset}", unit=kind, file=sys.stderr))
-        done = {"steps": metrics["step"], "epochs": metrics["epochs"], "images": metrics["images_seen"],
-                "seconds": metrics["train_seconds"]}[kind]
-        bars[0].update(done - bars[0].n)
-        bars[0].set_postfix(train_bpd=f"{metrics['train_bpd']:.3f}", test_bpd=f"{metrics['test_bpd']:.3f}")
-
+    explicit = {k: getattr(args, k) for k in ("optimizer", "batch_size", "lr", "warmup_steps", "grad_clip")
+                if getattr(args, k) is not None}
+    if args.no_grad_clip:
+        explicit["grad_clip"] = None
+    train, source = training_settings(args.model, args.dataset, explicit)
     try:
-        record = run_trial(config, report, resume_from=resume)
-    finally:
-        for bar in bars:
-            bar.close()
-    row = record.row()
-    (out / "record.json").write_text(json.dumps(row, indent=2))
-    write_table(trials_frame([row]), out / "record.parquet", "trials")
-    write_table(curves_frame([row], [record.curve]), out / "curve.parquet", "curves")
-    print(f"{record.model} on {record.dataset}: status {record.status}{' (' + record.reason + ')' if record.reason else ''}")
-    print(f"  test bits/dim   {record.test_bpd:.4f}   (last train batch {record.train_bpd:.4f})")
+        config = TrialConfig(
+            model=args.model, dataset=args.dataset, hparams=hparams, seed=args.seed, budget_kind=kind, budget=amount,
+            **train, recipe_source=source, eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every or 10 * args.eval_every,
+            memory_saving=args.memory_saving, coupling_precision=args.coupling_precision,
+            data_root=args.data_root, device=args.device, out_dir=str(out), trial_id=out.name,
+        )
+    except pydantic.ValidationError as err:
+        raise _option_error(err, kind) from None
+    # one owner per output folder: a second train into it is refused, naming the first
+    with exclusive_lock(out, "flowbench train"):
+        checkpoint = out / "checkpoint" / CHECKPOINT_FILE
+        resume = None
+        if checkpoint.exists():
+            if load_checkpoint(checkpoint)["config_hash"] != config.config_hash():
+                raise FlowbenchError(f"{out} holds a trial of another configuration: use another --out or delete it")
+            resume = checkpoint
+            print(f"resuming from {checkpoint}", file=sys.stderr)
+
+        bars = []  # drawn from the first evaluation on, so an error before training prints alone
+
+        def report(metrics, checkpoint_dir):
+            if not bars:
+                bars.append(tqdm(total=amount, desc=f"{args.model} on {args.dataset}", unit=kind, file=sys.stderr))
+            done = {"steps": metrics["step"], "epochs": metrics["epochs"], "images": metrics["images_seen"],
+                    "seconds": metrics["train_seconds"], "flops": metrics["train_flops"]}[kind]
+            bars[0].update(done - bars[0].n)
+            bars[0].set_postfix(train_bpd=f"{metrics['train_bpd']:.3f}", val_bpd=f"{metrics['val_bpd']:.3f}")
+
+        try:
+            record = run_trial(config, report, resume_from=resume)
+        finally:
+            for bar in bars:
+                bar.close()
+        row = record.row()
+        with atomic_write(out / "record.json") as tmp:  # the folder may not exist yet (diverged at step 1)
+            tmp.write_text(json.dumps(row, indent=2))
+        write_table(trials_frame([row]), out / "record.parquet", "trials")
+        write_table(curves_frame([row], [record.curve]), out / "curve.parquet", "curves")
+    if record.status != "ok":
+        print(f"flowbench: {record.model} on {record.dataset} {record.status}: {record.reason}; "
+              f"record in {out}/record.json", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"{record.model} on {record.dataset}: status ok")
+    print(f"  test bits/dim   {record.test_bpd:.4f}   (selected on validation: {record.val_bpd:.4f} at step "
+          f"{record.selected_step}; last train interval {record.train_bpd:.4f})")
     print(f"  spent           {record.steps} steps, {record.images_seen} images, {record.epochs:.2f} epochs, "
+          f"{record.train_flops:.3g} FLOPs ({record.flops_per_image:.3g} per image), "
           f"{record.train_seconds:.1f} s training ({record.throughput_images_per_s:.1f} images/s)")
-    print(f"  parameters      {record.num_params:,}")
+    print(f"  recipe          {record.recipe}")
+    print(f"  parameters      {record.num_params:,} effective ({record.num_params_allocated:,} allocated)")
     print(f"  latency (batch {record.latency_batch_size})  log_prob {record.density_latency_ms:.1f} ms, "
           f"sample {record.sample_latency_ms:.1f} ms  (median)")
     print(f"  peak memory     {record.peak_memory_mb:.0f} MB ({record.memory_kind})")
     print(f"  written         {out}/record.json, record.parquet, curve.parquet, checkpoint/")
-    if record.status != "ok":
-        raise SystemExit(1)
 
 
 def cmd_sample(args) -> None:
@@ -154,10 +225,10 @@ class SweepProgress:
     def show(self, trials, finished=None) -> None:
         counts = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "RUNNING", "ERROR", "PENDING")}
         for t in trials:
-            bpd = (t.last_result or {}).get("test_bpd")
+            bpd = (t.last_result or {}).get("val_bpd")
             if isinstance(bpd, float) and bpd == bpd and (self.best is None or bpd < self.best[0]):
                 self.best = (bpd, str(t))
-        best = f"best test bpd {self.best[0]:.3f} ({self.best[1]})" if self.best else "no evaluation yet"
+        best = f"best validation bpd {self.best[0]:.3f} ({self.best[1]})" if self.best else "no evaluation yet"
         line = (f"[{counts['TERMINATED']} done, {counts['RUNNING']} running, {counts['ERROR']} failed, "
                 f"{counts['PENDING']} pending] {best}")
         if finished is not None:
@@ -200,6 +271,14 @@ def cmd_sweep(args) -> None:
                         args.storage)
     counts = outcome.trials["status"].value_counts().to_dict()
     print(f"sweep {spec.name}: {len(outcome.trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())})")
+    if outcome.changed:
+        print(f"  re-ran   {len(outcome.changed)} whose configuration changed; old records in {outcome.archive}")
+    eff = outcome.efficiency
+    if eff["efficiency"] is None:
+        print("  ran      nothing: every trial was recorded already")
+    else:
+        print(f"  slots    {eff['efficiency']:.0%} busy: {eff['trials_run']} trials, {eff['busy_seconds']:.0f} s of "
+              f"training over {eff['slots']} slots x {eff['wall_seconds']:.0f} s")
     print(f"  tables   {outcome.results_dir}/trials.parquet, curves.parquet, table2.parquet")
     print(f"  report   {outcome.results_dir}/report.md, report.html, plots/")
     print(f"  mlflow   {outcome.mlflow_uri} (experiment {spec.name})")
@@ -224,7 +303,7 @@ def cmd_report(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowbench", description="Compare normalizing flows on equal budgets.")
+    parser = _Parser(prog="flowbench", description="Compare normalizing flows on equal budgets.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -237,13 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", default="embedded")
     p.add_argument("--data-root", help="folder (or file) holding the data set's files")
-    for kind, typ in (("steps", int), ("epochs", float), ("seconds", float), ("images", int)):
-        p.add_argument(f"--budget-{kind}", type=typ, help=f"train for this many {kind}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=50)
+    for kind, typ in BUDGET_KINDS.items():
+        p.add_argument(f"--budget-{kind}", type=_number(typ), help=f"train for this many {kind}"
+                       + (" (training FLOPs, measured; equal compute across models)" if kind == "flops" else ""))
+    p.add_argument("--seed", type=_number(int), default=0)
+    recipe = " (default: the model card's recipe for the data set)"
+    p.add_argument("--optimizer", choices=["adam", "adamax"], help="optimiser" + recipe)
+    p.add_argument("--batch-size", type=_number(int), help="global batch" + recipe)
+    p.add_argument("--lr", type=_number(float), help="learning rate" + recipe)
+    p.add_argument("--warmup-steps", type=_number(int), help="linear learning-rate warm-up" + recipe)
+    p.add_argument("--grad-clip", type=_number(float), help="max gradient norm" + recipe)
+    p.add_argument("--no-grad-clip", action="store_true", help="no gradient clipping, whatever the card says")
+    p.add_argument("--eval-every", type=_number(int), default=50)
+    p.add_argument("--checkpoint-every", type=_number(int), help="steps between checkpoints, a multiple of "
+                   "--eval-every (default: every 10th evaluation)")
     p.add_argument("--memory-saving", action="store_true", help="gradient checkpointing per flow step")
     p.add_argument("--coupling-precision", choices=["float32", "bfloat16"], default="float32",
                    help="compute of the coupling networks; maps and log-dets stay float32")
@@ -258,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join ('auto' or HOST:PORT); default a local Ray")
     p.add_argument("--mlflow-uri", help="tracking server (default: sqlite under results/NAME/)")
     p.add_argument("--results", default="results", help="results root (default results/)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--num-cpus", type=_number(int, ge=1), help="CPUs of the local Ray (default: all)")
     p.add_argument("--storage", help="Tune storage every node reaches (s3://…, NFS); default results/NAME/tune")
     p.set_defaults(func=cmd_sweep)
 
@@ -271,10 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="write a grid of samples from a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scale", type=int, default=2, help="enlarge pixels this many times")
+    p.add_argument("--n", type=_number(int, ge=1), default=64)
+    p.add_argument("--temperature", type=_number(float, ge=0), default=0.7)
+    p.add_argument("--seed", type=_number(int, ge=0), default=0)
+    p.add_argument("--scale", type=_number(int, ge=1), default=2, help="enlarge pixels this many times")
     p.add_argument("--out", default="samples.png")
     p.set_defaults(func=cmd_sample)
 
@@ -297,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except FlowbenchError as err:
         print(f"flowbench: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk or a closed folder outside atomic_write (MLflow, Ray, folders)
+        translated = write_error(err.filename or "the output", err)
+        if translated is None:
+            raise
+        print(f"flowbench: error: {translated}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flowbench: interrupted", file=sys.stderr)

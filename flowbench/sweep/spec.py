@@ -3,25 +3,29 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
 import pydantic
 
 import flowbench
-from flowbench.cards import load_card
-from flowbench.data import DATASETS, NEEDS_ROOT, load_dataset
+from flowbench.cards import check_hparams, load_card, training_settings
+from flowbench.data import DATASETS, NEEDS_ROOT, DatasetInfo, dataset_info
+from flowbench.data.remote import is_remote
 from flowbench.errors import FlowbenchError, unknown_name
 from flowbench.flows.registry import MODELS, model_entry
-from flowbench.specfile import load_spec
+from flowbench.specfile import FieldError, error_location, load_spec
 from flowbench.trial import TrainSettings, TrialConfig
 
-TRAIN_KEYS = ("batch_size", "lr", "warmup_steps", "grad_clip")  # searchable besides model hparams
-TIME_ATTR = {"steps": "step", "epochs": "epochs", "images": "images_seen", "seconds": "train_seconds"}
+TRAIN_KEYS = ("optimizer", "batch_size", "lr", "warmup_steps", "grad_clip")  # searchable besides model hparams
+TIME_ATTR = {"steps": "step", "epochs": "epochs", "images": "images_seen", "seconds": "train_seconds",
+             "flops": "train_flops"}
 
 
 class Strict(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Budget(Strict):
@@ -29,12 +33,13 @@ class Budget(Strict):
     epochs: float | None = pydantic.Field(None, gt=0)
     seconds: float | None = pydantic.Field(None, gt=0)
     images: int | None = pydantic.Field(None, gt=0)
+    flops: float | None = pydantic.Field(None, gt=0)  # training FLOPs, measured per trial: equal compute
 
     @pydantic.model_validator(mode="after")
     def _exactly_one(self):
         given = [k for k, v in self.model_dump().items() if v is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of steps, epochs, seconds, images (got {given or 'none'})")
+            raise ValueError(f"give exactly one of steps, epochs, seconds, images, flops (got {given or 'none'})")
         return self
 
     @property
@@ -57,6 +62,15 @@ class Asha(Strict):
     reduction_factor: float = pydantic.Field(3, gt=1)
 
 
+FiniteFloat = Annotated[float, pydantic.Field(allow_inf_nan=False)]
+BOUNDS = {  # [low, high] of each distribution; a log scale needs both above 0
+    "loguniform": pydantic.TypeAdapter(tuple[Annotated[FiniteFloat, pydantic.Field(gt=0)],
+                                             Annotated[FiniteFloat, pydantic.Field(gt=0)]]),
+    "uniform": pydantic.TypeAdapter(tuple[FiniteFloat, FiniteFloat]),
+    "randint": pydantic.TypeAdapter(tuple[int, int]),  # high excluded, as in tune.randint
+}
+
+
 class Search(Strict):
     num_samples: int = pydantic.Field(gt=0)
     space: dict[str, dict[Literal["loguniform", "uniform", "randint", "choice"], list]]
@@ -67,14 +81,20 @@ class Search(Strict):
     def _one_distribution_each(cls, space):
         for key, dist in space.items():
             if len(dist) != 1:
-                raise ValueError(f"{key}: give one distribution (loguniform, uniform, randint or choice)")
+                raise FieldError((key,), "give one distribution (loguniform, uniform, randint or choice)")
             (kind, args), = dist.items()
-            if kind != "choice" and (len(args) != 2 or not args[0] < args[1]):
-                raise ValueError(f"{key}: {kind} takes [low, high] with low < high, got {args}")
-            if kind == "loguniform" and args[0] <= 0:
-                raise ValueError(f"{key}: loguniform needs a positive lower bound, got {args[0]}")
-            if kind == "choice" and not args:
-                raise ValueError(f"{key}: choice needs at least one value")
+            if kind == "choice":
+                if not args:
+                    raise FieldError((key, kind), "choice needs at least one value")
+                continue
+            try:
+                low, high = BOUNDS[kind].validate_python(args)
+            except pydantic.ValidationError as err:
+                loc, message = error_location(err.errors()[0])
+                raise FieldError((key, kind, *loc), f"{kind} takes [low, high]: {message}") from None
+            if not low < high:
+                raise FieldError((key, kind), f"{kind} takes [low, high] with low < high, got {args}")
+            dist[kind] = [low, high]
         return space
 
 
@@ -108,11 +128,13 @@ class SweepSpec(Strict):
     models: list[ModelName] = pydantic.Field(min_length=1)
     datasets: list[DatasetName] = pydantic.Field(min_length=1)
     data_roots: dict[str, str] = {}
-    seeds: list[int] = pydantic.Field([0], min_length=1)
+    seeds: list[Annotated[int, pydantic.Field(ge=0)]] = pydantic.Field([0], min_length=1)
     budget: Budget
     train: Train = Train()
     overrides: dict[str, dict] = {}  # per model: hyperparameters and/or train keys
     match_params: int | None = pydantic.Field(None, gt=0)
+    # ablation variants: per hyperparameter its values, run as a product for every model that has it
+    grid: dict[str, list] = {}
     search: Search | None = None
     resources: Resources = Resources()
     latency: Latency = Latency()
@@ -134,24 +156,69 @@ class SweepSpec(Strict):
             unknown = sorted(set(self.overrides[name]) - set(accepted))
             if unknown:
                 raise ValueError(f"overrides.{name}: unknown key {unknown}; {name} accepts {accepted}")
+            for key, value in self.overrides[name].items():
+                self.overrides[name][key] = _valid_value(key, value, [name], ("overrides", name, key))
         for name in self.data_roots:
             if name not in self.datasets:
                 raise ValueError(f"data_roots.{name}: not one of the sweep's datasets {self.datasets}")
         if self.search is not None:
-            for key in self.search.space:
-                if key in TRAIN_KEYS:
-                    continue
-                lacking = [m for m in self.models if key not in model_entry(m).hparams()]
-                if lacking:
-                    raise ValueError(f"search.space.{key}: neither a train key {TRAIN_KEYS} nor a hyperparameter "
-                                     f"of {lacking}")
+            for key, dist in self.search.space.items():
+                if key not in TRAIN_KEYS:
+                    lacking = [m for m in self.models if key not in model_entry(m).hparams()]
+                    if lacking:
+                        raise ValueError(f"search.space.{key}: neither a train key {TRAIN_KEYS} nor a hyperparameter "
+                                         f"of {lacking}")
+                _check_distribution(key, dist, self.models)
             asha = self.search.asha
             if asha is not None and asha.grace_period >= self.budget.amount:
                 raise ValueError(f"search.asha.grace_period ({asha.grace_period}) must be below the budget "
                                  f"({self.budget.amount} {self.budget.kind})")
+        for key, values in self.grid.items():
+            having = [m for m in self.models if key in model_entry(m).hparams()]
+            if not having:
+                raise FieldError(("grid", key), f"not a hyperparameter of any of the sweep's models {self.models}")
+            if not values:
+                raise FieldError(("grid", key), "give at least one value")
+            if len({variant_text(v) for v in values}) != len(values):
+                raise FieldError(("grid", key), f"a value is listed twice in {values}")
+            if self.search is not None and key in self.search.space:
+                raise FieldError(("grid", key), f"also searched (search.space.{key}): give it in one place")
+            if key == "hidden_channels" and self.match_params is not None:
+                raise FieldError(("grid", key), "match_params sets hidden_channels: do not grid over it too")
+            self.grid[key] = [_valid_value(key, v, having, ("grid", key, i)) for i, v in enumerate(values)]
         if self.match_params is not None and self.search is not None and "hidden_channels" in self.search.space:
             raise ValueError("match_params sets hidden_channels: do not search over it too")
         return self
+
+
+def _valid_value(key: str, value, models: list[str], loc: tuple):
+    """``value`` for a train key or a hyperparameter of ``models``, typed and range-checked by the
+    field it sets (TrainSettings, or the builder's via the card rules); FieldError at ``loc``."""
+    if key in TRAIN_KEYS:
+        try:
+            return getattr(TrainSettings.model_validate({key: value}), key)
+        except pydantic.ValidationError as err:
+            raise FieldError(loc, error_location(err.errors()[0])[1]) from None
+    for model in models:
+        try:
+            value = check_hparams(model, {key: value})[key]
+        except FieldError as err:
+            raise FieldError(loc, f"{err} (a {model} hyperparameter)") from None
+    return value
+
+
+def _check_distribution(key: str, dist: dict, models: list[str]) -> None:
+    """Every value a search can draw is one its field accepts: the bounds (randint's high is
+    excluded) or each choice; an integer field is searched with randint or choice only."""
+    (kind, args), = dist.items()
+    loc = ("search", "space", key, kind)
+    integer = (TrainSettings.model_fields[key].annotation is int if key in TRAIN_KEYS
+               else any(type(model_entry(m).hparams()[key]) is int for m in models))
+    if integer and kind in ("uniform", "loguniform"):
+        raise FieldError(loc, f"{key} is an integer: search it with randint or choice")
+    values = [args[0], args[1] - 1] if kind == "randint" else args
+    for i, value in enumerate(values):
+        _valid_value(key, value, [m for m in models if key in model_entry(m).hparams()], (*loc, i))
 
 
 def load_sweep_spec(path: str | Path) -> SweepSpec:
@@ -181,43 +248,70 @@ def match_width(model: str, image_shape, hparams: dict, target: int) -> dict:
     return hparams | {"hidden_channels": best}
 
 
-def check_data(spec: SweepSpec, spec_path: str | Path) -> dict[str, tuple]:
-    """Load each data set once (the driver's check that every one is there); returns image shapes."""
-    shapes = {}
+def check_data(spec: SweepSpec, spec_path: str | Path) -> dict[str, DatasetInfo]:
+    """Each data set's shape and split sizes, read without loading pixels (the driver's check
+    that every one is there)."""
+    infos = {}
     for dataset in spec.datasets:
         root = spec.data_roots.get(dataset)
         if dataset in NEEDS_ROOT and root is None:
             raise FlowbenchError(f"{spec_path}: datasets: {dataset} needs data_roots.{dataset} (a local folder)")
-        if root is not None and not Path(root).is_absolute():
+        if root is not None and not is_remote(root) and not Path(root).is_absolute():
             root = str((Path(spec_path).parent / root).resolve())
             spec.data_roots[dataset] = root
         try:
-            shapes[dataset] = load_dataset(dataset, root).image_shape
+            infos[dataset] = dataset_info(dataset, root)
         except FlowbenchError as err:
             raise FlowbenchError(f"{spec_path}: datasets: {err}") from None
-    return shapes
+    return infos
 
 
-def expand(spec: SweepSpec, image_shapes: dict[str, tuple]) -> list[TrialConfig]:
-    """One TrialConfig per (model, dataset, seed): card hparams, then overrides, then match_params."""
+def data_fingerprint(info: DatasetInfo) -> str:
+    """What of a data set is part of a trial's identity: its shape, bit depth and split sizes."""
+    return json.dumps({"image_shape": list(info.image_shape), "n_bits": info.n_bits, "sizes": info.sizes},
+                      sort_keys=True)
+
+
+def variant_text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def grid_settings(spec: SweepSpec, model: str) -> list[dict]:
+    """The product of the spec's grid over the hyperparameters ``model`` has ([{}]: no grid)."""
+    keys = sorted(k for k in spec.grid if k in model_entry(model).hparams())
+    return [dict(zip(keys, values)) for values in itertools.product(*(spec.grid[k] for k in keys))]
+
+
+def expand(spec: SweepSpec, infos: dict[str, DatasetInfo]) -> list[TrialConfig]:
+    """One TrialConfig per (model, dataset, grid variant, seed): card hparams, then overrides, then
+    the variant's values, then match_params. A variant is named by its settings, sorted by key
+    ("actnorm=false,learned_prior=true"); its trial id is MODEL-DATASET-VARIANT-seedN."""
     configs = []
     for dataset in spec.datasets:
         for model in spec.models:
             override = spec.overrides.get(model, {})
-            train = spec.train.model_dump() | {k: v for k, v in override.items() if k in TRAIN_KEYS}
-            hparams = load_card(model).hparams_for(dataset) | {k: v for k, v in override.items() if k not in TRAIN_KEYS}
-            if spec.match_params:
-                hparams = match_width(model, image_shapes[dataset], hparams, spec.match_params)
-            else:  # build once: a model that cannot exist for this data fails here, not in a trial
-                flowbench.build_model(model, image_shapes[dataset], **hparams)
-            for seed in spec.seeds:
-                configs.append(TrialConfig(
-                    model=model, dataset=dataset, hparams=hparams, seed=seed,
-                    budget_kind=spec.budget.kind, budget=spec.budget.amount,
-                    **train, latency_batch_size=spec.latency.batch_size,
-                    latency_repeats=spec.latency.repeats, data_root=spec.data_roots.get(dataset),
-                    sweep=spec.name, trial_id=f"{model}-{dataset}-seed{seed}",
-                ))
+            # the card's recipe, then what the spec's train: sets explicitly, then per-model overrides
+            explicit = spec.train.model_dump(exclude_unset=True) | {k: v for k, v in override.items() if k in TRAIN_KEYS}
+            recipe, source = training_settings(model, dataset, explicit)
+            train = spec.train.model_dump() | recipe
+            card = load_card(model).hparams_for(dataset) | {k: v for k, v in override.items() if k not in TRAIN_KEYS}
+            for setting in grid_settings(spec, model):
+                variant = ",".join(f"{k}={variant_text(v)}" for k, v in setting.items())
+                hparams = card | setting
+                if spec.match_params:
+                    hparams = match_width(model, infos[dataset].image_shape, hparams, spec.match_params)
+                else:  # build once: a model that cannot exist for this data fails here, not in a trial
+                    flowbench.build_model(model, infos[dataset].image_shape, **hparams)
+                stem = "-".join(part for part in (model, dataset, variant) if part)
+                for seed in spec.seeds:
+                    configs.append(TrialConfig(
+                        model=model, dataset=dataset, hparams=hparams, variant=variant, seed=seed,
+                        data_fingerprint=data_fingerprint(infos[dataset]),
+                        budget_kind=spec.budget.kind, budget=spec.budget.amount,
+                        **train, recipe_source=source, latency_batch_size=spec.latency.batch_size,
+                        latency_repeats=spec.latency.repeats, data_root=spec.data_roots.get(dataset),
+                        sweep=spec.name, trial_id=f"{stem}-seed{seed}",
+                    ))
     return configs
 
 
@@ -230,7 +324,4 @@ def trial_config(tune_config: dict) -> dict:
             config[key] = value
         else:
             config["hparams"][key] = value
-    if tune_config.get("search"):
-        suffix = "-".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(tune_config["search"].items()))
-        config["trial_id"] = f"{config['trial_id']}-{suffix}"
     return config

@@ -1,4 +1,9 @@
-"""MLflow tracking: one parent run per sweep, one child run per trial.
+"""MLflow tracking: one parent run per sweep, one child run per trial. Runs in the driver.
+
+What a child run holds follows ``flowbench.record`` (the one declaration of a trial's columns):
+each ``param`` column is a run param (its ``str``), each ``metric`` column a metric
+``final_<name>``, each ``tag`` column a tag; the evaluations (``CURVE_METRICS``) are metric
+histories by step. ``flowbench.results.from_mlflow`` reads them back with ``row_from_mlflow``.
 
 Runs are found by a deterministic key tag before one is created, so a retried or resumed
 trial logs into the run it already has instead of duplicating it. Logging happens in the
@@ -11,22 +16,22 @@ import json
 import logging
 import math
 import os
+import tempfile
 from pathlib import Path
 
 from ray import tune
 
-from flowbench.results.from_mlflow import FINAL_PREFIX, PARENT_TAG
-from flowbench.results.tables import CURVE_METRICS, PROVENANCE_COLUMNS
-from flowbench.sweep.spec import trial_config
-from flowbench.trial import TrialConfig
+from flowbench.record import FINAL_PREFIX, METRIC, PARAM, TAG, columns
+from flowbench.results.from_mlflow import PARENT_TAG
+from flowbench.results.tables import CURVE_METRICS
+from flowbench.sweep.storage import copy_from_checkpoint
 
 log = logging.getLogger(__name__)
 
-KEY_TAG = "flowbench.key"
-FINAL_METRICS = (
-    "test_bpd", "train_bpd", "num_params", "steps", "images_seen", "epochs", "train_seconds",
-    "throughput_images_per_s", "peak_memory_mb", "density_latency_ms", "sample_latency_ms",
-)
+KEY_TAG = "flowbench.key"  # a run's deterministic name: the sweep, or a trial's id
+UNIT_TAG = "flowbench.unit"  # the hash of the planned unit (trial or search group) a trial run belongs to
+# MLflow's UI opens an experiment in its training-runs view (not the GenAI one) with this tag
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def default_tracking_uri(results_dir: Path) -> str:
@@ -42,10 +47,27 @@ class MlflowTracker:
 
         self.uri, self.experiment = uri, experiment
         self.client = MlflowClient(tracking_uri=uri)
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id if found else self.client.create_experiment(experiment, artifact_location=artifact_location)
-        )
+        self.experiment_id = self._get_or_create_experiment(artifact_location)
+
+    def _get_or_create_experiment(self, artifact_location: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            try:
+                return self.client.create_experiment(self.experiment, artifact_location=artifact_location,
+                                                     tags=EXPERIMENT_KIND)
+            except MlflowException:  # another driver created it between our look-up and create
+                found = self.client.get_experiment_by_name(self.experiment)
+                if found is None:
+                    raise
+        for key, value in EXPERIMENT_KIND.items():
+            if found.tags.get(key) != value:  # made by an older flowbench
+                self.client.set_experiment_tag(found.experiment_id, key, value)
+        return found.experiment_id
+
+    def find_runs(self, query: str) -> list:
+        return self.client.search_runs([self.experiment_id], query, max_results=50000)
 
     def find_run(self, key: str, parent_id: str | None = None):
         query = f"tags.`{KEY_TAG}` = '{key}'"
@@ -54,10 +76,11 @@ class MlflowTracker:
         runs = self.client.search_runs([self.experiment_id], query, max_results=1)
         return runs[0] if runs else None
 
-    def get_or_create_run(self, key: str, parent_id: str | None = None, params: dict | None = None) -> str:
+    def get_or_create_run(self, key: str, parent_id: str | None = None, params: dict | None = None,
+                          tags: dict | None = None) -> str:
         run = self.find_run(key, parent_id)
         if run is None:
-            tags = {KEY_TAG: key} | ({PARENT_TAG: parent_id} if parent_id else {})
+            tags = {KEY_TAG: key} | ({PARENT_TAG: parent_id} if parent_id else {}) | (tags or {})
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=key)
             for name, value in (params or {}).items():
                 self.client.log_param(run.info.run_id, name, value)
@@ -65,24 +88,36 @@ class MlflowTracker:
             self.client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id
 
-    def last_step(self, run_id: str, metric: str = "test_bpd") -> int:
+    def last_step(self, run_id: str, metric: str = CURVE_METRICS[0]) -> int:
         history = self.client.get_metric_history(run_id, metric)
         return max((m.step for m in history), default=-1)
 
+    def log_record(self, run_id: str, row: dict) -> None:
+        """A trial's record as ``flowbench.record`` declares it: params, final_ metrics, tags."""
+        from mlflow.entities import Metric, Param, RunTag
 
-def flat_params(config: dict) -> dict:
-    """Trial config as MLflow params: hparams flattened, nothing nested."""
-    params = {k: v for k, v in config.items() if k not in ("hparams", "out_dir", "data_root")}
-    params.update({f"hparams.{k}": v for k, v in config.get("hparams", {}).items()})
-    return {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in params.items()}
+        params = [Param(name, _text(row[name])) for name in columns(PARAM)]
+        have = self.client.get_run(run_id).data.params
+        params = [p for p in params if have.get(p.key) != p.value]  # logged by an earlier attempt
+        # NaN and inf too (MLflow keeps them): the read-back then equals the row, not the default
+        metrics = [Metric(FINAL_PREFIX + name, float(row[name]), 0, 0) for name in columns(METRIC)]
+        tags = [RunTag(name, _text(row[name])) for name in columns(TAG)]
+        self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+
+
+def _text(value) -> str:
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
 
 
 class MlflowCallback(tune.Callback):
-    """Logs each Tune trial into a child run of the sweep's parent run, from the driver."""
+    """Logs each Tune trial into a child run of the sweep's parent run, from the driver.
 
-    def __init__(self, uri: str, experiment: str, parent_id: str, artifact_location: str | None = None):
+    ``record_of(tune_config, last_result, error)`` is the driver's one builder of a trial's row,
+    so MLflow holds exactly what trials.parquet holds."""
+
+    def __init__(self, uri: str, experiment: str, parent_id: str, artifact_location: str | None, record_of):
         self.uri, self.experiment, self.parent_id = uri, experiment, parent_id
-        self.artifact_location = artifact_location
+        self.artifact_location, self.record_of = artifact_location, record_of
         self._tracker = None
         self._runs: dict[str, tuple[str, int]] = {}
 
@@ -100,10 +135,9 @@ class MlflowCallback(tune.Callback):
 
     def _run_for(self, trial) -> tuple[str, int]:
         if trial.trial_id not in self._runs:
-            config = trial_config(trial.config)
-            run_id = self.tracker.get_or_create_run(config["trial_id"], self.parent_id, flat_params(config))
-            self.tracker.client.set_tag(run_id, "phase", "search" if trial.config.get("search") else "final")
-            self.tracker.client.set_tag(run_id, "config_hash", TrialConfig.model_validate(config).config_hash())
+            config = trial.config
+            run_id = self.tracker.get_or_create_run(config["trial"]["trial_id"], self.parent_id,
+                                                    tags={UNIT_TAG: config["unit_hash"], "phase": config["phase"]})
             self._runs[trial.trial_id] = (run_id, self.tracker.last_step(run_id))
         return self._runs[trial.trial_id]
 
@@ -116,34 +150,31 @@ class MlflowCallback(tune.Callback):
         run_id, last = self._run_for(trial)
         if result["step"] <= last:  # a resumed trial re-reporting what is logged already
             return
-        metrics = {k: result[k] for k in CURVE_METRICS if _finite(result.get(k))}
-        for name, value in metrics.items():
-            self.tracker.client.log_metric(run_id, name, value, step=int(result["step"]))
+        from mlflow.entities import Metric
+
+        at = int(result.get("timestamp", 0)) * 1000
+        metrics = [Metric(name, float(result[name]), at, int(result["step"])) for name in CURVE_METRICS
+                   if _finite(result.get(name))]
+        self.tracker.client.log_batch(run_id, metrics=metrics)
         self._runs[trial.trial_id] = (run_id, int(result["step"]))
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
+    def _finish(self, trial, error: Exception | None) -> None:
         run_id, _ = self._run_for(trial)
-        result = trial.last_result or {}
-        client = self.tracker.client
-        for name in FINAL_METRICS:
-            if _finite(result.get(name)):
-                client.log_metric(run_id, f"{FINAL_PREFIX}{name}", float(result[name]))
-        client.set_tag(run_id, "status", result.get("status", "stopped"))
-        for name in PROVENANCE_COLUMNS:
-            if name in result:
-                client.set_tag(run_id, name, str(result[name]))
-        if result.get("reason"):
-            client.set_tag(run_id, "reason", str(result["reason"])[:5000])
-        if trial.checkpoint is not None:
-            samples = Path(trial.checkpoint.path) / "samples.png"
-            if samples.is_file():
-                client.log_artifact(run_id, str(samples))
-        client.set_terminated(run_id, "FINISHED")
+        row = self.record_of(trial.config, trial.last_result or {}, error)
+        self.tracker.log_record(run_id, row)
+        if trial.checkpoint is not None:  # fetched from the sweep's storage, local or S3
+            with tempfile.TemporaryDirectory(prefix="flowbench-samples-") as scratch:
+                samples = Path(scratch) / "samples.png"
+                if copy_from_checkpoint(trial.checkpoint, "samples.png", samples):
+                    self.tracker.client.log_artifact(run_id, str(samples))
+        self.tracker.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        run_id, _ = self._run_for(trial)
-        self.tracker.client.set_tag(run_id, "status", "failed")
-        self.tracker.client.set_terminated(run_id, "FAILED")
+        # what Tune's ResultGrid gives as Result.error: the driver's tables see the same error
+        self._finish(trial, trial.get_pickled_error() or trial.get_error() or RuntimeError("failed"))
 
 
 def _finite(value) -> bool:

@@ -15,44 +15,57 @@ import time
 from pathlib import Path
 
 from flowbench.sweep.spec import trial_config
-from flowbench.trial import CHECKPOINT_FILE, TrialConfig, load_checkpoint, model_from_checkpoint, run_trial
+from flowbench.sweep.storage import tune_storage
+from flowbench.trial import (CHECKPOINT_FILE, SELECTED_FILE, TrialConfig, load_checkpoint, model_from_checkpoint,
+                             run_trial)
 
 RECORD_FILE = "record.json"
+ATTEMPTS_FILE = "attempts.jsonl"
 
 
 def tune_trial(tune_config: dict) -> None:
     """The Tune trainable: one trial, resumed from Tune's checkpoint when it has one. Its last
-    report carries the record and a checkpoint holding the weights and the sample figures."""
+    report carries the record and a checkpoint holding the weights, the sample figures and the
+    trial's attempts. Every report carries when this attempt started (``started_at``) and when
+    it reported (``reported_at``): the driver's measure of the slots' busy time.
+
+    Everything the driver reads travels in reports and checkpoints, never in the trial's
+    working folder, which Tune does not sync when it reuses the trial's actor."""
     from ray import tune
 
+    stamp = {"started_at": time.time(), "node": ray_node_id()}
     trial_dir = Path(tune.get_context().get_trial_dir())
     config = TrialConfig.model_validate(trial_config(tune_config) | {"out_dir": str(trial_dir)})
     checkpoint = tune.get_checkpoint()
     restored = Path(checkpoint.to_directory(str(trial_dir / "restored"))) if checkpoint is not None else None
+    earlier = _attempts(restored) if restored is not None else []
+
+    def report(metrics: dict, folder: Path | None, how: str) -> None:
+        if folder is not None:
+            _write_attempts(folder, earlier + [{"at": stamp["started_at"], "how": how, "node": stamp["node"]}])
+        ckpt = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
+        tune.report(metrics | stamp | {"reported_at": time.time()}, checkpoint=ckpt)
+
     if restored is not None and (restored / RECORD_FILE).is_file():  # finished before the driver died
-        _attempt(trial_dir, "finished already")
-        tune.report(json.loads((restored / RECORD_FILE).read_text()), checkpoint=checkpoint)
+        report(json.loads((restored / RECORD_FILE).read_text()), restored, "finished already")
         return
     final = trial_dir / "final"
     if tune_config["resources"]["workers"] > 1:
-        _attempt(trial_dir, "data-parallel")  # Ray Train restarts and resumes its workers itself
+        how = "data-parallel"  # Ray Train restarts and resumes its workers itself
         _data_parallel_trial(config, tune_config, final)
     else:
-        _attempt(trial_dir, "resumed" if restored else "fresh")
-
-        def report(metrics, checkpoint_dir):
-            ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-            tune.report(metrics, checkpoint=ckpt)
-
-        record = run_trial(config, report, resume_from=restored / CHECKPOINT_FILE if restored else None)
+        how = "resumed" if restored else "fresh"
+        record = run_trial(config, lambda metrics, folder: report(metrics, folder, how),
+                           resume_from=restored / CHECKPOINT_FILE if restored else None)
+        if (trial_dir / "checkpoint").is_dir():  # a trial that diverged at once has none
+            shutil.copytree(trial_dir / "checkpoint", final, dirs_exist_ok=True)
         final.mkdir(exist_ok=True)
-        if record.status == "ok":  # a trial that diverged early may have no checkpoint
-            shutil.copy2(trial_dir / "checkpoint" / CHECKPOINT_FILE, final / CHECKPOINT_FILE)
-        (final / RECORD_FILE).write_text(json.dumps(record.row() | {"step": record.steps}))
+        (final / RECORD_FILE).write_text(json.dumps(record.row() | {"step": record.steps, "node": ray_node_id()}))
     row = json.loads((final / RECORD_FILE).read_text())
+    weights = final / SELECTED_FILE if (final / SELECTED_FILE).is_file() else final / CHECKPOINT_FILE
     if row["status"] == "ok":
-        write_figures(final / CHECKPOINT_FILE, final, config.seed)
-    tune.report(row, checkpoint=tune.Checkpoint.from_directory(str(final)))
+        write_figures(weights, final, config.seed)
+    report(row, final, how)
 
 
 def _data_parallel_trial(config: TrialConfig, tune_config: dict, final: Path) -> None:
@@ -71,6 +84,7 @@ def _data_parallel_trial(config: TrialConfig, tune_config: dict, final: Path) ->
         train_loop_config={"trial": config.model_dump()},
         scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=res["gpu"] > 0, resources_per_worker=per_worker),
         run_config=RunConfig(name=config.trial_id, storage_path=tune_config["train_storage"],
+                             storage_filesystem=tune_storage(tune_config["storage"])[0],
                              failure_config=FailureConfig(max_failures=tune_config["max_failures"]),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest resumes
                              callbacks=[TuneReportCallback()]),
@@ -101,7 +115,7 @@ def ddp_worker(train_config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
 
         record = run_trial(config, report, resume_from=resume)
-        row = record.row() | {"step": record.steps}
+        row = record.row() | {"step": record.steps, "node": ray_node_id()}
         final = None
         if rank == 0:  # the run's last checkpoint holds the record: the Tune trial reads it from there
             (out / "checkpoint").mkdir(exist_ok=True)  # a trial that diverged early has no checkpoint
@@ -110,10 +124,22 @@ def ddp_worker(train_config: dict) -> None:
         ray.train.report(row, checkpoint=final)
 
 
-def _attempt(trial_dir: Path, how: str) -> None:
-    """Provenance: one line per time this trial's process started (retries, resumes)."""
-    with open(trial_dir / "attempts.jsonl", "a") as f:
-        f.write(json.dumps({"at": time.time(), "how": how}) + "\n")
+def ray_node_id() -> str:
+    """The Ray node this process runs on, for the record's ``node`` column: hostnames repeat
+    (containers, the test's two nodes on one machine), Ray node ids do not."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _attempts(folder: Path) -> list[dict]:
+    """Provenance carried in the trial's checkpoints: one line per time its process started."""
+    path = folder / ATTEMPTS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _write_attempts(folder: Path, attempts: list[dict]) -> None:
+    (folder / ATTEMPTS_FILE).write_text("".join(json.dumps(a) + "\n" for a in attempts))
 
 
 def write_figures(checkpoint: Path, folder: Path, seed: int) -> None:

@@ -1,4 +1,5 @@
-"""Real Ray Tune sweeps on a local Ray (loopback only), tiny budgets, end to end."""
+"""The sweep driver: planning and the Tune searcher in isolation (fast), then real Ray Tune
+sweeps on a local Ray (loopback only) with tiny budgets, end to end (slow)."""
 
 import json
 import os
@@ -14,15 +15,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flowbench.results.tables import read_table
-from flowbench.sweep.driver import run_sweep, start_ray
-
-pytestmark = pytest.mark.slow
+from flowbench.sweep.driver import SweepSearch, Unit, plan, plan_units, run_sweep, sample_id, start_ray
+from flowbench.sweep.spec import check_data, load_sweep_spec
+from flowbench.trial import TrialConfig
 
 TINY = "{depth: 2, levels: 2, hidden_channels: 8}"
 
 
-def spec_file(tmp_path, name, models=("glow", "nxn_shift"), seeds=(0,), steps=20, extra=""):
-    overrides = "\n".join(f"  {m}: {TINY}" for m in models)
+def spec_file(tmp_path, name, models=("glow", "nxn_shift"), seeds=(0,), steps=20, extra="", overrides=None):
+    overrides = overrides or {m: TINY for m in models}
     text = f"""\
 name: {name}
 models: [{', '.join(models)}]
@@ -31,14 +32,100 @@ seeds: [{', '.join(map(str, seeds))}]
 budget: {{steps: {steps}}}
 train: {{batch_size: 32, eval_every: 10, checkpoint_every: 10}}
 overrides:
-{overrides}
-latency: {{batch_size: 8, repeats: 2}}
+""" + "\n".join(f"  {m}: {o}" for m, o in overrides.items()) + """
+latency: {batch_size: 8, repeats: 2}
 """ + textwrap.dedent(extra)
     path = tmp_path / f"{name}.yaml"
     path.write_text(text)
     return path
 
 
+# --------------------------------------------------------------------------- planning, no Ray
+def test_grid_variants_are_the_product_over_the_models_that_have_each_key(tmp_path):
+    spec = spec_file(tmp_path, "abl", models=("glow", "realnvp"), seeds=(0, 1), extra="""\
+        grid: {actnorm: [true, false], learned_prior: [false, true]}
+        """, overrides={"glow": TINY, "realnvp": "{levels: 2, n_blocks: 1, hidden_channels: 8}"})
+    _, configs = plan(spec)
+    # glow has both keys: 2 x 2 variants x 2 seeds; realnvp has neither: its card x 2 seeds
+    assert len(configs) == 2 * 2 * 2 + 2
+    ids = [c.trial_id for c in configs]
+    assert len(set(ids)) == len(ids)
+    assert "glow-digits-actnorm=false,learned_prior=true-seed1" in ids and "realnvp-digits-seed0" in ids
+    glow = {c.variant for c in configs if c.model == "glow"}
+    assert glow == {"actnorm=true,learned_prior=false", "actnorm=true,learned_prior=true",
+                    "actnorm=false,learned_prior=false", "actnorm=false,learned_prior=true"}
+    off = next(c for c in configs if c.variant == "actnorm=false,learned_prior=true")
+    assert off.hparams["actnorm"] is False and off.hparams["learned_prior"] is True
+    assert len({c.config_hash() for c in configs}) == len(configs)
+
+
+def _units(spec_path):
+    spec = load_sweep_spec(spec_path)
+    _, configs = plan(spec_path)
+    return spec, plan_units(spec, configs, check_data(spec, spec_path))
+
+
+def test_grid_trials_are_handed_out_longest_first_two_per_slot_ahead(tmp_path):
+    spec = spec_file(tmp_path, "order", models=("glow", "nxn_shift"), overrides={
+        "glow": TINY, "nxn_shift": "{depth: 2, levels: 2, hidden_channels: 32}"})
+    spec, units = _units(spec)
+    search = SweepSearch(spec, units, slots=1)
+    first, second = search.suggest("a"), search.suggest("b")
+    assert search.suggest("c") is None  # two ahead for one slot: the third waits
+    assert first["trial"]["model"] == "nxn_shift" and second["trial"]["model"] == "glow"  # wider: longer
+    search.on_trial_complete("a", {"val_bpd": 5.0, "status": "ok"})
+    search.on_trial_complete("b", {"val_bpd": 5.0, "status": "ok"})
+    from ray.tune.search import Searcher
+
+    assert search.suggest("c") == Searcher.FINISHED
+
+
+def test_search_samples_then_the_best_on_every_seed(tmp_path):
+    spec = spec_file(tmp_path, "s", models=("glow",), seeds=(0, 1), extra="""\
+        search:
+          num_samples: 3
+          space: {lr: {loguniform: [1.0e-4, 3.0e-2]}}
+        """)
+    spec, units = _units(spec)
+    (unit,) = units
+    assert unit.search and unit.id == "search-glow-digits" and len(unit.configs) == 2
+    search = SweepSearch(spec, units, slots=4)
+    samples = [search.suggest(f"t{i}") for i in range(3)]
+    assert [s["phase"] for s in samples] == ["search"] * 3
+    ids = [s["trial"]["trial_id"] for s in samples]
+    assert len(set(ids)) == 3 and all(i.startswith("glow-digits-search") for i in ids)
+    assert search.suggest("t3") is None  # finals wait for the search to end
+    # the best reached the budget; the lower value of a sample stopped early does not count
+    results = [{"val_bpd": 4.0, "status": "ok"}, {"val_bpd": 3.0, "status": "ok"}, {"val_bpd": 2.0, "step": 10}]
+    for i, result in enumerate(results):
+        search.on_trial_complete(f"t{i}", result)
+    finals = [search.suggest("f0"), search.suggest("f1")]
+    assert sorted(f["trial"]["trial_id"] for f in finals) == ["glow-digits-seed0", "glow-digits-seed1"]
+    assert {f["trial"]["lr"] for f in finals} == {samples[1]["trial"]["lr"]}
+    assert {f["trial"]["seed"] for f in finals} == {0, 1}
+
+
+def test_a_search_sample_id_is_stable_and_unique():
+    base = TrialConfig(model="glow", dataset="digits", trial_id="glow-digits-seed0")
+    values = {"lr": 0.001234, "hidden_channels": 16}
+    assert sample_id(base, 3, values) == sample_id(base, 3, dict(reversed(values.items())))
+    assert sample_id(base, 3, values) != sample_id(base, 4, values)
+    assert sample_id(base, 3, values) != sample_id(base, 3, values | {"lr": 0.001235})
+    assert sample_id(base, 3, values).startswith("glow-digits-search3-")
+
+
+def test_units_hash_what_runs(tmp_path):
+    spec, units = _units(spec_file(tmp_path, "h", seeds=(0, 1)))
+    assert [u.id for u in units] == ["glow-digits-seed0", "glow-digits-seed1", "nxn_shift-digits-seed0",
+                                     "nxn_shift-digits-seed1"]
+    assert all(isinstance(u, Unit) and u.hash == u.configs[0].config_hash() for u in units)
+    _, wider = _units(spec_file(tmp_path, "h", seeds=(0, 1), overrides={
+        "glow": "{depth: 2, levels: 2, hidden_channels: 16}", "nxn_shift": TINY}))
+    changed = [u.id for u, w in zip(units, wider) if u.hash != w.hash]
+    assert changed == ["glow-digits-seed0", "glow-digits-seed1"]
+
+
+# --------------------------------------------------------------------------- real sweeps
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
@@ -57,59 +144,83 @@ def child_runs(uri, experiment):
     return client, parents, children
 
 
-def attempts(trial_dir: Path, with_time: bool = False) -> list:
-    path = trial_dir / "attempts.jsonl"
-    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def final_checkpoint(experiment: Path, trial_id: str) -> Path:
+    (checkpoint,) = (experiment / trial_id).glob("checkpoint_*")
+    return checkpoint
+
+
+def attempts(checkpoint: Path, with_time: bool = False) -> list:
+    lines = [json.loads(line) for line in (checkpoint / "attempts.jsonl").read_text().splitlines()]
     return [(a["how"], a["at"]) if with_time else a["how"] for a in lines]
 
 
-def test_sweep_end_to_end_and_rerun_runs_nothing_again(tmp_path, local_ray):
+@pytest.mark.slow
+def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray):
     spec = spec_file(tmp_path, "e2e", seeds=(0, 1))
     outcome = run_sweep(spec, tmp_path / "results")
     out = tmp_path / "results" / "e2e"
     trials = read_table(out / "trials.parquet", "trials")
     assert sorted(trials.trial_id) == ["glow-digits-seed0", "glow-digits-seed1", "nxn_shift-digits-seed0",
                                        "nxn_shift-digits-seed1"]
-    assert (trials.status == "ok").all() and (trials.steps == 20).all()
-    assert trials.test_bpd.between(0, 16).all() and (trials.num_params > 0).all()
-    assert (trials.density_latency_ms > 0).all() and (trials.sample_latency_ms > 0).all()
+    assert (trials.status == "ok").all() and (trials.steps == 20).all() and (trials.phase == "final").all()
+    assert trials.val_bpd.between(0, 16).all() and trials.test_bpd.between(0, 16).all()
+    assert (trials.num_params > 0).all() and (trials.density_latency_ms > 0).all()
     curves = read_table(out / "curves.parquet", "curves")
     assert sorted(curves.groupby("trial_id").step.apply(list).iloc[0]) == [10, 20]
+    eff = outcome.efficiency
+    assert eff["trials_run"] == 4 and eff["slots"] == 2 and 0 < eff["efficiency"] <= 1
+    assert json.loads((out / "sweep.json").read_text())["last_run"] == eff
+    assert (out / "figures" / "samples-glow-digits-seed0.png").is_file()
 
     client, parents, children = child_runs(outcome.mlflow_uri, "e2e")
+    exp = client.get_experiment_by_name("e2e")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert [p.info.run_name for p in parents] == ["sweep:e2e"] and parents[0].info.status == "FINISHED"
+    assert parents[0].data.metrics["efficiency"] == pytest.approx(eff["efficiency"])
+    parent_files = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"e2e.yaml", "sweep.json", "report.md", "trials.parquet"} <= parent_files
     assert sorted(c.info.run_name for c in children) == sorted(trials.trial_id)
-    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     child = children[0]
-    assert [m.step for m in client.get_metric_history(child.info.run_id, "test_bpd")] == [10, 20]
-    assert child.data.metrics["final_test_bpd"] == pytest.approx(
-        trials.set_index("trial_id").test_bpd[child.info.run_name])
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_bpd")] == [10, 20]
     assert "samples.png" in [a.path for a in client.list_artifacts(child.info.run_id)]
 
-    # the report from MLflow alone: the same Table 2 as from the Parquet tables
+    # the table from MLflow alone has exactly the Parquet table's columns and values
     from flowbench.results.from_mlflow import tables_from_mlflow
-    from flowbench.results.report import build_report
 
     mlflow_trials, mlflow_curves = tables_from_mlflow(outcome.mlflow_uri, "e2e")
-    build_report(tmp_path / "from-mlflow", mlflow_trials, mlflow_curves)
-    pd.testing.assert_frame_equal(read_table(tmp_path / "from-mlflow" / "table2.parquet", "table2"),
-                                  read_table(out / "table2.parquet", "table2"))
+    assert list(mlflow_trials.columns) == list(trials.columns)
+    pd.testing.assert_frame_equal(mlflow_trials.sort_values("trial_id").reset_index(drop=True),
+                                  trials.sort_values("trial_id").reset_index(drop=True), check_dtype=False)
     assert sorted(mlflow_curves.step.tolist()) == sorted(curves.step.tolist())
 
-    # the same command again: Tune restores the finished experiment, no trial runs again
-    before = {d.name: attempts(d) for d in (out / "tune" / "grid").iterdir() if d.is_dir()}
-    run_sweep(spec, tmp_path / "results")
-    after = {d.name: attempts(d) for d in (out / "tune" / "grid").iterdir() if d.is_dir()}
-    assert after == before and all(v == ["fresh"] for v in after.values())
+    # the same command again: every unit has its record, nothing runs
+    records = {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
+    again = run_sweep(spec, tmp_path / "results")
+    assert again.efficiency["trials_run"] == 0 and again.efficiency["efficiency"] is None and not again.changed
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()} == records
     assert len(child_runs(outcome.mlflow_uri, "e2e")[2]) == 4
 
+    # glow's configuration changes: exactly its two trials run again, the old records archived
+    wider = spec_file(tmp_path, "e2e", seeds=(0, 1), overrides={"glow": "{depth: 2, levels: 2, hidden_channels: 12}",
+                                                               "nxn_shift": TINY})
+    changed = run_sweep(wider, tmp_path / "results")
+    assert changed.changed == ["glow-digits-seed0", "glow-digits-seed1"] and changed.efficiency["trials_run"] == 2
+    archived = sorted(p.name for p in changed.archive.glob("records/*.json"))
+    assert archived == ["glow-digits-seed0.json", "glow-digits-seed1.json"]
+    new = read_table(out / "trials.parquet", "trials").set_index("trial_id")
+    old = trials.set_index("trial_id")
+    assert all(json.loads(h)["hidden_channels"] == 12 for h in new.loc[["glow-digits-seed0", "glow-digits-seed1"], "hparams"])
+    kept = ["nxn_shift-digits-seed0", "nxn_shift-digits-seed1"]
+    assert (new.loc[kept, "finished_at"] == old.loc[kept, "finished_at"]).all()
+    client, _, children = child_runs(outcome.mlflow_uri, "e2e")  # the old glow runs: deleted (restorable)
+    assert sorted(c.info.run_name for c in children) == sorted(new.index)
+    assert {json.loads(c.data.params["hparams"])["hidden_channels"] for c in children if c.data.params["model"] == "glow"} == {12}
 
+
+@pytest.mark.slow
 def test_diverging_trial_is_recorded_while_the_sweep_goes_on(tmp_path, local_ray):
-    spec = spec_file(tmp_path, "div", extra="""\
-        max_failures: 0
-        """)
-    text = spec.read_text().replace(f"glow: {TINY}", "glow: {depth: 2, levels: 2, hidden_channels: 8, lr: 1.0e4, grad_clip: null}")
-    spec.write_text(text)
+    spec = spec_file(tmp_path, "div", extra="max_failures: 0\n", overrides={
+        "glow": "{depth: 2, levels: 2, hidden_channels: 8, lr: 1.0e4, grad_clip: null}", "nxn_shift": TINY})
     outcome = run_sweep(spec, tmp_path / "results")
     status = dict(zip(outcome.trials.model, outcome.trials.status))
     assert status == {"glow": "diverged", "nxn_shift": "ok"}
@@ -117,25 +228,34 @@ def test_diverging_trial_is_recorded_while_the_sweep_goes_on(tmp_path, local_ray
     assert "loss became nan or inf at step" in reason
 
 
-def test_optuna_search_with_asha_then_best_on_every_seed(tmp_path, local_ray):
-    spec = spec_file(tmp_path, "search", models=("glow",), seeds=(0, 1), steps=30, extra="""\
+@pytest.mark.slow
+def test_search_groups_run_side_by_side_then_the_best_on_every_seed(tmp_path, local_ray):
+    spec = spec_file(tmp_path, "search", models=("glow", "nxn_shift"), seeds=(0, 1), steps=30, extra="""\
         search:
-          num_samples: 4
+          num_samples: 3
           space: {lr: {loguniform: [1.0e-4, 3.0e-2]}}
           asha: {grace_period: 10, reduction_factor: 2}
         """)
     outcome = run_sweep(spec, tmp_path / "results")
     t = outcome.trials
+    assert t.trial_id.is_unique
     search, final = t[t.phase == "search"], t[t.phase == "final"]
-    assert len(search) == 4 and len(set(search.lr)) == 4  # Optuna sampled four learning rates
+    assert len(search) == 6 and search.groupby("model").lr.nunique().to_dict() == {"glow": 3, "nxn_shift": 3}
     assert set(search.status) <= {"ok", "stopped"}
-    stopped = search[search.status == "stopped"]
-    assert (stopped.steps < 30).all()
-    best_lr = search.loc[search.test_bpd.idxmin(), "lr"] if (search.status == "ok").all() else None
-    assert sorted(final.trial_id) == ["glow-digits-seed0", "glow-digits-seed1"]
-    assert final.lr.nunique() == 1 and (final.status == "ok").all()
-    if best_lr is not None:
-        assert final.lr.iloc[0] == pytest.approx(best_lr)
+    assert (search[search.status == "stopped"].steps < 30).all()
+    assert sorted(final.trial_id) == ["glow-digits-seed0", "glow-digits-seed1", "nxn_shift-digits-seed0",
+                                      "nxn_shift-digits-seed1"]
+    assert (final.status == "ok").all()
+    for model, group in search.groupby("model"):
+        reached = group[group.status == "ok"]
+        best_lr = reached.loc[reached.val_bpd.idxmin(), "lr"]  # selected on validation, not on test
+        assert final[final.model == model].lr.tolist() == pytest.approx([best_lr, best_lr])
+    # one Tune experiment: the two groups' trials overlapped in time on the two slots
+    client, _, children = child_runs(outcome.mlflow_uri, "search")
+    spans = {c.info.run_name: (c.info.start_time, c.info.end_time) for c in children}
+    glow = [spans[i] for i in t[t.model == "glow"].trial_id]
+    nxn = [spans[i] for i in t[t.model == "nxn_shift"].trial_id]
+    assert any(a0 < b1 and b0 < a1 for a0, a1 in glow for b0, b1 in nxn)
 
 
 def free_port() -> int:
@@ -146,6 +266,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sweep_logs_to_a_real_mlflow_server(tmp_path, local_ray):
     import urllib.request
 
@@ -177,34 +298,42 @@ def test_sweep_logs_to_a_real_mlflow_server(tmp_path, local_ray):
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed(tmp_path):
     """Kill the whole driver (and its local Ray) once one trial has finished; run again."""
     spec = spec_file(tmp_path, "killed", seeds=(0, 1), steps=60)
     results = tmp_path / "results"
-    grid = results / "killed" / "tune" / "grid"
+    tune_dir = results / "killed" / "tune"
     cmd = [sys.executable, "-m", "flowbench.cli", "sweep", str(spec), "--results", str(results), "--num-cpus", "2"]
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(grid.glob("*/final/record.json")):
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(tune_dir.glob("*/*/checkpoint_*/record.json")):
         time.sleep(0.5)
     os.killpg(driver.pid, signal.SIGKILL)
     killed_at = time.time()
     driver.wait()
-    finished = {p.parts[-3] for p in grid.glob("*/final/record.json")}
-    checkpointed = {p.parent.name for p in grid.glob("*/checkpoint_*")} - finished
+    (experiment,) = tune_dir.iterdir()
+    finished = {p.parts[-3] for p in experiment.glob("*/checkpoint_*/record.json")}
+    checkpointed = {p.parent.name for p in experiment.glob("*/checkpoint_*")} - finished
     assert finished, "no trial finished before the deadline"
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    # the terminal shows flowbench's lines; Ray's start-up box goes to the sweep's log
+    assert "Started a local Ray instance" not in rerun.stderr + rerun.stdout
+    assert "Started a local Ray instance" in (results / "killed" / "sweep.log").read_text()
+    assert "busy" in rerun.stdout
+    assert [d.name for d in tune_dir.iterdir()] == [experiment.name]  # the same experiment, resumed
     trials = read_table(results / "killed" / "trials.parquet", "trials")
     assert len(trials) == 4 and (trials.status == "ok").all() and (trials.steps == 60).all()
     for trial in finished:  # finished before the kill: never trained again (at most its record re-reported)
-        trained_after_kill = [how for how, at in attempts(grid / trial, True) if how != "finished already" and at > killed_at]
+        trained_after_kill = [how for how, at in attempts(final_checkpoint(experiment, trial), True)
+                              if how != "finished already" and at > killed_at]
         assert not trained_after_kill, trial
     for trial in checkpointed:  # interrupted after a checkpoint: continued from it
-        assert attempts(grid / trial)[-1] == "resumed", trial
+        assert attempts(final_checkpoint(experiment, trial))[-1] == "resumed", trial
     client, _, children = child_runs(f"sqlite:///{results / 'killed' / 'mlflow.db'}", "killed")
     assert sorted(c.info.run_name for c in children) == sorted(trials.trial_id)  # no duplicate runs
     for child in children:
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "test_bpd")]
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_bpd")]
         assert steps == [10, 20, 30, 40, 50, 60], (child.info.run_name, steps)
