@@ -18,6 +18,7 @@ from flowbench.data.cache import (
 from flowbench.data.embedded import digits_source, embedded_source
 from flowbench.data.files import celeba_hq_source, cifar10_source, imagenet_source
 from flowbench.data.loader import Prefetcher
+from flowbench.data.remote import local_root
 from flowbench.errors import FlowbenchError, unknown_name
 
 DATASETS = {  # name -> the Source of its files under a root (None: data shipped with the packages)
@@ -42,6 +43,7 @@ def find_source(name: str, root: str | Path | None) -> Source:
 def load_dataset(name: str, root: str | Path | None = None) -> ImageData:
     """The data set's splits, memory-mapped from its prepared cache: ``root`` itself when it is
     one, else the default cache of ``root`` (built here, once, when missing or out of date)."""
+    root = local_root(name, root)  # an s3:// root: its copy staged on this node
     prepared = _given_cache(name, root)
     if prepared is not None:
         data = open_cache(prepared, name)
@@ -63,6 +65,7 @@ def load_dataset(name: str, root: str | Path | None = None) -> ImageData:
 
 def prepare_dataset(name: str, root: str | Path | None = None, cache: str | Path | None = None) -> tuple[Path, dict, bool]:
     """``flowbench data prepare``: (cache folder, its manifest, whether this call built it)."""
+    root = local_root(name, root)  # an s3:// root: its copy staged on this node
     if root is not None and is_cache(root):
         raise FlowbenchError(f"{root}: already a prepared cache; give the data set's source folder")
     source = find_source(name, root)
@@ -74,6 +77,7 @@ def prepare_dataset(name: str, root: str | Path | None = None, cache: str | Path
 def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
     """Image shape, n_bits and images per split without loading pixels: from the prepared cache's
     manifest when there is a current one, else from the source's listing and headers."""
+    root = local_root(name, root)  # an s3:// root: its copy staged on this node
     prepared = _given_cache(name, root)
     if prepared is not None:
         manifest = read_manifest(prepared)
