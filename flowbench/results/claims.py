@@ -29,7 +29,8 @@ import pandas as pd
 
 from flowbench.results.table2 import ALPHA
 
-SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED = "supported", "contradicted", "inconclusive", "not tested by this sweep"
+SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
+NOT_TESTED = "not tested by this sweep"
 PAPER = ('Truong et al., "Fast Flow Reconstruction via Robust Invertible n×n Convolution", '
          "Future Internet 13(7):179, 2021")
 # the paper's data sets; their image shapes are what the data sets are
@@ -111,9 +112,11 @@ def paper_claims() -> PaperClaims:
             _bpd_claim("a1", "nxn_shift", "glow", "imagenet32", "n×n convolution beats Glow's 1×1 convolution"),
             _bpd_claim("a2", "nxn_shift", "glow", "imagenet64", "n×n convolution beats Glow's 1×1 convolution"),
             _bpd_claim("b1", "glow", "nxn_shift", "cifar10", "n×n convolution is worse than Glow"),
-            _bpd_claim("b2", "emerging", "nxn_shift", "cifar10", "n×n convolution is worse than Emerging convolutions"),
+            _bpd_claim("b2", "emerging", "nxn_shift", "cifar10",
+                       "n×n convolution is worse than Emerging convolutions"),
         ),
-        parameters=Claim("c", "the n×n convolution uses fewer parameters than a standard n×n convolution", "abstract"),
+        parameters=Claim("c", "the n×n convolution uses fewer parameters than a standard n×n convolution",
+                         "abstract"),
         latency=(
             PairedClaim(Claim("d1", "n×n convolution infers faster than Emerging convolutions: density (log_prob)",
                               speed_source), "density_latency_ms", "nxn_shift", "emerging"),

@@ -137,7 +137,8 @@ def paired_comparisons(trials: pd.DataFrame, metric: str = "test_bpd") -> pd.Dat
     finals = final_trials(trials)
     ok = finals[(finals["status"] == "ok") & np.isfinite(finals[metric].astype(float))]
     rows = []
-    for (dataset, variant), group in sorted(ok.groupby(["dataset", "variant"]), key=lambda kv: (_order("", kv[0][0]), kv[0][1])):
+    families = sorted(ok.groupby(["dataset", "variant"]), key=lambda kv: (_order("", kv[0][0]), kv[0][1]))
+    for (dataset, variant), group in families:
         by_model = {m: g.set_index("seed")[metric].astype(float)
                     for m, g in sorted(group.groupby("model"), key=lambda kv: _order(kv[0], dataset))}
         family = []
