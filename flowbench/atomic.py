@@ -20,20 +20,22 @@ _ADVICE = {
     errno.EPERM: ("permission denied", "make the folder writable for you or give another one, then run again"),
     errno.EROFS: ("read-only file system", "give an output folder on a writable disk, then run again"),
 }
+KEPT = " (its previous version is intact)"
 _FULL = 1 << 20  # below a MiB free, a writer's failure is taken for a full disk
 
 
-def write_error(path: str | Path, err: OSError) -> FlowbenchError | None:
-    """The one line for a write to ``path`` that failed with ``err``; None for other errors."""
+def write_error(path: str | Path, err: OSError, kept: str = "") -> FlowbenchError | None:
+    """The one line for a write to ``path`` that failed with ``err`` (``kept``: what is intact);
+    None for errors other than a full disk or a closed folder."""
     if err.errno not in _ADVICE:
         return None
     what, advice = _ADVICE[err.errno]
-    return FlowbenchError(f"{what} writing {path} (a previous version of it is intact): {advice}")
+    return FlowbenchError(f"{what} writing {path}{kept}: {advice}")
 
 
 def _raise_write_error(path: Path, err: OSError) -> None:
     """Raise the one-line error for ``err`` if it is a full disk or a closed folder, else ``err``."""
-    translated = write_error(path, err)
+    translated = write_error(path, err, KEPT)
     if translated is None:
         raise err
     raise translated from None
@@ -84,7 +86,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         _raise_write_error(path, err)
     except RuntimeError:
         if _disk_full(path.parent):
-            raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
+            raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KEPT) from None
         raise
     finally:
         tmp.unlink(missing_ok=True)

@@ -3,23 +3,55 @@ hyperparameters per data set, and the bits/dim the n×n-convolution paper's Tabl
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
 
 from flowbench.errors import FlowbenchError
 from flowbench.flows.registry import model_entry
-from flowbench.specfile import load_spec
+from flowbench.specfile import FieldError, error_location, load_spec
+
+# The valid ranges of the built-in flows' hyperparameters (their builders declare only defaults,
+# whose types give each one's type): counts are at least 1, images hold at most 8 bits, and the
+# logit preprocessing's margin alpha keeps alpha + (1 - 2 alpha) x inside (0, 1).
+HPARAM_RANGES = {
+    **{count: {"ge": 1} for count in ("depth", "levels", "hidden_channels", "n_blocks", "kernel_size")},
+    "n_bits": {"ge": 1, "le": 8},
+    "alpha": {"gt": 0, "lt": 0.5},
+}
+
+
+@functools.cache
+def _hparams_model(name: str) -> type[pydantic.BaseModel]:
+    fields = {key: (Any if default is None else type(default), pydantic.Field(default, **HPARAM_RANGES.get(key, {})))
+              for key, default in model_entry(name).hparams().items()}
+    return pydantic.create_model(f"{name} hyperparameters", __config__=pydantic.ConfigDict(
+        extra="forbid", allow_inf_nan=False), **fields)
+
+
+def check_hparams(name: str, hparams: dict) -> dict:
+    """``hparams`` of model ``name`` typed as its builder's defaults ('4' and 4.0 become 4) and in
+    range; raises FieldError naming the key. Only the keys given are returned."""
+    try:
+        valid = _hparams_model(name).model_validate(hparams)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        loc, message = error_location(first)
+        if first["type"] == "extra_forbidden":
+            message = f"{name} has no such hyperparameter (it accepts {', '.join(model_entry(name).hparams())})"
+        raise FieldError(loc, message) from None
+    return valid.model_dump(include=set(hparams))
 
 
 class Recipe(pydantic.BaseModel):
     """How the source trained this model on this data set: what a trial uses unless a spec or the
     CLI says otherwise. ``source`` names where each value comes from (file, flag, section)."""
 
-    model_config = pydantic.ConfigDict(extra="forbid")
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
     optimizer: Literal["adam", "adamax"] = "adam"
     lr: float = pydantic.Field(gt=0)
     warmup_steps: int = pydantic.Field(0, ge=0)  # linear warm-up of the learning rate from 0
@@ -35,19 +67,32 @@ class Recipe(pydantic.BaseModel):
 
 
 class DatasetCard(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
     hparams: dict = {}
     recipe: Recipe | None = None
-    paper_bpd: float | None = None
+    paper_bpd: float | None = pydantic.Field(None, gt=0)
 
 
 class ModelCard(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str
     paper: str
     url: str | None = None
     code: str | None = None  # the authors' released code the card follows
     datasets: dict[str, DatasetCard]
+
+    @pydantic.model_validator(mode="after")
+    def _hparams_typed(self):
+        try:
+            model_entry(self.name)
+        except FlowbenchError:
+            return self  # load_card reports a card naming another model
+        for dataset, card in self.datasets.items():
+            try:
+                card.hparams = check_hparams(self.name, card.hparams)
+            except FieldError as err:
+                raise FieldError(("datasets", dataset, "hparams", *err.loc), str(err)) from None
+        return self
 
     def hparams_for(self, dataset: str) -> dict:
         """The card's hyperparameters for ``dataset``; builder defaults where the card has none."""
@@ -79,3 +124,16 @@ def load_card(name: str) -> ModelCard:
     if card.name != name:
         raise FlowbenchError(f"{path}: card names model {card.name!r}, expected {name!r}")
     return card
+
+
+def training_settings(model: str, dataset: str, explicit: dict) -> tuple[dict, str]:
+    """The card's recipe for (model, dataset) as training settings, with ``explicit`` (a spec's or
+    the CLI's values) over it, and a line saying where they come from."""
+    recipe = load_card(model).recipe_for(dataset)
+    base = recipe.train_settings() if recipe else {}
+    source = recipe.source if recipe else f"flowbench defaults (the {model} card has no recipe for {dataset})"
+    changed = sorted(k for k, v in explicit.items() if k in Recipe.model_fields and base.get(k, v) != v)
+    if changed:
+        source += "; overridden: " + ", ".join(f"{k}={explicit[k]}" for k in changed)
+    return base | explicit, source
+

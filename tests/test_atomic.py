@@ -100,7 +100,7 @@ def test_a_read_only_folder_is_one_line_naming_the_path(tmp_path):
     with mounted_tmpfs(tmp_path / "disk") as disk:
         (disk / "report.md").write_text("old")
         remount_readonly(disk)
-        with pytest.raises(FlowbenchError, match=r"^read-only file system writing .*report.md \(a previous version"):
+        with pytest.raises(FlowbenchError, match=r"^read-only file system writing .*report.md \(its previous version is intact\)"):
             with atomic_write(disk / "report.md") as tmp:
                 tmp.write_text("new")
         assert (disk / "report.md").read_text() == "old"
