@@ -29,6 +29,7 @@ from flowbench.data import load_dataset
 from flowbench.errors import FlowbenchError
 from flowbench.flows.models import FlowModel
 from flowbench.record import TrialRecord
+from flowbench.specfile import FieldError
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +44,26 @@ CouplingPrecision = Literal["float32", "bfloat16"]
 class TrainSettings(pydantic.BaseModel):
     """How a trial trains: the part of its config that a sweep spec's ``train:`` sets for all."""
 
-    model_config = pydantic.ConfigDict(extra="forbid")
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
 
     batch_size: int = pydantic.Field(64, gt=0)
     lr: float = pydantic.Field(1e-3, gt=0)
     warmup_steps: int = pydantic.Field(0, ge=0)
-    grad_clip: float | None = 50.0
+    grad_clip: float | None = pydantic.Field(50.0, gt=0)  # max gradient norm; None: no clipping
     memory_saving: bool = False  # gradient checkpointing per flow step: less memory, more compute
     coupling_precision: CouplingPrecision = "float32"  # the coupling networks' compute
     eval_every: int = pydantic.Field(100, gt=0)
     eval_images: int | None = pydantic.Field(None, gt=0)  # test images per intermediate evaluation
     checkpoint_every: int = pydantic.Field(500, gt=0)
+
+    @pydantic.model_validator(mode="after")
+    def _checkpoints_at_evaluations(self):
+        # a checkpoint is written at an evaluation: with neither interval dividing the other the
+        # checkpoints would come at their least common multiple, far rarer than asked
+        if self.checkpoint_every % self.eval_every and self.eval_every % self.checkpoint_every:
+            raise FieldError(("checkpoint_every",), f"checkpoints are written at evaluations: give a multiple "
+                             f"or a divisor of eval_every ({self.eval_every}), got {self.checkpoint_every}")
+        return self
 
 
 class TrialConfig(TrainSettings):
@@ -62,7 +72,7 @@ class TrialConfig(TrainSettings):
     model: str
     dataset: str
     hparams: dict = {}
-    seed: int = 0
+    seed: int = pydantic.Field(0, ge=0)
     budget_kind: BudgetKind = "steps"
     budget: float = pydantic.Field(500, gt=0)
     latency_batch_size: int = pydantic.Field(16, gt=0)
