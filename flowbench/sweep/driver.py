@@ -124,19 +124,22 @@ def cluster_slots(spec: SweepSpec) -> int:
 
 @contextlib.contextmanager
 def ray_log_to(path: Path):
-    """Ray's and Tune's log lines (start-up box, TensorBoard hints, warnings) go to ``path``
-    while the block runs: the terminal is flowbench's."""
-    ray_logger = logging.getLogger("ray")
-    saved = ray_logger.handlers[:], ray_logger.propagate
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    ray_logger.handlers[:] = [handler]
-    ray_logger.propagate = False
-    try:
-        yield
-    finally:
-        ray_logger.handlers[:], ray_logger.propagate = saved
-        handler.close()
+    """Ray's, Tune's and Optuna's output (start-up box, experiment box, TensorBoard hints, status
+    lines, warnings) goes to ``path`` while the block runs: the terminal is flowbench's."""
+    with open(path, "a", buffering=1) as stream, contextlib.redirect_stdout(stream):  # Tune prints its boxes
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        import optuna  # noqa: F401 -- its logger gets its own terminal handler on import: swapped below
+
+        loggers = [logging.getLogger(name) for name in ("ray", "optuna")]
+        saved = [(logger.handlers[:], logger.propagate) for logger in loggers]
+        for logger in loggers:
+            logger.handlers[:], logger.propagate = [handler], False
+        try:
+            yield
+        finally:
+            for logger, (handlers, propagate) in zip(loggers, saved):
+                logger.handlers[:], logger.propagate = handlers, propagate
 
 
 # --------------------------------------------------------------------------- units: what is planned
@@ -277,7 +280,7 @@ class SweepSearch(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         group = self.groups.get(self.live.get(trial_id))
-        if group is not None and METRIC in result:
+        if group is not None and trial_id in group["live"] and METRIC in result:  # a sample, not a final trial
             group["optuna"].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

@@ -104,7 +104,7 @@ def test_an_interrupted_two_process_memory_lean_trial_resumes_to_the_one_process
     state = load_checkpoint(tmp_path / "parallel" / "checkpoint")
     assert state["progress"]["step"] == 6
     alone = load_checkpoint(tmp_path / "single" / "checkpoint")
-    assert [p["test_bpd"] for p in state["curve"]] == pytest.approx([p["test_bpd"] for p in alone["curve"]], rel=1e-5)
+    assert [p["val_bpd"] for p in state["curve"]] == pytest.approx([p["val_bpd"] for p in alone["curve"]], rel=1e-5)
     for key in alone["model"]:
         torch.testing.assert_close(state["model"][key], alone["model"][key], rtol=1e-4, atol=1e-5)
 
@@ -142,7 +142,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
         """The step of the checkpoint Ray Train would restart from: the latest its controller
         registered (a checkpoint folder in storage may not be registered yet)."""
         try:
-            (snapshot,) = tune_dir.glob("grid-train/*/checkpoint_manager_snapshot.json")
+            (snapshot,) = tune_dir.glob("trials-*-train/*/checkpoint_manager_snapshot.json")
             return json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"]
         except (ValueError, TypeError, KeyError):  # not there yet, or caught mid-write
             return 0
@@ -168,7 +168,7 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
     row = read_table(outcome.results_dir / "trials.parquet", "trials").iloc[0]
     assert (row.status, row.workers, row.steps) == ("ok", 2, 200)
     # resumed, not restarted from scratch: Tune saw every evaluation step once, in order
-    (result_file,) = (tune_dir / "grid").glob("*/result.json")
+    (result_file,) = [p for p in tune_dir.glob("trials-*/*/result.json") if not p.parts[-3].endswith("-train")]
     reported = [json.loads(line) for line in result_file.read_text().splitlines()]
     evaluations = [r["step"] for r in reported if "status" not in r]  # not the reports of the record
     assert evaluations == list(range(10, 201, 10)), evaluations
