@@ -125,6 +125,17 @@ def test_units_hash_what_runs(tmp_path):
     assert changed == ["glow-digits-seed0", "glow-digits-seed1"]
 
 
+def test_a_second_driver_of_the_same_sweep_is_refused_at_once(tmp_path):
+    from flowbench.errors import FlowbenchError
+    from flowbench.locks import exclusive_lock
+
+    spec = spec_file(tmp_path, "owned")
+    with exclusive_lock(tmp_path / "results" / "owned", "flowbench sweep owned"):
+        with pytest.raises(FlowbenchError, match=r"in use by flowbench sweep owned \(pid \d+"):
+            run_sweep(spec, tmp_path / "results")
+    assert not (tmp_path / "results" / "owned" / "sweep.json").exists()  # nothing of the owner's touched
+
+
 # --------------------------------------------------------------------------- real sweeps
 @pytest.fixture(scope="module")
 def local_ray():
