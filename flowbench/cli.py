@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -47,7 +48,7 @@ def _number(kind: type, **bounds):
                 raise ValueError
             return adapter.validate_python(value)
         except (ValueError, pydantic.ValidationError) as err:
-            problem = err.errors()[0]["msg"] if isinstance(err, pydantic.ValidationError) else f"not {kind.__name__}"
+            problem = err.errors()[0]["msg"] if isinstance(err, pydantic.ValidationError) else "not a number"
             raise argparse.ArgumentTypeError(f"{problem[0].lower()}{problem[1:]}, got {text!r}") from None
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
@@ -78,6 +79,11 @@ def _cli_hparams(model: str, pairs) -> dict:
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line (its default prints the whole usage first)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes '-1e-3' for an option (its pattern knows no exponent): a value here
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -106,8 +112,10 @@ def cmd_train(args) -> None:
 
     from flowbench.atomic import atomic_write
     from flowbench.cards import load_card, training_settings
+    from flowbench.data import dataset_info
     from flowbench.locks import exclusive_lock
     from flowbench.results.tables import curves_frame, trials_frame, write_table
+    from flowbench.sweep.spec import data_fingerprint
     from flowbench.trial import CHECKPOINT_FILE, TrialConfig, load_checkpoint, run_trial
 
     budgets = {k: getattr(args, f"budget_{k}") for k in BUDGET_KINDS}
@@ -122,10 +130,11 @@ def cmd_train(args) -> None:
     if args.no_grad_clip:
         explicit["grad_clip"] = None
     train, source = training_settings(args.model, args.dataset, explicit)
+    info = dataset_info(args.dataset, args.data_root)  # a missing data set is one line, before anything starts
     try:
         config = TrialConfig(
             model=args.model, dataset=args.dataset, hparams=hparams, seed=args.seed, budget_kind=kind, budget=amount,
-            **train, recipe_source=source, eval_every=args.eval_every,
+            **train, recipe_source=source, data_fingerprint=data_fingerprint(info), eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every or 10 * args.eval_every,
             memory_saving=args.memory_saving, coupling_precision=args.coupling_precision,
             data_root=args.data_root, device=args.device, out_dir=str(out), trial_id=out.name,
