@@ -1,0 +1,147 @@
+"""The sweep driver under load (issue #14 item 5): a sweep of many short trials on a few slots.
+
+    python benchmarks/bench_load.py [--trials 200 --steps 4 --slots 2]
+
+Writes a temporary spec (a tiny Glow on the digits, one trial per seed 0..N-1, a few steps
+each) and runs it with ``flowbench.sweep.driver.run_sweep`` in this process, on a local Ray of
+``--slots`` CPUs whose temporary folder and results folder are private to the run. Reports:
+
+- the driver's overhead per trial: (wall × slots − the trials' busy seconds) / trials, from the
+  efficiency the driver itself records in sweep.json (wall from the sweep's start to the end of
+  its Tune experiment, busy from each trial's start in its worker to its record), and the same
+  over the whole ``run_sweep`` call (collecting the records, tables, report and MLflow included);
+- the driver process's peak memory: VmHWM (the kernel's peak resident set) and RssAnon (anonymous
+  memory, sampled every 0.1 s) with its growth from before the sweep to after it;
+- that every trial is ok and recorded once: trials.parquet holds exactly the planned trial ids,
+  each once, all with status ``ok``. The exit status is non-zero otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+
+def status_kb(field: str) -> int:
+    """A field of this process's /proc/self/status, in kB (e.g. VmHWM, RssAnon)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+class PeakSampler(threading.Thread):
+    """The largest value of a /proc/self/status field seen while running."""
+
+    def __init__(self, field: str, interval: float = 0.1):
+        super().__init__(daemon=True, name=f"sample-{field}")
+        self.field, self.interval, self.peak = field, interval, status_kb(field)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self.peak = max(self.peak, status_kb(self.field))
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        self.peak = max(self.peak, status_kb(self.field))
+        return self.peak
+
+
+def write_spec(folder: Path, name: str, trials: int, steps: int) -> Path:
+    spec = folder / f"{name}.yaml"
+    spec.write_text(f"""name: {name}
+models: [glow]
+datasets: [digits]
+seeds: [{", ".join(str(s) for s in range(trials))}]
+budget: {{steps: {steps}}}
+train: {{batch_size: 16, eval_every: {steps}, checkpoint_every: {steps}, eval_images: 64}}
+overrides:
+  glow: {{depth: 2, levels: 2, hidden_channels: 8}}
+resources: {{cpu: 1}}
+latency: {{batch_size: 8, repeats: 1}}
+""")
+    return spec
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trials", type=int, default=200)
+    p.add_argument("--steps", type=int, default=4, help="training steps per trial")
+    p.add_argument("--slots", type=int, default=2, help="CPUs of the local Ray: trials at once")
+    p.add_argument("--keep", action="store_true", help="keep the results folder (its path is printed)")
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="fbload-"))
+    # a Ray of our own: its sockets and session under our folder (a short path: socket names are
+    # limited), and no RAY_ADDRESS, so no other Ray on the machine is joined
+    os.environ["RAY_TMPDIR"] = str(work / "ray")
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    (work / "ray").mkdir()
+
+    import pandas as pd
+    import ray
+
+    from flowbench.sweep.driver import run_sweep
+
+    name = "load"
+    spec = write_spec(work, name, args.trials, args.steps)
+    rss_anon_before = status_kb("RssAnon")
+    sampler = PeakSampler("RssAnon")
+    sampler.start()
+    started = time.time()
+    try:
+        outcome = run_sweep(spec, work / "results", num_cpus=args.slots)
+    finally:
+        total_wall = time.time() - started
+        peak_anon = sampler.stop()
+        ray.shutdown()
+    rss_anon_after, hwm = status_kb("RssAnon"), status_kb("VmHWM")
+
+    out = work / "results" / name
+    trials = pd.read_parquet(out / "trials.parquet")
+    last_run = json.loads((out / "sweep.json").read_text())["last_run"]
+    planned = {f"glow-digits-seed{s}" for s in range(args.trials)}
+    problems = []
+    if len(trials) != args.trials:
+        problems.append(f"{len(trials)} rows in trials.parquet, {args.trials} planned")
+    if trials.trial_id.duplicated().any():
+        problems.append(f"trial ids recorded twice: {sorted(trials.trial_id[trials.trial_id.duplicated()])[:5]}")
+    if set(trials.trial_id) != planned:
+        problems.append(f"missing {sorted(planned - set(trials.trial_id))[:5]}, "
+                        f"unplanned {sorted(set(trials.trial_id) - planned)[:5]}")
+    if not (trials.status == "ok").all():
+        problems.append(f"status not ok: {trials.status[trials.status != 'ok'].value_counts().to_dict()}")
+    if last_run["trials_run"] != args.trials:
+        problems.append(f"sweep.json says {last_run['trials_run']} trials ran")
+
+    ran, slots, busy = last_run["trials_run"] or 1, last_run["slots"], last_run["busy_seconds"]
+    print(f"load run: {args.trials} trials of {args.steps} steps (glow K=2 L=2 width 8 on digits), {slots} slots, "
+          f"{os.cpu_count()} CPUs on the machine")
+    print(f"  experiment wall {last_run['wall_seconds']:.1f} s, run_sweep wall {total_wall:.1f} s, "
+          f"trials busy {busy:.1f} s ({busy / ran:.2f} s a trial), efficiency {last_run['efficiency']:.2f}")
+    print(f"  driver overhead per trial: {(last_run['wall_seconds'] * slots - busy) / ran:.2f} s slot time "
+          f"(experiment), {(total_wall * slots - busy) / ran:.2f} s (whole run_sweep: + tables, report, MLflow)")
+    print(f"  driver process memory: peak resident (VmHWM) {hwm / 1024:.0f} MiB, peak anonymous (RssAnon) "
+          f"{peak_anon / 1024:.0f} MiB; RssAnon {rss_anon_before / 1024:.0f} MiB before the sweep, "
+          f"{rss_anon_after / 1024:.0f} MiB after")
+    print(f"  trials.parquet: {len(trials)} rows, {trials.trial_id.nunique()} unique trial ids, status "
+          f"{trials.status.value_counts().to_dict()}: " + ("; ".join(problems) if problems else "all ok, each once"))
+    if args.keep:
+        print(f"  results kept in {out}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
