@@ -22,6 +22,7 @@ import math
 import tempfile
 
 import torch
+from torch.utils.benchmark import Timer
 from timing import time_interleaved, verdict  # benchmarks/timing.py: the script's folder is on sys.path
 
 import flowbench
@@ -73,15 +74,23 @@ def glow_step_normflows(args, device):
     return step, model
 
 
-def matmul_rates(args, device) -> dict[str, float]:
-    """FLOP/s of an n×n matmul in float32 and bfloat16: the machine's practical peak."""
-    n = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-    calls = {}
+def matmul_rates(args, device) -> dict[str, tuple[int, float]]:
+    """(n, FLOP/s) of an n×n matmul in float32 and bfloat16: the machine's practical peak. n doubles
+    from 256 until one matmul takes a fifth of --min-run-time or n reaches --matmul-size (where a
+    CPU lacks bf16 instructions, bf16 runs ~100× slower than float32, and a big n would take minutes)."""
+    sizes, calls = {}, {}
     for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        n = 256
+        while n < args.matmul_size:
+            a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+            if Timer("a @ b", globals={"a": a, "b": b}, num_threads=args.threads).timeit(1).median \
+                    >= args.min_run_time / 5:
+                break
+            n *= 2
         a, b, c = (torch.randn(n, n, device=device).to(dtype) for _ in range(3))
-        calls[name] = lambda a=a, b=b, c=c: torch.mm(a, b, out=c)
-    timed = time_interleaved(calls, args.repeats, args.threads, args.min_run_time, label=f"{n}×{n} matmul")
-    return {name: 2 * n**3 / timed.median(name) for name in calls}
+        sizes[name], calls[name] = n, lambda a=a, b=b, c=c: torch.mm(a, b, out=c)
+    timed = time_interleaved(calls, args.repeats, args.threads, args.min_run_time, label="matmul")
+    return {name: (n, 2 * n**3 / timed.median(name)) for name, n in sizes.items()}
 
 
 def bpd_after_steps(args, precision: str, out_dir: str):
@@ -109,14 +118,17 @@ def main() -> None:
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds each candidate is timed per round")
     p.add_argument("--steps", type=int, default=300, help="training steps before bits/dim is compared")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--matmul-size", type=int, default=None, help="n of the n×n matmul (8192 on CUDA, else 2048)")
+    p.add_argument("--matmul-size", type=int, default=None, help="largest n of the n×n matmul (8192 on CUDA, else 2048)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="auto")
     p.add_argument("--lu", action="store_true", help="LU-decomposed 1×1 convs on both sides")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    print(f"torch {torch.__version__}, device {device}, {args.threads} threads; K={args.depth} L={args.levels} "
+    args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"cpu ({torch.backends.cpu.get_cpu_capability()})"
+    print(f"torch {torch.__version__}, device {where}, {args.threads} threads; K={args.depth} L={args.levels} "
           f"width={args.width} batch={args.batch} lu={args.lu}; medians over {args.repeats} interleaved rounds")
 
     fp32, glow, pixels = step_ours("glow", args, device)
@@ -148,9 +160,9 @@ def main() -> None:
                   for precision, model in (("float32", glow), ("bfloat16", glow_bf16))}
     peak = matmul_rates(args, device)
     for precision, name in (("float32", "glow float32"), ("bfloat16", "glow bf16 couplings")):
-        rate = step_flops[precision] / steps.median(name)
+        rate, (n, limit) = step_flops[precision] / steps.median(name), peak[precision]
         print(f"  {precision} step: {step_flops[precision] / 1e9:.2f} GFLOP forward+backward, {rate / 1e9:.1f} GFLOP/s "
-              f"= {rate / peak[precision]:.0%} of a {precision} matmul's {peak[precision] / 1e9:.1f} GFLOP/s")
+              f"= {rate / limit:.0%} of a {n}×{n} {precision} matmul's {limit / 1e9:.1f} GFLOP/s")
 
     _, emerging, _ = step_ours("emerging", args, device)
     for m in (emerging, glow):
