@@ -49,6 +49,8 @@ class Prefetcher:
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.split, self.device = split, torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # the thread must name the device
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._closed = False

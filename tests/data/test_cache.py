@@ -4,6 +4,8 @@ import json
 import multiprocessing
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -209,3 +211,23 @@ def test_a_trial_trains_on_chrabaszcz_npz_through_the_prepared_cache(tmp_path, c
     assert json.loads((out / "record.json").read_text())["status"] == "ok"
     manifest = json.loads((default_cache_dir("imagenet32", tmp_path / "npz") / "manifest.json").read_text())
     assert manifest["splits"] == {"train": 72, "validation": 8, "test": 16}
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_files(tmp_path):
+    # a 2 MB tmpfs in a mount namespace of its own (root, as on the CI machines): the 13 MB
+    # embedded cache cannot fit; preallocation turns what would be a SIGBUS mid-write into ENOSPC
+    small = tmp_path / "small"
+    small.mkdir()
+    script = (f"mount -t tmpfs -o size=2m tmpfs {small} || exit 77\n"
+              f"FLOWBENCH_CACHE_DIR={small} {sys.executable} -m flowbench.cli data prepare embedded\n"
+              f"echo rc=$?; ls -A {small}/*\n")
+    try:
+        done = subprocess.run(["unshare", "--mount", "bash", "-c", script], capture_output=True, text=True, timeout=300)
+    except FileNotFoundError:
+        pytest.skip("no unshare here")
+    if done.returncode == 77 or "unshare: " in done.stderr:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    assert "rc=2" in done.stdout
+    error = done.stderr.strip()
+    assert error.startswith("flowbench: error: no space left on device writing ") and "\n" not in error
+    assert done.stdout.split("rc=2")[1].split() == [".lock"]  # no temporaries, no manifest
