@@ -75,8 +75,9 @@ def prepare_dataset(name: str, root: str | Path | None = None, cache: str | Path
 
 
 def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
-    """Image shape, n_bits and images per split without loading pixels: from the prepared cache's
-    manifest when there is a current one, else from the source's listing and headers."""
+    """Image shape, n_bits and images per split without loading a split: from the prepared cache's
+    manifest when there is a current one, else from the source's listing and headers (CIFAR-10's
+    pickles, which record no count, are unpickled one at a time to count their rows)."""
     root = local_root(name, root)  # an s3:// root: its copy staged on this node
     prepared = _given_cache(name, root)
     if prepared is not None:

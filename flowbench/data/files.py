@@ -85,8 +85,9 @@ def cifar10_source(root: Path | None) -> Source:
         for name in split_names[split]:
             yield _cifar_rows(rows.pop(name), name)
 
-    def sizes() -> dict[str, int]:
-        return {split: sum(len(c) for c in chunks(split)) for split in split_names}
+    def sizes() -> dict[str, int]:  # the pickles hold no count apart from their rows: one batch at a time
+        return {split: sum(len(_cifar_rows(batch, name)) for name, batch in batches(names))
+                for split, names in split_names.items()}
 
     return Source("cifar10", description, files, (3, 32, 32), 8, sizes, chunks)
 

@@ -191,6 +191,8 @@ def test_dataset_info_reads_no_pixels_and_prepares_nothing(tmp_path, cache_dir):
     info = dataset_info("imagenet32", tmp_path)
     assert (info.image_shape, info.n_bits, info.cache) == ((3, 32, 32), 8, None)
     assert info.sizes == {"train": 63, "validation": 7, "test": 10}  # 70 training images, a tenth held out
+    write_cifar_folder(tmp_path / "cifar")
+    assert dataset_info("cifar10", tmp_path / "cifar").sizes == {"train": 18, "validation": 2, "test": 3}
     assert not any(cache_dir.iterdir())
     load_dataset("imagenet32", tmp_path)
     assert dataset_info("imagenet32", tmp_path).cache == default_cache_dir("imagenet32", tmp_path)
