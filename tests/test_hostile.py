@@ -368,3 +368,102 @@ def test_a_read_only_output_folder_is_one_line_and_keeps_what_it_holds(tmp_path,
         rc, err = run_cli([*argv, "--out", str(disk / "fresh")], capsys)
         assert_one_line(rc, err, rf"^flowbench: error: read-only file system writing {re.escape(str(disk))}/fresh")
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+# --------------------------------------------------------------------------- sweeps (a real local Ray)
+from tests.sweep.test_runner import attempts, child_runs, final_checkpoint, local_ray, spec_file  # noqa: E402,F401
+
+
+@pytest.mark.slow
+def test_two_drivers_of_one_sweep_the_second_is_refused_while_the_first_runs_on(tmp_path):
+    from flowbench.results.tables import read_table
+
+    spec = spec_file(tmp_path, "twice", seeds=(0,))
+    results = tmp_path / "results"
+    cmd = flowbench_command("sweep", str(spec), "--results", str(results), "--num-cpus", "2")
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert lock_holder(results / "twice")["pid"] == first.pid
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None  # refused without waiting for the first to end
+        assert_one_line(second.returncode, second.stderr, rf"^flowbench: error: {re.escape(str(results / 'twice'))} is "
+                                                          rf"in use by flowbench sweep twice \(pid {first.pid} on ")
+        _, err = first.communicate(timeout=600)
+        assert first.returncode == 0, err[-2000:]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    trials = read_table(results / "twice" / "trials.parquet", "trials")
+    assert sorted(trials.trial_id) == ["glow-digits-seed0", "nxn_shift-digits-seed0"] and (trials.status == "ok").all()
+    _, parents, children = child_runs(f"sqlite:///{results / 'twice' / 'mlflow.db'}", "twice")
+    assert len(parents) == 1 and sorted(c.info.run_name for c in children) == sorted(trials.trial_id)
+
+
+@pytest.mark.slow
+def test_a_card_edit_reruns_exactly_the_trials_it_changes(tmp_path, local_ray, monkeypatch, caplog):
+    """The issue's case: the Glow digits card's depth 4 -> 2 between two runs of one sweep."""
+    import logging
+
+    from flowbench.results.tables import read_table
+    from flowbench.sweep.driver import run_sweep
+
+    cards = copy_cards(tmp_path)
+    monkeypatch.setenv("FLOWBENCH_MODELS_DIR", str(cards))
+    narrow = "{levels: 2, hidden_channels: 8}"  # depth: the card's
+    spec = spec_file(tmp_path, "cards", overrides={"glow": narrow, "nxn_shift": narrow})
+    run_sweep(spec, tmp_path / "results")
+    out = tmp_path / "results" / "cards"
+    before = read_table(out / "trials.parquet", "trials").set_index("trial_id")
+    assert {t: json.loads(h)["depth"] for t, h in before.hparams.items()} == {"glow-digits-seed0": 4,
+                                                                             "nxn_shift-digits-seed0": 4}
+    glow = (cards / "glow.yaml").read_text()
+    digits = "  digits:\n    hparams: {depth: 4,"
+    assert digits in glow, "the glow card's digits entry changed shape: update this test"
+    (cards / "glow.yaml").write_text(glow.replace(digits, "  digits:\n    hparams: {depth: 2,"))
+
+    with caplog.at_level(logging.WARNING, logger="flowbench"):
+        again = run_sweep(spec, tmp_path / "results")
+    assert again.changed == ["glow-digits-seed0"] and again.efficiency["trials_run"] == 1
+    said = [r.getMessage() for r in caplog.records if "changed configuration" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and "glow-digits-seed0" in said[0]
+    after = read_table(out / "trials.parquet", "trials").set_index("trial_id")
+    assert sorted(after.index) == sorted(before.index)  # the old glow record is out of the table
+    assert json.loads(after.hparams["glow-digits-seed0"])["depth"] == 2
+    assert after.finished_at["nxn_shift-digits-seed0"] == before.finished_at["nxn_shift-digits-seed0"]
+    (archived,) = again.archive.glob("records/glow-digits-seed0.json")  # archived, not deleted
+    (old,) = json.loads(archived.read_text())["trials"]
+    assert json.loads(old["row"]["hparams"])["depth"] == 4
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_trial_leaves_its_lock_and_a_rerun_loses_and_duplicates_nothing(tmp_path):
+    """SIGKILL as soon as a trial has checkpointed, before any has finished (the runner's test
+    kills after one finished): the dead driver's lock needs no cleanup, every trial resumes."""
+    from flowbench.results.tables import read_table
+
+    spec = spec_file(tmp_path, "midway", seeds=(0, 1), steps=60)
+    results = tmp_path / "results"
+    tune_dir = results / "midway" / "tune"
+    cmd = flowbench_command("sweep", str(spec), "--results", str(results), "--num-cpus", "2")
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(tune_dir.glob("*/*/checkpoint_*")):
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert list(tune_dir.glob("*/*/checkpoint_*")), "no trial checkpointed before the deadline"
+    assert lock_holder(results / "midway")["pid"] == driver.pid  # left behind by the dead driver
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    trials = read_table(results / "midway" / "trials.parquet", "trials")
+    assert sorted(trials.trial_id) == [f"{m}-digits-seed{s}" for m in ("glow", "nxn_shift") for s in (0, 1)]
+    assert (trials.status == "ok").all() and (trials.steps == 60).all()
+    (experiment,) = tune_dir.iterdir()
+    assert "resumed" in [how for t in trials.trial_id for how in attempts(final_checkpoint(experiment, t))]
+    client, _, children = child_runs(f"sqlite:///{results / 'midway' / 'mlflow.db'}", "midway")
+    assert sorted(c.info.run_name for c in children) == sorted(trials.trial_id)  # one run each
+    for child in children:  # every evaluation logged once
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_bpd")]
+        assert steps == [10, 20, 30, 40, 50, 60], (child.info.run_name, steps)
