@@ -26,11 +26,14 @@ def tune_storage(location: str):
     import pyarrow.fs
 
     if "@" in urlsplit(location).netloc:
-        raise FlowbenchError(f"--storage: {location.split('@')[0]}@…: credentials in the URI end up in every trial's "
-                             "saved state; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an instance profile) instead")
+        raise FlowbenchError("--storage: the URI holds credentials (…@ before the bucket), which would end up in every "
+                             "trial's saved state; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an instance profile) instead")
     try:
         filesystem, path = pyarrow.fs.FileSystem.from_uri(location)
-        filesystem.get_file_info(path)  # reachable, and the bucket exists: fail here, not in every trial
+        # reachable, and the bucket exists: fail here, not in every trial
+        bucket = path.split("/", 1)[0]
+        if filesystem.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
+            raise FlowbenchError(f"--storage {location}: bucket {bucket!r} does not exist there; create it first")
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         raise FlowbenchError(f"--storage {location}: {str(err).splitlines()[0]}; give s3://BUCKET/PREFIX of an existing "
                              "bucket (options as pyarrow reads them: ?endpoint_override=HOST:PORT&scheme=http&region=R) "
