@@ -151,28 +151,28 @@ class SweepSpec(Strict):
     def _consistent(self):
         for name in self.overrides:
             if name not in self.models:
-                raise ValueError(f"overrides.{name}: not one of the sweep's models {self.models}")
+                raise FieldError(("overrides", name), f"not one of the sweep's models {self.models}")
             accepted = [*model_entry(name).hparams(), *TRAIN_KEYS]
             unknown = sorted(set(self.overrides[name]) - set(accepted))
             if unknown:
-                raise ValueError(f"overrides.{name}: unknown key {unknown}; {name} accepts {accepted}")
+                raise FieldError(("overrides", name, unknown[0]), f"unknown key {unknown}; {name} accepts {accepted}")
             for key, value in self.overrides[name].items():
                 self.overrides[name][key] = _valid_value(key, value, [name], ("overrides", name, key))
         for name in self.data_roots:
             if name not in self.datasets:
-                raise ValueError(f"data_roots.{name}: not one of the sweep's datasets {self.datasets}")
+                raise FieldError(("data_roots", name), f"not one of the sweep's datasets {self.datasets}")
         if self.search is not None:
             for key, dist in self.search.space.items():
                 if key not in TRAIN_KEYS:
                     lacking = [m for m in self.models if key not in model_entry(m).hparams()]
                     if lacking:
-                        raise ValueError(f"search.space.{key}: neither a train key {TRAIN_KEYS} nor a hyperparameter "
-                                         f"of {lacking}")
+                        raise FieldError(("search", "space", key), f"neither a train key {TRAIN_KEYS} nor a "
+                                         f"hyperparameter of {lacking}")
                 _check_distribution(key, dist, self.models)
             asha = self.search.asha
             if asha is not None and asha.grace_period >= self.budget.amount:
-                raise ValueError(f"search.asha.grace_period ({asha.grace_period}) must be below the budget "
-                                 f"({self.budget.amount} {self.budget.kind})")
+                raise FieldError(("search", "asha", "grace_period"), f"{asha.grace_period:g} must be below the "
+                                 f"budget ({self.budget.amount:g} {self.budget.kind})")
         for key, values in self.grid.items():
             having = [m for m in self.models if key in model_entry(m).hparams()]
             if not having:
@@ -187,7 +187,8 @@ class SweepSpec(Strict):
                 raise FieldError(("grid", key), "match_params sets hidden_channels: do not grid over it too")
             self.grid[key] = [_valid_value(key, v, having, ("grid", key, i)) for i, v in enumerate(values)]
         if self.match_params is not None and self.search is not None and "hidden_channels" in self.search.space:
-            raise ValueError("match_params sets hidden_channels: do not search over it too")
+            raise FieldError(("search", "space", "hidden_channels"), "match_params sets hidden_channels: do not "
+                             "search over it too")
         return self
 
 

@@ -57,15 +57,15 @@ def test_dry_run_lists_trials(tmp_path, capsys):
         (GOOD.replace("[digits]", "[cifar-10]"), r"spec.yaml:3: datasets.0: unknown data set 'cifar-10': did you mean 'cifar10'"),
         (GOOD.replace("{steps: 20}", "{steps: 20, seconds: 5}"), r"spec.yaml:5: budget: give exactly one of"),
         (GOOD.replace("{steps: 20}", "{steps: 0}"), r"spec.yaml:5: budget.steps: Input should be greater than 0"),
-        (GOOD.replace("{steps: 20}", "{weeks: 2}"), r"budget.weeks: unknown key \(allowed: steps, epochs, seconds, images\)"),
+        (GOOD.replace("{steps: 20}", "{weeks: 2}"), r"budget.weeks: unknown key \(allowed: steps, epochs, seconds, images, flops\)"),
         (GOOD.replace("depth: 2, levels: 2, hidden_channels: 8}\n  nxn", "depth: 2, widht: 3}\n  nxn"),
-         r"overrides.glow: unknown key \['widht'\]"),
+         r"spec.yaml:8: overrides.glow.widht: unknown key \['widht'\]"),
         (GOOD + "search: {num_samples: 2, space: {lr: {loguniform: [1.0e-2, 1.0e-4]}}}\n",
-         r"spec.yaml:10: search.space: lr: loguniform takes \[low, high\] with low < high"),
-        (GOOD + "search: {num_samples: 2, space: {lr: {uniform: [0, 1]}}, asha: {grace_period: 50}}\n",
-         r"grace_period \(50.0\) must be below the budget \(20 steps\)"),
+         r"spec.yaml:10: search.space.lr.loguniform: loguniform takes \[low, high\] with low < high"),
+        (GOOD + "search: {num_samples: 2, space: {lr: {uniform: [1.0e-4, 1.0e-2]}}, asha: {grace_period: 50}}\n",
+         r"spec.yaml:10: search.asha.grace_period: 50 must be below the budget \(20 steps\)"),
         (GOOD + "search: {num_samples: 2, space: {momentum: {uniform: [0, 1]}}}\n",
-         r"search.space.momentum: neither a train key"),
+         r"spec.yaml:10: search.space.momentum: neither a train key"),
         (GOOD.replace("seeds: [0, 1]", "seeds: [0, 0]"), r"spec.yaml:4: seeds: an entry of seeds is listed twice"),
         (GOOD.replace("[digits]", "[cifar10]"), r"datasets: cifar10 needs data_roots.cifar10"),
         (GOOD.replace("[digits]", "[cifar10]") + "data_roots: {cifar10: /nowhere/cifar}\n",
@@ -108,6 +108,13 @@ def test_match_params_scales_width_to_the_target():
 
 @pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_spec_is_valid(path):
+    import math
+
+    from flowbench.flows.registry import model_entry
+
     spec = load_sweep_spec(path)
     if not spec.data_roots:  # the ones on embedded data expand into trials here too
-        assert len(plan(path)[1]) == len(spec.models) * len(spec.datasets) * len(spec.seeds)
+        # each model runs every combination of the grid values of the hyperparameters it has
+        variants = sum(math.prod(len(v) for k, v in spec.grid.items() if k in model_entry(m).hparams())
+                       for m in spec.models)
+        assert len(plan(path)[1]) == variants * len(spec.datasets) * len(spec.seeds)
