@@ -3,21 +3,32 @@
 ``run_trial(config, reporter) -> TrialRecord`` runs as is from ``flowbench train`` and is
 wrapped by Ray Tune in a sweep. ``reporter(metrics, checkpoint_dir)`` is called at every
 evaluation; ``checkpoint_dir`` is set when a checkpoint was just written there.
+
+The loop reads top to bottom like Glow-PyTorch's ``train.py``: ``setup_trial`` (data, model,
+optimiser, resume), then per step ``train_step`` (no host sync: the loss stays on the device),
+and at each evaluation interval ``evaluate_and_select`` (the one place device values are read:
+loss, divergence, validation bits/dim, the best checkpoint so far) and ``save_checkpoint``; at
+the end ``finish_record`` evaluates the selected checkpoint once on the test split.
+
+The science: selection (search, ASHA, the reported checkpoint) uses validation bits/dim, carved
+from the training data; test bits/dim is computed once, on the selected weights. Training FLOPs
+per image are measured with PyTorch's FLOP counter at the trial's shape, whatever the budget.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import logging
 import math
-import platform
 import resource
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import pydantic
@@ -25,7 +36,8 @@ import torch
 
 import flowbench
 from flowbench.atomic import atomic_write
-from flowbench.data import load_dataset
+from flowbench.data import ImageData, load_dataset
+from flowbench.data.loader import Prefetcher
 from flowbench.errors import FlowbenchError
 from flowbench.flows.models import FlowModel
 from flowbench.record import TrialRecord
@@ -33,19 +45,24 @@ from flowbench.specfile import FieldError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint.pt"
-BudgetKind = Literal["steps", "epochs", "seconds", "images"]
+CHECKPOINT_FILE = "checkpoint.pt"  # the latest state: what a resumed trial continues from
+SELECTED_FILE = "selected.pt"  # the weights with the best validation bits/dim: what the trial reports
+# bump when a change makes earlier trials' results incomparable (part of every trial's identity)
+IDENTITY_VERSION = 2
+BudgetKind = Literal["steps", "epochs", "seconds", "images", "flops"]
 Reporter = Callable[[dict, "Path | None"], None]
-
-
 CouplingPrecision = Literal["float32", "bfloat16"]
+Optimizer = Literal["adam", "adamax"]
 
 
 class TrainSettings(pydantic.BaseModel):
-    """How a trial trains: the part of its config that a sweep spec's ``train:`` sets for all."""
+    """How a trial trains: the part of its config that a sweep spec's ``train:`` sets for all.
+    A model card's recipe (``models/<name>.yaml``) supplies these per data set; what a spec or
+    the CLI sets explicitly overrides the card."""
 
     model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    optimizer: Optimizer = "adam"
     batch_size: int = pydantic.Field(64, gt=0)
     lr: float = pydantic.Field(1e-3, gt=0)
     warmup_steps: int = pydantic.Field(0, ge=0)
@@ -53,7 +70,7 @@ class TrainSettings(pydantic.BaseModel):
     memory_saving: bool = False  # gradient checkpointing per flow step: less memory, more compute
     coupling_precision: CouplingPrecision = "float32"  # the coupling networks' compute
     eval_every: int = pydantic.Field(100, gt=0)
-    eval_images: int | None = pydantic.Field(None, gt=0)  # test images per intermediate evaluation
+    eval_images: int | None = pydantic.Field(None, gt=0)  # validation images per evaluation (None: all)
     checkpoint_every: int = pydantic.Field(500, gt=0)
 
     @pydantic.model_validator(mode="after")
@@ -67,16 +84,22 @@ class TrainSettings(pydantic.BaseModel):
 
 
 class TrialConfig(TrainSettings):
-    """Everything that defines a trial; identity fields feed ``config_hash``."""
+    """Everything that defines a trial; all but the fields in ``NOT_IDENTITY`` feed ``config_hash``."""
+
+    NOT_IDENTITY: ClassVar[frozenset] = frozenset({"recipe_source", "data_root", "device", "out_dir", "sweep",
+                                                   "trial_id"})
 
     model: str
     dataset: str
     hparams: dict = {}
+    variant: str = ""  # an ablation's setting (spec grid:), e.g. "actnorm=false"
     seed: int = pydantic.Field(0, ge=0)
     budget_kind: BudgetKind = "steps"
     budget: float = pydantic.Field(500, gt=0)
     latency_batch_size: int = pydantic.Field(16, gt=0)
     latency_repeats: int = pydantic.Field(20, gt=0)
+    data_fingerprint: str = ""  # the data set's split sizes (and source checksum), set by whoever plans the trial
+    recipe_source: str = ""  # where the training settings come from (card recipe, spec, CLI): provenance only
     # where and on what it runs: not part of the trial's identity
     data_root: str | None = None
     device: str = "auto"
@@ -85,8 +108,14 @@ class TrialConfig(TrainSettings):
     trial_id: str = ""
 
     def config_hash(self) -> str:
-        identity = self.model_dump(exclude={"data_root", "device", "out_dir", "sweep", "trial_id"})
+        identity = self.model_dump(exclude=set(self.NOT_IDENTITY)) | {"identity_version": IDENTITY_VERSION}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+    def recipe(self) -> dict:
+        """The training settings actually used and where they come from (with the model's n_bits,
+        the record's ``recipe`` column)."""
+        return self.model_dump(include={"optimizer", "lr", "warmup_steps", "batch_size", "grad_clip"}) | {
+            "source": self.recipe_source}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,21 +173,154 @@ def warmup_schedule(warmup_steps: int) -> Callable[[int], float]:
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
+# --------------------------------------------------------------------------- the step
+def prepare_training(model: FlowModel, device: torch.device, lr: float, optimizer: Optimizer = "adam"):
+    """Move the model for training and make its optimiser (the card's: Adam or Adamax).
+
+    channels_last lets oneDNN/cuDNN convolve without layout conversions (~7% a step on CPU);
+    Adam updates all parameters in one fused kernel, Adamax in multi-tensor (foreach) kernels.
+    """
+    model.to(device, memory_format=torch.channels_last)
+    if optimizer == "adamax":
+        return torch.optim.Adamax(model.parameters(), lr=lr, foreach=True)
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
+def train_step(model: FlowModel, optimizer, pixels: torch.Tensor, noise, grad_clip: float | None,
+               shard: Shard = Shard(), net: torch.nn.Module | None = None) -> torch.Tensor:
+    """One optimisation step on a global batch of uint8 pixels. Returns this process's share of
+    the batch's mean bits/dim as a device tensor: nothing here reads a device value, so the host
+    never waits for the device (a non-finite loss is found by ``LossMeter`` at the next
+    evaluation). In a data-parallel trial ``net`` is the DDP-wrapped model."""
+    x, logdet = model.preprocess_pixels(pixels.contiguous(memory_format=torch.channels_last), noise)
+    bpd = model.bits_per_dim_of((net or model)(shard.take(x)), shard.take(logdet))
+    share = bpd.sum() / len(pixels)
+    optimizer.zero_grad(set_to_none=True)
+    # DDP averages gradients over processes: scaled so that makes the global batch's mean
+    (share * shard.world).backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return share.detach()
+
+
+class LossMeter:
+    """Training loss and divergence, accumulated on the device and read only at evaluations."""
+
+    NEVER = float(2**62)  # "no non-finite step yet", as a float the all-reduce can take the min of
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)  # finite steps
+        self.first_bad = torch.full((), self.NEVER, dtype=torch.float64, device=device)
+        self.last_finite = torch.full((), math.nan, dtype=torch.float64, device=device)
+
+    def add(self, share: torch.Tensor, step: int) -> None:
+        finite = torch.isfinite(share)
+        share = share.to(torch.float64)
+        self.sum += torch.where(finite, share, 0.0)
+        self.count += finite
+        self.first_bad = torch.where(finite, self.first_bad, torch.clamp(self.first_bad, max=step))
+        self.last_finite = torch.where(finite, share, self.last_finite)
+
+    def read(self, shard: Shard) -> tuple[float, int | None, float]:
+        """(mean training bits/dim since the last read, first non-finite step or None, last finite
+        loss), the same on every process; resets the mean."""
+        total, count, last = torch.stack([self.sum, self.count / shard.world, self.last_finite]).tolist()
+        total, count, last = shard.reduce([total, count, last])
+        first_bad = -shard.reduce([-float(self.first_bad)], "max")[0]
+        mean = total / count if count else math.nan
+        self.sum.zero_()
+        self.count.zero_()
+        return mean, None if first_bad >= self.NEVER else int(first_bad), last
+
+
+def measure_training_flops(model: FlowModel, pixels: torch.Tensor, seed: int, shard: Shard = Shard()) -> float:
+    """FLOPs of one training forward + backward per image, counted by PyTorch's FlopCounterMode on a
+    batch of the trial's own shape (gradient checkpointing's recomputation included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, logdet = model.preprocess_pixels(pixels, torch.Generator(pixels.device).manual_seed(seed))
+    x, logdet = shard.take(x), shard.take(logdet)
+    with FlopCounterMode(display=False) as counter:
+        model.bits_per_dim_of(model(x), logdet).mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(x)
+
+
+# --------------------------------------------------------------------------- budget and data order
+@dataclasses.dataclass
+class Progress:
+    """What a trial has spent; saved in its checkpoint. ``epoch``/``position`` place it in the
+    seeded data order, so a resumed trial sees exactly the batches it would have seen."""
+
+    step: int = 0
+    images_seen: int = 0
+    train_seconds: float = 0.0
+    epoch: int = 0
+    position: int = 0
+    flops_per_image: float = math.nan
+
+    @property
+    def train_flops(self) -> float:
+        return self.images_seen * self.flops_per_image
+
+    def epochs(self, n_train: int) -> float:
+        return self.epoch + self.position / n_train
+
+    def spent(self, kind: str, n_train: int) -> float:
+        return {"steps": self.step, "epochs": self.epochs(n_train), "images": self.images_seen,
+                "seconds": self.train_seconds, "flops": self.train_flops}[kind]
+
+
+def batch_plan(config: TrialConfig, n_train: int, start: Progress) -> Iterator[tuple[np.ndarray, int, int]]:
+    """The remaining steps' batches, in order: (indices, epoch, position after the batch).
+
+    Epoch e is the permutation from (seed, e). The budget decides the sizes: an images budget
+    cuts the last batch so exactly ``budget`` images are seen, an epochs budget ends each epoch
+    with what remains of it. Steps, FLOPs (per image constant at a fixed shape) and images are
+    known ahead, so the plan stops at the budget; a seconds budget is the consumer's to stop."""
+    epoch, position, images, step = start.epoch, start.position, start.images_seen, start.step
+    order = np.random.default_rng([config.seed, epoch]).permutation(n_train)
+    per_image = start.flops_per_image
+    while True:
+        spent = {"steps": step, "epochs": epoch + position / n_train, "images": images, "seconds": 0.0,
+                 "flops": images * per_image}[config.budget_kind]
+        left = config.budget - spent
+        if left <= 0:
+            return
+        size = config.batch_size
+        if config.budget_kind == "images":
+            size = min(size, int(left))
+        if config.budget_kind == "epochs":
+            size = min(size, n_train - position, math.ceil(left * n_train))
+        indices = order[position : position + size]
+        position += len(indices)
+        images += len(indices)
+        step += 1
+        if position >= n_train:
+            epoch, position = epoch + 1, 0
+            order = np.random.default_rng([config.seed, epoch]).permutation(n_train)
+        yield indices, epoch, position
+
+
+# --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: FlowModel, split, device, batch_size: int = 256, max_images: int | None = None,
              shard: Shard = Shard()) -> float:
-    """Mean test bits/dim; dequantisation noise fixed so evaluations are comparable."""
+    """Mean bits/dim of ``split`` (its first ``max_images``); dequantisation noise fixed so
+    evaluations are comparable. Accumulated on the device, read once."""
     was_training = model.training
     model.eval()
     n = len(split) if max_images is None else min(len(split), max_images)
     gen = torch.Generator(device).manual_seed(0)
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, n, batch_size):
         pixels = split.batch(np.arange(start, min(n, start + batch_size))).to(device)
         x, logdet = model.preprocess_pixels(pixels, gen)
-        total += model.bits_per_dim_of(model.log_prob(shard.take(x)), shard.take(logdet)).sum().item()
+        total += model.bits_per_dim_of(model.log_prob(shard.take(x)), shard.take(logdet)).sum()
     model.train(was_training)
-    return shard.reduce([total])[0] / n
+    return shard.reduce([total.item()])[0] / n
 
 
 def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -203,40 +365,14 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
 
 
-def prepare_training(model: FlowModel, device: torch.device, lr: float) -> torch.optim.Optimizer:
-    """Move the model for training and make its optimiser (Adam, the papers' choice).
-
-    channels_last lets oneDNN/cuDNN convolve without layout conversions (~7% a step on CPU);
-    the fused Adam updates all parameters in one kernel.
-    """
-    model.to(device, memory_format=torch.channels_last)
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-
-
-def train_step(model: FlowModel, optimizer, pixels: torch.Tensor, noise, grad_clip: float | None,
-               shard: Shard = Shard(), net: torch.nn.Module | None = None) -> float | None:
-    """One optimisation step on a global batch of uint8 pixels; returns its mean bits/dim, or
-    None if that is not finite. In a data-parallel trial ``net`` is the DDP-wrapped model."""
-    x, logdet = model.preprocess_pixels(pixels.contiguous(memory_format=torch.channels_last), noise)
-    bpd = model.bits_per_dim_of((net or model)(shard.take(x)), shard.take(logdet))
-    value = shard.reduce([bpd.sum().item()])[0] / len(pixels)
-    if not math.isfinite(value):  # the same verdict on every process, so none waits on the others
-        return None
-    optimizer.zero_grad(set_to_none=True)
-    # DDP averages gradients over processes: scaled so that makes the global batch's mean
-    (bpd.sum() * shard.world / len(pixels)).backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return value
-
-
+# --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, state: dict) -> None:
     with atomic_write(path) as tmp:  # a crash never leaves a half-written checkpoint
         torch.save(state, tmp)
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A trial's checkpoint (its latest state) or selected weights; a folder means its checkpoint.pt."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
@@ -253,173 +389,228 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 
 def model_from_checkpoint(state: dict, device="cpu") -> FlowModel:
+    """The model a checkpoint holds, with every preprocessing choice (n_bits, …) it was trained with."""
     config = state["config"]
-    model = flowbench.build_model(config["model"], state["image_shape"], **config["hparams"])
+    model = flowbench.build_model(config["model"], state["image_shape"], **state.get("hparams", config["hparams"]))
     model.load_state_dict(state["model"])
     return model.to(device)
 
 
-class _Batches:
-    """Seeded data order: epoch e is the permutation from (seed, e), so it is reproducible from
-    (epoch, position) alone and a resumed trial sees exactly the batches it would have seen."""
+# --------------------------------------------------------------------------- the trial
+@dataclasses.dataclass
+class TrialState:
+    """Everything a running trial holds; ``checkpoint()`` is what resumes it."""
 
-    def __init__(self, n: int, seed: int, epoch: int = 0, position: int = 0):
-        self.n, self.seed, self.epoch, self.position = n, seed, epoch, position
-        self._order = self._permutation()
-
-    def _permutation(self):
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-
-    def next(self, size: int) -> np.ndarray:
-        idx = self._order[self.position : self.position + size]
-        self.position += len(idx)
-        if self.position >= self.n:
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._permutation()
-        return idx
+    config: TrialConfig
+    hparams: dict  # as built: the config's with the data's n_bits filled in
+    data: ImageData
+    model: FlowModel
+    net: torch.nn.Module  # the model, or its DDP wrapper in a data-parallel trial
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    noise: torch.Generator
+    device: torch.device
+    shard: Shard
+    progress: Progress
+    curve: list[dict]
+    best: dict  # {"step", "val_bpd"} of the selected weights so far ({} before the first evaluation)
+    best_weights: dict | None = None  # on the CPU, so every process can evaluate them at the end
 
     @property
-    def epochs(self) -> float:
-        return self.epoch + self.position / self.n
+    def checkpoint_dir(self) -> Path:
+        return Path(self.config.out_dir) / "checkpoint"
+
+    def checkpoint(self) -> dict:
+        return {
+            "config": self.config.model_dump(), "config_hash": self.config.config_hash(), "hparams": self.hparams,
+            "image_shape": self.data.image_shape, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "noise_rng": self.noise.get_state(), "torch_rng": torch.get_rng_state(),
+            "progress": dataclasses.asdict(self.progress), "curve": list(self.curve), "best": dict(self.best),
+        }
+
+    def selected(self) -> dict:
+        """The selected weights as a loadable checkpoint (``model_from_checkpoint`` takes it)."""
+        return {"config": self.config.model_dump(), "config_hash": self.config.config_hash(), "hparams": self.hparams,
+                "image_shape": self.data.image_shape, "model": self.best_weights, "best": dict(self.best)}
 
 
-def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resume_from=None) -> TrialRecord:
-    """Train ``config`` to its budget and measure it. Resumes from ``resume_from`` when given.
-
-    Data-set and model errors raise FlowbenchError before training; a loss that becomes
-    NaN/inf ends the trial with status ``diverged`` rather than an exception.
-    """
-    config = TrialConfig.model_validate(config) if isinstance(config, dict) else config
-    wall_start = time.perf_counter()
+def setup_trial(config: TrialConfig, resume_from=None) -> TrialState:
+    """Data, model, optimiser and schedule; resumed from ``resume_from``, else ActNorm initialised
+    on the first global batch and the training FLOPs per image measured."""
     shard = Shard.current()
     device = resolve_device(config.device)
-    out_dir = Path(config.out_dir)
-    checkpoint_path = out_dir / "checkpoint" / CHECKPOINT_FILE
     data = load_dataset(config.dataset, config.data_root)
-    hparams = dict(config.hparams)
-    hparams.setdefault("n_bits", data.n_bits)
-
+    # the hyperparameters as built (the data's bit depth unless the card says): every checkpoint
+    # stores them, so sampling, evaluation and resume rebuild exactly this model (5-bit stays 5-bit)
+    hparams = {"n_bits": data.n_bits} | config.hparams
     torch.manual_seed(config.seed)
     model = flowbench.build_model(config.model, data.image_shape, **hparams)
     model.set_gradient_checkpointing(config.memory_saving)
     model.set_coupling_precision(torch.bfloat16 if config.coupling_precision == "bfloat16" else None)
-    optimizer = prepare_training(model, device, config.lr)
+    optimizer = prepare_training(model, device, config.lr, config.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(config.warmup_steps))
     noise = torch.Generator(device).manual_seed(config.seed + 1)
-    progress = {"step": 0, "images_seen": 0, "train_seconds": 0.0, "epoch": 0, "position": 0}
-    curve: list[dict] = []
+    state = TrialState(config, hparams, data, model, model, optimizer, scheduler, noise, device, shard, Progress(), [], {})
 
     if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location=device)
-        if state["config_hash"] != config.config_hash():
+        saved = load_checkpoint(resume_from, map_location=device)
+        if saved["config_hash"] != config.config_hash():
             raise FlowbenchError(f"{resume_from}: checkpoint is of another trial configuration; "
                                  "use a fresh --out folder")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        noise.set_state(state["noise_rng"].cpu())
-        torch.set_rng_state(state["torch_rng"].cpu())
-        progress, curve = state["progress"], state["curve"]
-        log.info("resumed %s at step %d", config.trial_id or config.model, progress["step"])
-
-    record = TrialRecord(
-        sweep=config.sweep, trial_id=config.trial_id, model=config.model, dataset=config.dataset,
-        seed=config.seed, config_hash=config.config_hash(), hparams=json.dumps(hparams, sort_keys=True),
-        budget_kind=config.budget_kind, budget=config.budget, batch_size=config.batch_size, lr=config.lr,
-        num_params=model.num_parameters(), num_params_allocated=model.num_allocated_parameters(), device=str(device), git_commit=git_commit(), workers=shard.world,
-    )
-    batches = _Batches(len(data.train), config.seed, progress["epoch"], progress["position"])
-    train_bpd_sum, train_count, last_train_bpd = 0.0, 0, math.nan
-
-    def budget_left() -> float:
-        spent = {"steps": progress["step"], "epochs": batches.epochs, "images": progress["images_seen"],
-                 "seconds": progress["train_seconds"]}[config.budget_kind]
-        return config.budget - spent
-
-    def next_batch_size() -> int:
-        size = config.batch_size
-        if config.budget_kind == "images":  # the last batch is cut so exactly `budget` images are seen
-            size = min(size, int(budget_left()))
-        if config.budget_kind == "epochs":  # an epoch's last batch is what remains of it
-            size = min(size, batches.n - batches.position, math.ceil(budget_left() * batches.n))
-        return size
-
-    def checkpoint_state() -> dict:
-        progress.update(epoch=batches.epoch, position=batches.position)
-        return {
-            "config": config.model_dump(), "config_hash": config.config_hash(), "image_shape": data.image_shape,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "noise_rng": noise.get_state(), "torch_rng": torch.get_rng_state(), "progress": dict(progress),
-            "curve": list(curve),
-        }
-
-    model.train()
-    if resume_from is None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        noise.set_state(saved["noise_rng"].cpu())
+        torch.set_rng_state(saved["torch_rng"].cpu())
+        state.progress, state.curve, state.best = Progress(**saved["progress"]), saved["curve"], saved["best"]
+        folder = Path(resume_from) if Path(resume_from).is_dir() else Path(resume_from).parent
+        if state.best and (folder / SELECTED_FILE).is_file():
+            state.best_weights = load_checkpoint(folder / SELECTED_FILE)["model"]
+        log.info("resumed %s at step %d", config.trial_id or config.model, state.progress.step)
+    else:
         # ActNorm's data-dependent initialisation on the first global batch, with noise of its
         # own: every process of a data-parallel trial starts from the same parameters
-        first = data.train.batch(_Batches(len(data.train), config.seed).next(config.batch_size)).to(device)
+        first_indices = np.random.default_rng([config.seed, 0]).permutation(len(data.train))[: config.batch_size]
+        first = data.train.batch(first_indices).to(device)
+        model.train()
         with torch.no_grad():
             model.log_prob(model.preprocess_pixels(first, torch.Generator(device).manual_seed(config.seed + 2))[0])
-    net = torch.nn.parallel.DistributedDataParallel(model) if shard.world > 1 else model
-    status, reason = "ok", ""
-    while budget_left() > 0:
-        step_start = time.perf_counter()
-        pixels = data.train.batch(batches.next(next_batch_size()))
-        loss = train_step(model, optimizer, pixels.to(device, non_blocking=True), noise, config.grad_clip, shard, net)
-        if loss is None:
-            status, reason = "diverged", f"training loss became nan or inf at step {progress['step'] + 1}"
-            break
-        scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        progress["step"] += 1
-        progress["images_seen"] += len(pixels)
-        progress["train_seconds"] += time.perf_counter() - step_start
-        if config.budget_kind == "seconds":  # all processes stop at the same step
-            progress["train_seconds"] = shard.reduce([progress["train_seconds"]], "max")[0]
-        last_train_bpd = loss
-        train_bpd_sum, train_count = train_bpd_sum + last_train_bpd, train_count + 1
+        state.progress.flops_per_image = measure_training_flops(model, first, config.seed + 3, shard)
+    model.train()
+    if shard.world > 1:
+        state.net = torch.nn.parallel.DistributedDataParallel(model)
+    return state
 
-        done = budget_left() <= 0
-        if progress["step"] % config.eval_every == 0 or done:
-            # intermediate evaluations may use a subset; the final figure is on the whole test split
-            test_bpd = evaluate(model, data.test, device, max_images=None if done else config.eval_images, shard=shard)
-            point = {
-                "step": progress["step"], "images_seen": progress["images_seen"], "epochs": batches.epochs,
-                "train_seconds": progress["train_seconds"], "train_bpd": train_bpd_sum / train_count,
-                "test_bpd": test_bpd, "lr": scheduler.get_last_lr()[0],
-            }
-            train_bpd_sum, train_count = 0.0, 0
-            curve.append(point)
-            if not math.isfinite(test_bpd):
-                status, reason = "diverged", f"test bits/dim became {test_bpd} at step {progress['step']}"
+
+def evaluate_and_select(state: TrialState, meter: LossMeter, done: bool) -> dict:
+    """The evaluation interval's one host sync: training loss and divergence, validation bits/dim,
+    and the best weights so far. Returns the curve point; ``point["diverged"]`` names the step."""
+    config, progress = state.config, state.progress
+    if state.device.type == "cuda":  # the clock catches up with the work queued on the device
+        waited = time.perf_counter()
+        torch.cuda.synchronize(state.device)
+        progress.train_seconds += time.perf_counter() - waited
+    train_bpd, first_bad, last_finite = meter.read(state.shard)
+    point = {"step": progress.step, "images_seen": progress.images_seen,
+             "epochs": progress.epochs(len(state.data.train)), "train_seconds": progress.train_seconds,
+             "train_flops": progress.train_flops, "train_bpd": train_bpd, "lr": state.scheduler.get_last_lr()[0]}
+    if first_bad is not None:
+        return point | {"diverged": first_bad, "last_finite_loss": last_finite}
+    val_bpd = evaluate(state.model, state.data.validation, state.device, max_images=config.eval_images,
+                       shard=state.shard)
+    point["val_bpd"] = val_bpd
+    if not math.isfinite(val_bpd):
+        return point | {"diverged": progress.step, "last_finite_loss": last_finite}
+    if not state.best or val_bpd < state.best["val_bpd"]:
+        state.best = {"step": progress.step, "val_bpd": val_bpd}
+        state.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in state.model.state_dict().items()}
+    return point
+
+
+def write_checkpoint(state: TrialState) -> Path:
+    """The latest state and the selected weights beside it (rank 0 only writes)."""
+    save_checkpoint(state.checkpoint_dir / CHECKPOINT_FILE, state.checkpoint())
+    if state.best_weights is not None:
+        save_checkpoint(state.checkpoint_dir / SELECTED_FILE, state.selected())
+    return state.checkpoint_dir
+
+
+def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resume_from=None) -> TrialRecord:
+    """Train ``config`` to its budget, select on validation, test once, measure.
+
+    Data-set and model errors raise FlowbenchError before training; a loss that becomes
+    NaN/inf (at any step, the first included) ends the trial with status ``diverged``.
+    """
+    config = TrialConfig.model_validate(config) if isinstance(config, dict) else config
+    wall_start = time.perf_counter()
+    state = setup_trial(config, resume_from)
+    config, progress, shard = state.config, state.progress, state.shard
+    n_train = len(state.data.train)
+    meter = LossMeter(state.device)
+    status, reason, last_finite_loss = "ok", "", math.nan
+
+    # the batches are gathered (and copied to the GPU) ahead on a thread; the same plan, walked here,
+    # says where each batch leaves the data order (what a checkpoint stores)
+    ahead = (indices for indices, _, _ in batch_plan(config, n_train, dataclasses.replace(progress)))
+    with Prefetcher(state.data.train, ahead, state.device) as batches:
+        walked = batch_plan(config, n_train, dataclasses.replace(progress))
+        for pixels, (indices, epoch, position) in zip(batches, walked):
+            step_start = time.perf_counter()
+            loss = train_step(state.model, state.optimizer, pixels, state.noise, config.grad_clip, shard, state.net)
+            state.scheduler.step()
+            progress.step += 1
+            progress.images_seen += len(indices)
+            progress.epoch, progress.position = epoch, position
+            meter.add(loss, progress.step)
+            progress.train_seconds += time.perf_counter() - step_start
+            if config.budget_kind == "seconds":  # every process stops at the same step
+                progress.train_seconds = shard.reduce([progress.train_seconds], "max")[0]
+            done = progress.spent(config.budget_kind, n_train) >= config.budget
+
+            if progress.step % config.eval_every and not done:
+                continue
+            point = evaluate_and_select(state, meter, done)
+            if "diverged" in point:
+                status = "diverged"
+                reason = (f"training loss became nan or inf at step {point['diverged']} "
+                          f"(last finite loss {point['last_finite_loss']:.4f} bits/dim)")
+                progress.step, last_finite_loss = point["diverged"], point["last_finite_loss"]
+                state.curve.append({k: v for k, v in point.items() if k not in ("diverged", "last_finite_loss")}
+                                   | {"val_bpd": math.nan})
                 break
+            state.curve.append(point)
             saved = None
-            if (progress["step"] % config.checkpoint_every == 0 or done) and shard.rank == 0:
-                save_checkpoint(checkpoint_path, checkpoint_state())
-                saved = checkpoint_path.parent
+            if (progress.step % config.checkpoint_every == 0 or done) and shard.rank == 0:
+                saved = write_checkpoint(state)
             if reporter is not None:
                 reporter(dict(point, final=done), saved)
+            if done:
+                break
 
-    if status == "ok" and shard.rank == 0 and not checkpoint_path.is_file():
+    if status == "ok" and shard.rank == 0 and not (state.checkpoint_dir / CHECKPOINT_FILE).is_file():
         # resumed from a checkpoint already at the budget: nothing trained, but the trial's final
         # checkpoint belongs in its out_dir all the same
-        save_checkpoint(checkpoint_path, checkpoint_state())
-    good = [p for p in curve if math.isfinite(p["test_bpd"])]
-    record.steps, record.images_seen = progress["step"], progress["images_seen"]
-    record.epochs, record.train_seconds = batches.epochs, progress["train_seconds"]
-    record.status, record.reason = status, reason
-    record.train_bpd = last_train_bpd  # the last finite training loss, also for a diverged trial
-    if good:
-        record.test_bpd = good[-1]["test_bpd"]
-    if record.train_seconds > 0:
-        record.throughput_images_per_s = record.images_seen / record.train_seconds
-    record.peak_memory_mb, record.memory_kind = peak_memory_mb(device)
-    if status == "ok" and shard.rank == 0:
-        latency = measure_latency(model, data.test, device, config.latency_batch_size, config.latency_repeats)
-        for key, value in latency.items():
-            setattr(record, key, value)
+        write_checkpoint(state)
+    record = finish_record(state, status, reason)
+    if status == "diverged":
+        record.train_bpd = last_finite_loss
     record.wall_seconds = time.perf_counter() - wall_start
+    return record
+
+
+def finish_record(state: TrialState, status: str, reason: str) -> TrialRecord:
+    """The trial's row: the selected weights evaluated once on the whole validation and test
+    splits, latency, and what was spent."""
+    config, progress = state.config, state.progress
+    record = TrialRecord(
+        sweep=config.sweep, trial_id=config.trial_id, model=config.model, dataset=config.dataset,
+        seed=config.seed, config_hash=config.config_hash(), variant=config.variant,
+        hparams=json.dumps(state.hparams, sort_keys=True),
+        recipe=json.dumps(config.recipe() | {"n_bits": state.hparams["n_bits"]}, sort_keys=True),
+        budget_kind=config.budget_kind, budget=config.budget, batch_size=config.batch_size, lr=config.lr,
+        steps=progress.step, epochs=progress.epochs(len(state.data.train)), images_seen=progress.images_seen,
+        train_seconds=progress.train_seconds, flops_per_image=progress.flops_per_image,
+        train_flops=progress.train_flops, num_params=state.model.num_parameters(),
+        num_params_allocated=state.model.num_allocated_parameters(), workers=state.shard.world,
+        status=status, reason=reason, device=str(state.device), git_commit=git_commit(),
+    )
+    finite = [p["train_bpd"] for p in state.curve if math.isfinite(p["train_bpd"])]
+    record.train_bpd = finite[-1] if finite else math.nan  # the last evaluation interval's mean
+    if progress.train_seconds > 0:
+        record.throughput_images_per_s = progress.images_seen / progress.train_seconds
+    if state.best_weights is not None:
+        selected = copy.deepcopy(state.model)
+        selected.load_state_dict(state.best_weights)
+        record.selected_step = state.best["step"]
+        record.val_bpd = evaluate(selected, state.data.validation, state.device, shard=state.shard)
+        record.test_bpd = evaluate(selected, state.data.test, state.device, shard=state.shard)
+        if status == "ok" and state.shard.rank == 0:
+            latency = measure_latency(selected, state.data.test, state.device, config.latency_batch_size,
+                                      config.latency_repeats)
+            for key, value in latency.items():
+                setattr(record, key, value)
+    record.peak_memory_mb, record.memory_kind = peak_memory_mb(state.device)
     record.finished_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    record.curve = curve
+    record.curve = state.curve
     return record

@@ -19,7 +19,8 @@ def config(tmp_path, **kw):
 
 @pytest.mark.parametrize(
     "kind,budget,steps,images",
-    [("steps", 12, 12, 12 * 32), ("images", 100, 4, 100), ("epochs", 1, 47, 1500)],
+    # digits: 1,500 training images less the 150 carved off for validation; 1,350 / 32 → 43 steps an epoch
+    [("steps", 12, 12, 12 * 32), ("images", 100, 4, 100), ("epochs", 1, 43, 1350)],
 )
 def test_budget_is_spent_exactly(tmp_path, kind, budget, steps, images):
     record = run_trial(config(tmp_path, budget_kind=kind, budget=budget))
@@ -42,7 +43,12 @@ def test_record_measures_what_it_says(tmp_path):
     row = record.row()
     assert "curve" not in row
     assert row["num_params"] > 0 and json.loads(row["hparams"])["depth"] == 2
-    assert 0 < row["test_bpd"] < 16 and row["test_bpd"] == record.curve[-1]["test_bpd"]
+    # selection on validation, test once on the selected weights
+    assert 0 < row["test_bpd"] < 16 and 0 < row["val_bpd"] < 16 and row["test_bpd"] != row["val_bpd"]
+    best = min(record.curve, key=lambda p: p["val_bpd"])
+    assert row["selected_step"] == best["step"] and all("test_bpd" not in p for p in record.curve)
+    assert row["flops_per_image"] > 0 and row["train_flops"] == row["flops_per_image"] * row["images_seen"]
+    assert json.loads(row["recipe"])["batch_size"] == 32
     assert row["density_latency_ms"] > 0 and row["sample_latency_ms"] > 0 and row["latency_batch_size"] == 16
     assert row["throughput_images_per_s"] == pytest.approx(row["images_seen"] / row["train_seconds"])
     assert row["device"] == "cpu" and row["torch_version"] == torch.__version__
@@ -50,9 +56,9 @@ def test_record_measures_what_it_says(tmp_path):
     assert row["config_hash"] == TrialConfig(**TINY, budget=10, out_dir="elsewhere").config_hash()
 
 
-def test_training_lowers_test_bits_per_dim(tmp_path):
+def test_training_lowers_validation_bits_per_dim(tmp_path):
     record = run_trial(config(tmp_path, budget=60, eval_every=20))
-    curve = [p["test_bpd"] for p in record.curve]
+    curve = [p["val_bpd"] for p in record.curve]
     assert curve[-1] < curve[1] < curve[0] - 0.2, curve
 
 
@@ -61,7 +67,7 @@ def test_same_seed_same_result_other_seed_differs(tmp_path):
     b = run_trial(config(tmp_path / "b", budget=10))
     c = run_trial(config(tmp_path / "c", budget=10, seed=1))
     assert without_timings(a.curve) == without_timings(b.curve)
-    assert a.test_bpd != c.test_bpd
+    assert a.test_bpd == b.test_bpd and a.test_bpd != c.test_bpd
 
 
 def without_timings(curve):
@@ -112,6 +118,76 @@ def test_diverging_trial_is_recorded_not_raised(tmp_path):
     assert 0 < record.steps < 30 and math.isfinite(record.train_bpd)
 
 
+def nan_from_the_first_training_step(monkeypatch):
+    """A model whose training loss is NaN from step 1 on (evaluations stay finite)."""
+    from flowbench.flows.models import FlowModel
+
+    real = FlowModel.bits_per_dim_of
+
+    def bits_per_dim_of(self, log_prob, logdet):
+        bpd = real(self, log_prob, logdet)
+        return bpd * math.nan if torch.is_grad_enabled() and self.training else bpd
+
+    monkeypatch.setattr(FlowModel, "bits_per_dim_of", bits_per_dim_of)
+
+
+def test_divergence_at_step_one_is_a_record_not_a_crash(tmp_path, monkeypatch):
+    nan_from_the_first_training_step(monkeypatch)
+    record = run_trial(config(tmp_path, budget=30, eval_every=5))
+    assert record.status == "diverged" and record.steps == 1
+    assert "at step 1 " in record.reason and math.isnan(record.test_bpd)
+    assert not (tmp_path / "checkpoint").exists()  # nothing worth resuming was written
+
+
+def test_cli_train_that_diverges_at_step_one_exits_non_zero_with_one_line(tmp_path, monkeypatch, capsys):
+    from flowbench.cli import main
+
+    nan_from_the_first_training_step(monkeypatch)
+    code = None
+    try:
+        code = main(["train", "--model", "glow", "--dataset", "digits", "--hparam", "depth=1", "--hparam", "levels=2",
+                     "--hparam", "hidden_channels=8", "--budget-steps", "10", "--out", str(tmp_path / "run")])
+    except SystemExit as exit:
+        code = exit.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "diverged: training loss became nan or inf at step 1 " in err[0]
+    row = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert row["status"] == "diverged" and row["steps"] == 1
+
+
+def test_flops_budget_is_met_within_one_step(tmp_path):
+    probe = run_trial(config(tmp_path / "probe", budget=1))
+    per_step = probe.flops_per_image * 32
+    budget = 7.5 * per_step
+    record = run_trial(config(tmp_path / "run", budget_kind="flops", budget=budget))
+    assert record.status == "ok" and record.steps == 8
+    assert budget <= record.train_flops < budget + per_step
+    assert record.flops_per_image == probe.flops_per_image  # measured, and the same at the same shape
+
+
+def test_flops_are_measured_by_the_counter_not_a_formula(tmp_path):
+    """Twice the coupling width costs more FLOPs per image; gradient checkpointing recomputes forwards."""
+    narrow = run_trial(config(tmp_path / "a", budget=1))
+    wide = run_trial(config(tmp_path / "b", budget=1, hparams=dict(depth=2, levels=2, hidden_channels=16)))
+    lean = run_trial(config(tmp_path / "c", budget=1, memory_saving=True))
+    assert wide.flops_per_image > 1.5 * narrow.flops_per_image
+    assert lean.flops_per_image > narrow.flops_per_image
+
+
+def test_selected_weights_are_the_best_validation_step(tmp_path):
+    record = run_trial(config(tmp_path, budget=40, eval_every=5, checkpoint_every=5))
+    selected = load_checkpoint(tmp_path / "checkpoint" / "selected.pt")
+    assert selected["best"]["step"] == record.selected_step
+    assert selected["best"]["val_bpd"] == min(p["val_bpd"] for p in record.curve)
+
+
+def test_five_bit_model_reloads_as_five_bit(tmp_path):
+    run_trial(config(tmp_path, budget=2, hparams=dict(depth=1, levels=2, hidden_channels=8, n_bits=5)))
+    model = model_from_checkpoint(load_checkpoint(tmp_path / "checkpoint"))
+    assert model.n_bits == 5
+    assert (model.images(model.sample(4)).int() % 8 == 0).all()  # 32 levels on the 0-255 scale
+
+
 def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
     run_trial(config(tmp_path, budget=10))
     path = tmp_path / "checkpoint" / CHECKPOINT_FILE
@@ -149,7 +225,7 @@ def test_memory_saving_trial_reaches_the_plain_trials_result(tmp_path):
     assert plain.config_hash != lean.config_hash and len(plain.curve) == len(lean.curve) == 2
     for p, q in zip(plain.curve, lean.curve):
         assert q["train_bpd"] == pytest.approx(p["train_bpd"], rel=1e-5)
-        assert q["test_bpd"] == pytest.approx(p["test_bpd"], rel=1e-5)
+        assert q["val_bpd"] == pytest.approx(p["val_bpd"], rel=1e-5)
 
 
 def test_bf16_coupling_trial_trains_close_to_float32(tmp_path):
