@@ -85,11 +85,18 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if ray.is_initialized():
         return
+    # flows registered outside the package ($FLOWBENCH_PLUGINS) must exist in every worker too
+    from flowbench.flows.registry import plugin_env_vars
+
+    runtime_env = {"env_vars": plugin_env_vars()}
     try:
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         else:  # an embedded local Ray that listens on loopback only
-            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+            # address="local": a new Ray of our own, never a cluster that `ray start` left recorded in /tmp/ray
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     log_to_driver=False,
+                     runtime_env=runtime_env)
     except ConnectionError as err:
         raise FlowbenchError(f"cannot reach the Ray cluster at {address!r} ({err}); start it with "
                              "`ray up cluster.yaml` (or `ray start --head`) first") from None
@@ -501,30 +508,31 @@ class RecordStore:
         return [p for p in found if current.get(p.stem) != json.loads(p.read_text())["unit_hash"]]
 
 
-def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path) -> list[str]:
+def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path) -> dict[str, list[dict]]:
     """Store every unit of ``results`` (a ResultGrid) that finished at its planned hash, with its
-    trials' figures; returns the ids stored."""
+    trials' figures; returns the trials of every unit found, finished or not (a failed trial is
+    in this run's tables, and runs again next time)."""
     by_unit: dict[str, list] = {}
     for result in results:
         config = result.config or {}
         unit = units.get(config.get("unit"))
         if unit is not None and config.get("unit_hash") == unit.hash:
             by_unit.setdefault(unit.id, []).append(result)
-    stored = []
+    found = {}
     for unit_id, unit_results in by_unit.items():
         unit = units[unit_id]
-        trials = [{"row": record_of(r.config, r.metrics or {}, r.error), "curve": _curve_of(r),
-                   "checkpoint": r.checkpoint} for r in unit_results]
-        finals = [t for t in trials if t["row"]["phase"] == "final" and t["row"]["status"] != "failed"]
+        trials = [{"row": record_of(r.config, r.metrics or {}, r.error), "curve": _curve_of(r)} for r in unit_results]
+        found[unit_id] = trials
+        finals = [(t, r) for t, r in zip(trials, unit_results)
+                  if t["row"]["phase"] == "final" and t["row"]["status"] != "failed"]
         if len(finals) < len(unit.configs):
             continue  # not finished: the unit runs (again)
-        for t in finals:
-            if t["checkpoint"] is not None:  # the report's sample figures
+        for t, r in finals:
+            if r.checkpoint is not None:  # the report's sample figures
                 for figure in FIGURES:
-                    copy_from_checkpoint(t["checkpoint"], f"{figure}.png", figures / f"{figure}-{t['row']['trial_id']}.png")
-        store.save(unit, [{"row": t["row"], "curve": t["curve"]} for t in trials])
-        stored.append(unit_id)
-    return stored
+                    copy_from_checkpoint(r.checkpoint, f"{figure}.png", figures / f"{figure}-{t['row']['trial_id']}.png")
+        store.save(unit, trials)
+    return found
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -650,15 +658,16 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
                              "units": {u.id: u.hash for u in units}})
 
     efficiency = {"efficiency": None, "busy_seconds": 0.0, "slots": slots, "wall_seconds": 0.0, "trials_run": 0}
+    fresh = {}
     if todo:
         callbacks = [MlflowCallback(uri, spec.name, parent, artifacts, record_of), *callbacks]
         results = run_experiment(spec, storage, name, todo, slots, callbacks)
         efficiency = _efficiency(results, started, time.time(), slots)
-        collect(results, {u.id: u for u in todo}, store, out / "figures")
+        fresh = collect(results, {u.id: u for u in todo}, store, out / "figures")
 
     rows, curves = [], []
     for unit in units:
-        for trial in store.load(unit) or []:
+        for trial in store.load(unit) or fresh.get(unit.id, []):
             rows.append(trial["row"])
             curves.append(trial["curve"])
     trials = trials_frame(rows)

@@ -128,11 +128,9 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from flowbench.results.tables import read_table
-    from flowbench.sweep.driver import run_sweep
+    from flowbench.sweep.driver import plan, run_sweep
     from tests.sweep.test_runner import spec_file
 
-    trial = dict(model="glow", dataset="digits", hparams=dict(depth=2, levels=2, hidden_channels=8), seed=0,
-                 batch_size=32, budget=200, eval_every=10, checkpoint_every=10, latency_repeats=2, latency_batch_size=8)
     spec = spec_file(tmp_path, "restart", models=("glow",), steps=200,
                      extra="resources: {cpu: 1, workers: 2}\nmax_failures: 1\n")
     tune_dir = tmp_path / "results" / "restart" / "tune"
@@ -172,7 +170,8 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
     reported = [json.loads(line) for line in result_file.read_text().splitlines()]
     evaluations = [r["step"] for r in reported if "status" not in r]  # not the reports of the record
     assert evaluations == list(range(10, 201, 10)), evaluations
-    alone = run_trial(TrialConfig(**trial, out_dir=str(tmp_path / "alone")))
+    (planned,) = plan(spec)[1]  # the same trial in one process: the card's recipe, the spec's settings
+    alone = run_trial(planned.model_copy(update={"out_dir": str(tmp_path / "alone")}))
     # 2 shards sum in another order than 1 process: the 1e-7 gaps grow over 200 steps to ~1e-5
     assert row.test_bpd == pytest.approx(alone.test_bpd, rel=1e-4)
     # the data-parallel trial's sample grid reaches MLflow and the report, as a one-worker trial's does
