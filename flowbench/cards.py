@@ -116,10 +116,14 @@ def cards_dir() -> Path:
 
 
 def load_card(name: str) -> ModelCard:
-    model_entry(name)  # an unknown model is reported with a suggestion before looking for files
-    path = cards_dir() / f"{name}.yaml"
+    entry = model_entry(name)  # an unknown model is reported with a suggestion before looking for files
+    # the package's cards (or $FLOWBENCH_MODELS_DIR's), then <name>.yaml beside the module that
+    # registers the model: where a flow defined outside the package (a plugin) keeps its card
+    candidates = [cards_dir() / f"{name}.yaml", entry.module_dir / f"{name}.yaml"]
+    path = next((p for p in candidates if p.is_file()), candidates[0])
     if not path.is_file():
-        raise FlowbenchError(f"{path}: no model card for {name!r}; add models/{name}.yaml (or set FLOWBENCH_MODELS_DIR to a folder of cards)")
+        raise FlowbenchError(f"{path}: no model card for {name!r}; add models/{name}.yaml (or {name}.yaml beside "
+                             f"{entry.builder.__module__}'s file, or set FLOWBENCH_MODELS_DIR to a folder of cards)")
     card = load_spec(path, ModelCard, "model card")
     if card.name != name:
         raise FlowbenchError(f"{path}: card names model {card.name!r}, expected {name!r}")

@@ -98,9 +98,11 @@ def cmd_models(args) -> None:
         hparams = card.hparams_for(args.dataset)
         model = flowbench.build_model(name, args.image_shape, **hparams)
         paper_bpd = card.paper_bpd(args.dataset)
-        rows.append((name, f"{model.num_parameters() / 1e6:.2f}M", "—" if paper_bpd is None else f"{paper_bpd:.2f}",
+        rows.append((name, f"{model.num_parameters() / 1e6:.2f}M", f"{model.num_allocated_parameters() / 1e6:.2f}M",
+                     "—" if paper_bpd is None else f"{paper_bpd:.2f}",
                      " ".join(f"{k}={v}" for k, v in hparams.items()), card.paper))
-    header = ("model", "params", f"paper bpd ({args.dataset})", "hparams", "paper")
+    # params: the entries that can change the map (what every report counts); allocated: all entries
+    header = ("model", "params", "allocated params", f"paper bpd ({args.dataset})", "hparams", "paper")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print(f"image shape {'x'.join(map(str, args.image_shape))}, hyperparameters of the {args.dataset} cards")
     for row in [header, *rows]:

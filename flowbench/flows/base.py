@@ -1,11 +1,22 @@
 """The layer protocol, stated once; every layer of ``flowbench.flows`` follows it.
 
+A layer is a ``Flow`` (an ``nn.Module``):
+
 - ``y, logdet = layer(x)``: the map and log|det ∂y/∂x| per sample, shape [batch], in nats.
 - ``x = layer.inverse(y)``: the exact inverse, defined beside ``forward``.
-- ``layer.parameter_masks()``: for a parameter only partly free (entries fixed to zero by a
-  mask), a 0/1 tensor of its shape marking the entries that can change the map. Parameters not
-  named there count whole; buffers never count. ``effective_parameter_count`` sums this over a
-  module tree: it is the count every report of flowbench gives.
+- ``layer.parameter_masks()``: for an own parameter only partly free (entries the map never
+  reads, e.g. fixed to zero by a mask), a 0/1 tensor of its shape marking the entries that can
+  change the map. Parameters not named there count whole, so a layer must not hold a parameter
+  its map never reads at all; buffers never count. ``effective_parameter_count`` sums this over
+  a module tree: it is the count every report of flowbench gives.
+- A training step's ``forward`` and backward read nothing back from the device (no ``.item()``,
+  ``bool(tensor)``, ``.tolist()``, ``.cpu()``; state such as "initialised yet" is a Python
+  attribute), so a step on a GPU never waits for it.
+
+Layers compose (``FlowSequence``, ``FlowStep``, the multi-scale ``Level``) into layers; a whole
+model (``flows.models.FlowModel``) is a preprocessing layer and one multi-scale layer. Modules a
+layer uses inside (coupling networks, a split's conditional prior) are plain ``nn.Module``s: their
+parameters count whole.
 """
 
 from __future__ import annotations

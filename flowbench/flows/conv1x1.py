@@ -56,6 +56,10 @@ class InvConv1x1LU(Flow):
         self.upper = nn.Parameter(torch.triu(upper, 1))
         self.log_s = nn.Parameter(torch.log(diag.abs()))
 
+    def parameter_masks(self) -> dict[str, torch.Tensor]:
+        # only L's strict lower and U's strict upper triangle enter W (the diagonals are 1 and exp(log_s))
+        return {"lower": self.lower_mask, "upper": self.lower_mask.T}
+
     def matrix(self) -> torch.Tensor:
         lower = self.lower * self.lower_mask + self.eye
         upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))

@@ -108,7 +108,7 @@ class AffineCoupling(Flow):
             if n_blocks
             else GlowCouplingNet(n_in, n_out, hidden_channels)
         )
-        if scale == "tanh":
+        if scale == "tanh" and not additive:  # an additive coupling has no scale to hold
             self.tanh_scale = nn.Parameter(torch.ones(1, n_target, 1, 1))
 
     # None: the network runs in its parameters' dtype; torch.bfloat16: under autocast. The flow

@@ -1,4 +1,5 @@
-"""Whole image flows: a preprocessing flow, then a multi-scale ``Level`` tree.
+"""Whole image flows: a preprocessing flow, then a multi-scale ``Level`` tree. The architectures
+that build them register themselves in their own modules (see ``flows.registry``).
 
 ``encode(x)`` returns ε with x's shape, standard normal under the model (the learned priors
 are folded into the log-det), so ``log_prob(x) = log N(ε; 0, I) + logdet`` for every model.
@@ -7,26 +8,14 @@ are folded into the log-det), so ``log_prob(x) = log N(ε; 0, I) + logdet`` for 
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 from torch import nn
 
-from flowbench.flows.actnorm import ActNorm
-from flowbench.flows.base import Flow, FlowSequence, FlowStep, effective_parameter_count
-from flowbench.flows.conv1x1 import make_conv1x1
+from flowbench.flows.base import Flow, FlowStep, effective_parameter_count
 from flowbench.flows.coupling import AffineCoupling
-from flowbench.flows.emerging import EmergingConv2d
-from flowbench.flows.multiscale import Level, SplitPrior, Squeeze, TopPrior
-from flowbench.flows.periodic import PeriodicConv2d
-from flowbench.flows.preprocess import (
-    CenterPreprocess,
-    LogitPreprocess,
-    bits_per_dim,
-    dequantize,
-    quantize,
-)
-from flowbench.flows.shift import InvertibleNxNConv
+from flowbench.flows.multiscale import Level
+from flowbench.flows.preprocess import bits_per_dim, dequantize, quantize
 
 
 def standard_normal_log_prob(eps: torch.Tensor) -> torch.Tensor:
@@ -40,10 +29,10 @@ class FlowModel(nn.Module):
         self.preprocess, self.flow, self.n_bits = preprocess, flow, n_bits
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.flow.encode(x)
+        return self.flow(x)
 
     def decode(self, eps: torch.Tensor) -> torch.Tensor:
-        return self.flow.decode(eps)
+        return self.flow.inverse(eps)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x) in nats per sample, x in model (preprocessed) space."""
@@ -103,81 +92,3 @@ class FlowModel(nn.Module):
         for module in self.modules():
             if isinstance(module, FlowStep):
                 module.checkpointed = enabled
-
-
-def _multiscale(image_shape, levels: int, squeezes: int, make_steps, learned_prior: bool) -> Level:
-    """Nested levels; ``make_steps(level, channels)`` returns that level's FlowSequence."""
-    channels, height, width = image_shape
-    if levels < 1 or height % 2**squeezes or width % 2**squeezes:
-        raise ValueError(f"{levels} levels need H and W divisible by {2**squeezes}, got {height}×{width}")
-
-    def build(level: int, c: int) -> Level:
-        steps = make_steps(level, c)
-        c_out = c * 4 if any(isinstance(s, Squeeze) for s in steps.layers) else c
-        if level == levels - 1:
-            return Level(steps, TopPrior(c_out, learned_prior))
-        half = c_out // 2
-        return Level(steps, SplitPrior(half, c_out - half, learned_prior), build(level + 1, half))
-
-    return build(0, channels)
-
-
-def _glow_like(image_shape, make_mixer, depth, levels, hidden_channels, additive, n_bits) -> FlowModel:
-    """Glow's architecture; ``make_mixer(channels)`` is the invertible convolution of each step."""
-
-    def steps(level, c):
-        c = 4 * c
-        flow_steps = [FlowStep(ActNorm(c), make_mixer(c), AffineCoupling(c, hidden_channels, additive=additive))
-                      for _ in range(depth)]
-        return FlowSequence(Squeeze(), *flow_steps)
-
-    return FlowModel(image_shape, CenterPreprocess(), _multiscale(image_shape, levels, levels, steps, True), n_bits)
-
-
-def build_glow(image_shape, depth=8, levels=3, hidden_channels=128, additive=False, lu=False, n_bits=8):
-    """Glow (Kingma & Dhariwal 2018): ActNorm → invertible 1×1 conv → affine coupling."""
-    mixer = partial(make_conv1x1, lu=lu)
-    return _glow_like(image_shape, mixer, depth, levels, hidden_channels, additive, n_bits)
-
-
-def build_nxn_shift(image_shape, depth=8, levels=3, hidden_channels=128, additive=False, lu=False, n_bits=8):
-    """Truong et al. 2021: ActNorm → invertible n×n conv (shift function + 1×1) → affine coupling."""
-    mixer = partial(InvertibleNxNConv, lu=lu)
-    return _glow_like(image_shape, mixer, depth, levels, hidden_channels, additive, n_bits)
-
-
-def build_emerging(
-    image_shape, depth=8, levels=3, hidden_channels=128, additive=False, lu=False, kernel_size=3, n_bits=8
-):
-    """Hoogeboom et al. 2019: ActNorm → emerging k×k conv → affine coupling."""
-    mixer = partial(EmergingConv2d, kernel_size=kernel_size, lu=lu)
-    return _glow_like(image_shape, mixer, depth, levels, hidden_channels, additive, n_bits)
-
-
-def build_periodic(image_shape, depth=8, levels=3, hidden_channels=128, additive=False, kernel_size=3, n_bits=8):
-    """Hoogeboom et al. 2019: ActNorm → periodic (Fourier) conv → affine coupling."""
-    mixer = partial(PeriodicConv2d, kernel_size=kernel_size)
-    return _glow_like(image_shape, mixer, depth, levels, hidden_channels, additive, n_bits)
-
-
-def build_realnvp(image_shape, levels=2, hidden_channels=64, n_blocks=8, alpha=0.05, n_bits=8):
-    """RealNVP (Dinh et al. 2017): per scale 3 checkerboard couplings, squeeze, 3 channel
-    couplings, then half the channels leave; the last scale has 4 checkerboard couplings.
-    ActNorm after each coupling stands in for RealNVP's batch-norm bijection."""
-
-    def coupling(c, mask, parity):
-        return FlowStep(
-            AffineCoupling(c, hidden_channels, mask=mask, parity=parity, scale="tanh", n_blocks=n_blocks),
-            ActNorm(c),
-        )
-
-    def steps(level, c):
-        if level == levels - 1:
-            return FlowSequence(*(coupling(c, "checkerboard", i % 2) for i in range(4)))
-        layers = [coupling(c, "checkerboard", i % 2) for i in range(3)]
-        layers.append(Squeeze())
-        layers += [coupling(4 * c, "channel", i % 2) for i in range(3)]
-        return FlowSequence(*layers)
-
-    flow = _multiscale(image_shape, levels, levels - 1, steps, learned_prior=False)
-    return FlowModel(image_shape, LogitPreprocess(alpha), flow, n_bits)

@@ -2,8 +2,9 @@
 
 A ``Level`` is the flow at one scale: its steps, then either a split (half the channels are
 factored out and standardised by a prior conditioned on the other half) or, at the top, a
-learned prior. Levels nest, so ``Level.encode`` maps its input to ε of the *same shape*,
-standard normal under the model, with every factored-out part put back where it left.
+learned prior. Levels nest, so a ``Level`` maps its input to ε of the *same shape*, standard
+normal under the model, with every factored-out part put back where it left: the whole
+multi-scale flow is one layer of the protocol in ``flows.base``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class Squeeze(Flow):
 
 class SplitPrior(nn.Module):
     """p(z | h) = N(μ(h), exp(log σ(h))²) from a zero-initialised conv (Glow's split2d_prior);
-    ``learned=False`` is RealNVP's standard normal. Maps z to ε = (z − μ)/σ."""
+    ``learned=False`` is RealNVP's standard normal. Maps z to ε = (z − μ)/σ. Conditional on h,
+    so not a layer itself: a part of the ``Level`` that splits."""
 
     def __init__(self, cond_channels: int, z_channels: int, learned: bool = True):
         super().__init__()
@@ -63,7 +65,7 @@ class SplitPrior(nn.Module):
         return eps * torch.exp(log_std) + mean
 
 
-class TopPrior(nn.Module):
+class TopPrior(Flow):
     """A learned per-channel normal for the last level (Glow's ``learntop``), or N(0, I)."""
 
     def __init__(self, channels: int, learned: bool = True):
@@ -83,7 +85,7 @@ class TopPrior(nn.Module):
         return eps * torch.exp(self.log_std) + self.mean if self.learned else eps
 
 
-class Level(nn.Module):
+class Level(Flow):
     """Steps at one scale, then a split into a deeper ``inner`` level, or the top prior."""
 
     def __init__(self, steps: FlowSequence, prior: SplitPrior | TopPrior, inner: Level | None = None):
@@ -91,26 +93,45 @@ class Level(nn.Module):
         self.steps, self.prior, self.inner = steps, prior, inner
         self.n_squeezes = sum(isinstance(layer, Squeeze) for layer in steps.layers)
 
-    def encode(self, x):
+    def forward(self, x):
         y, logdet = self.steps(x)
         if self.inner is None:
             eps, ld = self.prior(y)
         else:
             keep, z = y.chunk(2, dim=1)
             z_eps, ld = self.prior(z, keep)
-            keep_eps, ld_inner = self.inner.encode(keep)
+            keep_eps, ld_inner = self.inner(keep)
             eps, ld = torch.cat([keep_eps, z_eps], dim=1), ld + ld_inner
         for _ in range(self.n_squeezes):
             eps = unsqueeze(eps)
         return eps, logdet + ld
 
-    def decode(self, eps):
+    def inverse(self, eps):
         for _ in range(self.n_squeezes):
             eps = squeeze(eps)
         if self.inner is None:
             y = self.prior.inverse(eps)
         else:
             keep_eps, z_eps = eps.chunk(2, dim=1)
-            keep = self.inner.decode(keep_eps)
+            keep = self.inner.inverse(keep_eps)
             y = torch.cat([keep, self.prior.inverse(z_eps, keep)], dim=1)
         return self.steps.inverse(y)
+
+
+def multiscale_flow(image_shape, levels: int, squeezes: int, make_steps, learned_prior: bool) -> Level:
+    """``levels`` nested levels, the first ``squeezes`` of them starting with a squeeze;
+    ``make_steps(level, channels)`` returns that level's FlowSequence. Every level but the last
+    factors out half its channels (``SplitPrior``); the last ends in a ``TopPrior``."""
+    channels, height, width = image_shape
+    if levels < 1 or height % 2**squeezes or width % 2**squeezes:
+        raise ValueError(f"{levels} levels need H and W divisible by {2**squeezes}, got {height}×{width}")
+
+    def build(level: int, c: int) -> Level:
+        steps = make_steps(level, c)
+        c_out = c * 4 if any(isinstance(s, Squeeze) for s in steps.layers) else c
+        if level == levels - 1:
+            return Level(steps, TopPrior(c_out, learned_prior))
+        half = c_out // 2
+        return Level(steps, SplitPrior(half, c_out - half, learned_prior), build(level + 1, half))
+
+    return build(0, channels)

@@ -3,11 +3,15 @@ the Fourier domain, where the convolution is a C×C matrix per frequency."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flowbench.flows.base import Flow, exact_conv2d
+from flowbench.flows.glow import glow_architecture
+from flowbench.flows.registry import register_model
 
 
 class PeriodicConv2d(Flow):
@@ -44,3 +48,13 @@ class PeriodicConv2d(Flow):
         y_hat = torch.fft.fft2(y.double()).permute(0, 2, 3, 1).unsqueeze(-1)  # [B, H, W, C, 1]
         x_hat = torch.linalg.solve(k_hat, y_hat).squeeze(-1).permute(0, 3, 1, 2)
         return torch.fft.ifft2(x_hat).real.to(y.dtype)
+
+
+@register_model("periodic", paper="Hoogeboom et al., Emerging Convolutions (ICML 2019), periodic", year=2019,
+                code="https://github.com/ehoogeboom/emerging", tiny={"depth": 1, "levels": 2, "hidden_channels": 8})
+def build_periodic(image_shape, depth=8, levels=3, hidden_channels=128, additive=False, kernel_size=3, n_bits=8,
+                   actnorm=True, learned_prior=True):
+    """Hoogeboom et al. 2019: ActNorm → periodic (Fourier) conv → affine coupling."""
+    mixer = partial(PeriodicConv2d, kernel_size=kernel_size)
+    return glow_architecture(image_shape, mixer, depth, levels, hidden_channels, additive, n_bits, actnorm,
+                             learned_prior)
