@@ -43,10 +43,13 @@ def test_the_counter_sees_reads_inside_torch_calls():
     assert counter.reads == ["aten._linalg_check_errors", "aten._local_scalar_dense", "boolean index"]
 
 
-@pytest.mark.parametrize("name", flowbench.list_models())
-def test_training_forward_and_backward_make_no_device_read(name):
+VARIANTS = [(name, {}) for name in flowbench.list_models()] + [("glow", {"lu": True}), ("nxn_shift", {"lu": True})]
+
+
+@pytest.mark.parametrize(("name", "extra"), VARIANTS, ids=[f"{n}-{'-'.join(e) or 'card'}" for n, e in VARIANTS])
+def test_training_forward_and_backward_make_no_device_read(name, extra):
     torch.manual_seed(0)
-    model = flowbench.build_model(name, (3, 8, 8), **model_entry(name).tiny).train()
+    model = flowbench.build_model(name, (3, 8, 8), **model_entry(name).tiny, **extra).train()
     pixels = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
     model.bits_per_dim(pixels)  # initialisation: ActNorm's data-dependent values
     with CountDeviceReads() as counter:
