@@ -153,8 +153,8 @@ class EmergingConv2d(FlowSequence):
 
 
 # the registration, appended when the builders moved into their modules (imports kept beside it)
-from flowbench.flows.glow import TINY, glow_architecture  # noqa: E402
-from flowbench.flows.registry import register_model  # noqa: E402
+from flowbench.flows.glow import TINY, glow_architecture
+from flowbench.flows.registry import register_model
 
 
 @register_model("emerging", paper="Hoogeboom et al., Emerging Convolutions (ICML 2019)", year=2019,

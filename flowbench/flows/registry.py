@@ -23,10 +23,9 @@ import inspect
 import os
 import pkgutil
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from flowbench.errors import FlowbenchError, unknown_name
 

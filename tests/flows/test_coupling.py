@@ -8,12 +8,12 @@ from tests.flows.harness import check_flow
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(mask="channel", parity=0),
-        dict(mask="channel", parity=1),
-        dict(mask="channel", additive=True),
-        dict(mask="checkerboard", parity=0, scale="tanh", n_blocks=1),
-        dict(mask="checkerboard", parity=1, scale="tanh", n_blocks=1),
-        dict(mask="channel", parity=1, scale="tanh", n_blocks=2),
+        {"mask": "channel", "parity": 0},
+        {"mask": "channel", "parity": 1},
+        {"mask": "channel", "additive": True},
+        {"mask": "checkerboard", "parity": 0, "scale": "tanh", "n_blocks": 1},
+        {"mask": "checkerboard", "parity": 1, "scale": "tanh", "n_blocks": 1},
+        {"mask": "channel", "parity": 1, "scale": "tanh", "n_blocks": 2},
     ],
     ids=str,
 )

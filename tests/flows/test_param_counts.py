@@ -21,9 +21,9 @@ def glow_coupling(c, h):
 
 
 def glow_family(mixer, depth, levels, h, channels=3):
-    total = 0
+    total, c = 0, 4 * channels
     for level in range(levels):
-        c = 4 * channels if level == 0 else 2 * c
+        c = c if level == 0 else 2 * c
         total += depth * (2 * c + mixer(c) + glow_coupling(c, h))  # ActNorm, mixer, coupling
         total += 9 * (c // 2) * c + c + c if level < levels - 1 else 2 * c  # split prior / top prior
     return total
