@@ -27,10 +27,13 @@ HPARAM_RANGES = {
 
 @functools.cache
 def _hparams_model(name: str) -> type[pydantic.BaseModel]:
-    fields = {key: (Any if default is None else type(default), pydantic.Field(default, **HPARAM_RANGES.get(key, {})))
-              for key, default in model_entry(name).hparams().items()}
-    return pydantic.create_model(f"{name} hyperparameters", __config__=pydantic.ConfigDict(
-        extra="forbid", allow_inf_nan=False), **fields)
+    fields = {
+        key: (Any if default is None else type(default), pydantic.Field(default, **HPARAM_RANGES.get(key, {})))
+        for key, default in model_entry(name).hparams().items()
+    }
+    return pydantic.create_model(
+        f"{name} hyperparameters", __config__=pydantic.ConfigDict(extra="forbid", allow_inf_nan=False), **fields
+    )
 
 
 def check_hparams(name: str, hparams: dict) -> dict:
@@ -122,8 +125,10 @@ def load_card(name: str) -> ModelCard:
     candidates = [cards_dir() / f"{name}.yaml", entry.module_dir / f"{name}.yaml"]
     path = next((p for p in candidates if p.is_file()), candidates[0])
     if not path.is_file():
-        raise FlowbenchError(f"{path}: no model card for {name!r}; add models/{name}.yaml (or {name}.yaml beside "
-                             f"{entry.builder.__module__}'s file, or set FLOWBENCH_MODELS_DIR to a folder of cards)")
+        raise FlowbenchError(
+            f"{path}: no model card for {name!r}; add models/{name}.yaml (or {name}.yaml beside "
+            f"{entry.builder.__module__}'s file, or set FLOWBENCH_MODELS_DIR to a folder of cards)"
+        )
     card = load_spec(path, ModelCard, "model card")
     if card.name != name:
         raise FlowbenchError(f"{path}: card names model {card.name!r}, expected {name!r}")
@@ -140,4 +145,3 @@ def training_settings(model: str, dataset: str, explicit: dict) -> tuple[dict, s
     if changed:
         source += "; overridden: " + ", ".join(f"{k}={explicit[k]}" for k in changed)
     return base | explicit, source
-

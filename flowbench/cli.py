@@ -98,9 +98,16 @@ def cmd_models(args) -> None:
         hparams = card.hparams_for(args.dataset)
         model = flowbench.build_model(name, args.image_shape, **hparams)
         paper_bpd = card.paper_bpd(args.dataset)
-        rows.append((name, f"{model.num_parameters() / 1e6:.2f}M", f"{model.num_allocated_parameters() / 1e6:.2f}M",
-                     "—" if paper_bpd is None else f"{paper_bpd:.2f}",
-                     " ".join(f"{k}={v}" for k, v in hparams.items()), card.paper))
+        rows.append(
+            (
+                name,
+                f"{model.num_parameters() / 1e6:.2f}M",
+                f"{model.num_allocated_parameters() / 1e6:.2f}M",
+                "—" if paper_bpd is None else f"{paper_bpd:.2f}",
+                " ".join(f"{k}={v}" for k, v in hparams.items()),
+                card.paper,
+            )
+        )
     # params: the entries that can change the map (what every report counts); allocated: all entries
     header = ("model", "params", "allocated params", f"paper bpd ({args.dataset})", "hparams", "paper")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -127,19 +134,34 @@ def cmd_train(args) -> None:
     kind, amount = next(iter(given.items())) if given else ("steps", 500)
     hparams = load_card(args.model).hparams_for(args.dataset) | _cli_hparams(args.model, args.hparam)
     out = Path(args.out or f"runs/{args.model}-{args.dataset}-seed{args.seed}")
-    explicit = {k: getattr(args, k) for k in ("optimizer", "batch_size", "lr", "warmup_steps", "grad_clip")
-                if getattr(args, k) is not None}
+    explicit = {
+        k: getattr(args, k)
+        for k in ("optimizer", "batch_size", "lr", "warmup_steps", "grad_clip")
+        if getattr(args, k) is not None
+    }
     if args.no_grad_clip:
         explicit["grad_clip"] = None
     train, source = training_settings(args.model, args.dataset, explicit)
     info = dataset_info(args.dataset, args.data_root)  # a missing data set is one line, before anything starts
     try:
         config = TrialConfig(
-            model=args.model, dataset=args.dataset, hparams=hparams, seed=args.seed, budget_kind=kind, budget=amount,
-            **train, recipe_source=source, data_fingerprint=data_fingerprint(info), eval_every=args.eval_every,
+            model=args.model,
+            dataset=args.dataset,
+            hparams=hparams,
+            seed=args.seed,
+            budget_kind=kind,
+            budget=amount,
+            **train,
+            recipe_source=source,
+            data_fingerprint=data_fingerprint(info),
+            eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every or 10 * args.eval_every,
-            memory_saving=args.memory_saving, coupling_precision=args.coupling_precision,
-            data_root=args.data_root, device=args.device, out_dir=str(out), trial_id=out.name,
+            memory_saving=args.memory_saving,
+            coupling_precision=args.coupling_precision,
+            data_root=args.data_root,
+            device=args.device,
+            out_dir=str(out),
+            trial_id=out.name,
         )
     except pydantic.ValidationError as err:
         raise _option_error(err, kind) from None
@@ -158,8 +180,13 @@ def cmd_train(args) -> None:
         def report(metrics, checkpoint_dir):
             if not bars:
                 bars.append(tqdm(total=amount, desc=f"{args.model} on {args.dataset}", unit=kind, file=sys.stderr))
-            done = {"steps": metrics["step"], "epochs": metrics["epochs"], "images": metrics["images_seen"],
-                    "seconds": metrics["train_seconds"], "flops": metrics["train_flops"]}[kind]
+            done = {
+                "steps": metrics["step"],
+                "epochs": metrics["epochs"],
+                "images": metrics["images_seen"],
+                "seconds": metrics["train_seconds"],
+                "flops": metrics["train_flops"],
+            }[kind]
             bars[0].update(done - bars[0].n)
             bars[0].set_postfix(train_bpd=f"{metrics['train_bpd']:.3f}", val_bpd=f"{metrics['val_bpd']:.3f}")
 
@@ -174,19 +201,28 @@ def cmd_train(args) -> None:
         write_table(trials_frame([row]), out / "record.parquet", "trials")
         write_table(curves_frame([row], [record.curve]), out / "curve.parquet", "curves")
     if record.status != "ok":
-        print(f"flowbench: {record.model} on {record.dataset} {record.status}: {record.reason}; "
-              f"record in {out}/record.json", file=sys.stderr)
+        print(
+            f"flowbench: {record.model} on {record.dataset} {record.status}: {record.reason}; "
+            f"record in {out}/record.json",
+            file=sys.stderr,
+        )
         raise SystemExit(1)
     print(f"{record.model} on {record.dataset}: status ok")
-    print(f"  test bits/dim   {record.test_bpd:.4f}   (selected on validation: {record.val_bpd:.4f} at step "
-          f"{record.selected_step}; last train interval {record.train_bpd:.4f})")
-    print(f"  spent           {record.steps} steps, {record.images_seen} images, {record.epochs:.2f} epochs, "
-          f"{record.train_flops:.3g} FLOPs ({record.flops_per_image:.3g} per image), "
-          f"{record.train_seconds:.1f} s training ({record.throughput_images_per_s:.1f} images/s)")
+    print(
+        f"  test bits/dim   {record.test_bpd:.4f}   (selected on validation: {record.val_bpd:.4f} at step "
+        f"{record.selected_step}; last train interval {record.train_bpd:.4f})"
+    )
+    print(
+        f"  spent           {record.steps} steps, {record.images_seen} images, {record.epochs:.2f} epochs, "
+        f"{record.train_flops:.3g} FLOPs ({record.flops_per_image:.3g} per image), "
+        f"{record.train_seconds:.1f} s training ({record.throughput_images_per_s:.1f} images/s)"
+    )
     print(f"  recipe          {record.recipe}")
     print(f"  parameters      {record.num_params:,} effective ({record.num_params_allocated:,} allocated)")
-    print(f"  latency (batch {record.latency_batch_size})  log_prob {record.density_latency_ms:.1f} ms, "
-          f"sample {record.sample_latency_ms:.1f} ms  (median)")
+    print(
+        f"  latency (batch {record.latency_batch_size})  log_prob {record.density_latency_ms:.1f} ms, "
+        f"sample {record.sample_latency_ms:.1f} ms  (median)"
+    )
     print(f"  peak memory     {record.peak_memory_mb:.0f} MB ({record.memory_kind})")
     print(f"  written         {out}/record.json, record.parquet, curve.parquet, checkpoint/")
 
@@ -240,8 +276,10 @@ class SweepProgress:
             if isinstance(bpd, float) and bpd == bpd and (self.best is None or bpd < self.best[0]):
                 self.best = (bpd, str(t))
         best = f"best validation bpd {self.best[0]:.3f} ({self.best[1]})" if self.best else "no evaluation yet"
-        line = (f"[{counts['TERMINATED']} done, {counts['RUNNING']} running, {counts['ERROR']} failed, "
-                f"{counts['PENDING']} pending] {best}")
+        line = (
+            f"[{counts['TERMINATED']} done, {counts['RUNNING']} running, {counts['ERROR']} failed, "
+            f"{counts['PENDING']} pending] {best}"
+        )
         if finished is not None:
             status = (finished.last_result or {}).get("status", "failed" if finished.status == "ERROR" else "stopped")
             line += f"  <- {finished} {status}"
@@ -261,8 +299,10 @@ def _sweep_spec(text: str) -> Path:
     if found.is_file():
         return Path(str(found))
     names = sorted(f.name.removesuffix(".yaml") for f in shipped.iterdir() if f.name.endswith(".yaml"))
-    raise FlowbenchError(f"{text}: no such sweep spec file, nor a shipped spec of that name; give a YAML file or one "
-                         f"of {', '.join(names)}")
+    raise FlowbenchError(
+        f"{text}: no such sweep spec file, nor a shipped spec of that name; give a YAML file or one "
+        f"of {', '.join(names)}"
+    )
 
 
 def cmd_sweep(args) -> None:
@@ -271,15 +311,18 @@ def cmd_sweep(args) -> None:
     args.spec = _sweep_spec(args.spec)
     spec, configs = plan(args.spec)
     if args.dry_run:
-        print(f"sweep {spec.name}: {len(configs)} trials, budget {spec.budget.amount:g} {spec.budget.kind} each"
-              + (f", {spec.search.num_samples} search samples per model and data set" if spec.search else ""))
+        print(
+            f"sweep {spec.name}: {len(configs)} trials, budget {spec.budget.amount:g} {spec.budget.kind} each"
+            + (f", {spec.search.num_samples} search samples per model and data set" if spec.search else "")
+        )
         for c in configs:
             hp = " ".join(f"{k}={v}" for k, v in c.hparams.items())
             print(f"  {c.trial_id:40s} {hp}")
         return
     progress = SweepProgress()
-    outcome = run_sweep(args.spec, args.results, args.address, args.mlflow_uri, (progress.callback,), args.num_cpus,
-                        args.storage)
+    outcome = run_sweep(
+        args.spec, args.results, args.address, args.mlflow_uri, (progress.callback,), args.num_cpus, args.storage
+    )
     counts = outcome.trials["status"].value_counts().to_dict()
     print(f"sweep {spec.name}: {len(outcome.trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     if outcome.changed:
@@ -288,8 +331,10 @@ def cmd_sweep(args) -> None:
     if eff["efficiency"] is None:
         print("  ran      nothing: every trial was recorded already")
     else:
-        print(f"  slots    {eff['efficiency']:.0%} busy: {eff['trials_run']} trials, {eff['busy_seconds']:.0f} s of "
-              f"training over {eff['slots']} slots x {eff['wall_seconds']:.0f} s")
+        print(
+            f"  slots    {eff['efficiency']:.0%} busy: {eff['trials_run']} trials, {eff['busy_seconds']:.0f} s of "
+            f"training over {eff['slots']} slots x {eff['wall_seconds']:.0f} s"
+        )
     print(f"  tables   {outcome.results_dir}/trials.parquet, curves.parquet, table2.parquet")
     print(f"  report   {outcome.results_dir}/report.md, report.html, plots/")
     print(f"  mlflow   {outcome.mlflow_uri} (experiment {spec.name})")
@@ -328,8 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="embedded")
     p.add_argument("--data-root", help="folder (or file) holding the data set's files")
     for kind, typ in BUDGET_KINDS.items():
-        p.add_argument(f"--budget-{kind}", type=_number(typ), help=f"train for this many {kind}"
-                       + (" (training FLOPs, measured; equal compute across models)" if kind == "flops" else ""))
+        p.add_argument(
+            f"--budget-{kind}",
+            type=_number(typ),
+            help=f"train for this many {kind}"
+            + (" (training FLOPs, measured; equal compute across models)" if kind == "flops" else ""),
+        )
     p.add_argument("--seed", type=_number(int), default=0)
     recipe = " (default: the model card's recipe for the data set)"
     p.add_argument("--optimizer", choices=["adam", "adamax"], help="optimiser" + recipe)
@@ -339,11 +388,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-clip", type=_number(float), help="max gradient norm" + recipe)
     p.add_argument("--no-grad-clip", action="store_true", help="no gradient clipping, whatever the card says")
     p.add_argument("--eval-every", type=_number(int), default=50)
-    p.add_argument("--checkpoint-every", type=_number(int), help="steps between checkpoints, a multiple of "
-                   "--eval-every (default: every 10th evaluation)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=_number(int),
+        help="steps between checkpoints, a multiple of --eval-every (default: every 10th evaluation)",
+    )
     p.add_argument("--memory-saving", action="store_true", help="gradient checkpointing per flow step")
-    p.add_argument("--coupling-precision", choices=["float32", "bfloat16"], default="float32",
-                   help="compute of the coupling networks; maps and log-dets stay float32")
+    p.add_argument(
+        "--coupling-precision",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="compute of the coupling networks; maps and log-dets stay float32",
+    )
     p.add_argument("--hparam", type=_hparam, action="append", help="KEY=VALUE over the model card's")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--out", help="output folder (default runs/MODEL-DATASET-seedN); re-running resumes")
@@ -360,8 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="regenerate Table 2, plots and the report from a sweep's tables")
-    p.add_argument("results_dir", nargs="?", help="results/NAME holding trials.parquet and curves.parquet "
-                   "(with --mlflow-uri: where to write)")
+    p.add_argument(
+        "results_dir",
+        nargs="?",
+        help="results/NAME holding trials.parquet and curves.parquet (with --mlflow-uri: where to write)",
+    )
     p.add_argument("--mlflow-uri", help="rebuild from this MLflow store's runs instead of the Parquet tables")
     p.add_argument("--experiment", help="with --mlflow-uri: the sweep's name")
     p.set_defaults(func=cmd_report)

@@ -51,12 +51,21 @@ def exclusive_lock(folder: str | Path, what: str) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = _owner(fd)
-            who = (f"{owner['what']} (pid {owner['pid']} on {owner['host']}, since {owner['since']})"
-                   if owner else "another process")
-            raise FlowbenchError(f"{folder} is in use by {who}: wait for it to end or use another folder "
-                                 f"(the lock is {path}; it goes when its owner ends, killed or not)") from None
-        record = {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            who = (
+                f"{owner['what']} (pid {owner['pid']} on {owner['host']}, since {owner['since']})"
+                if owner
+                else "another process"
+            )
+            raise FlowbenchError(
+                f"{folder} is in use by {who}: wait for it to end or use another folder "
+                f"(the lock is {path}; it goes when its owner ends, killed or not)"
+            ) from None
+        record = {
+            "what": what,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         yield path

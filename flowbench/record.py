@@ -67,7 +67,9 @@ class TrialRecord:
     # results: selection uses val_bpd; test_bpd is computed once, on the selected checkpoint
     val_bpd: float = column(math.nan, mlflow=METRIC)
     test_bpd: float = column(math.nan, mlflow=METRIC)
-    train_bpd: float = column(math.nan, mlflow=METRIC)  # mean of the last evaluation interval; last finite loss if diverged
+    train_bpd: float = column(
+        math.nan, mlflow=METRIC
+    )  # mean of the last evaluation interval; last finite loss if diverged
     selected_step: int = column(0, mlflow=METRIC)  # the step of the checkpoint test_bpd was computed on
     num_params: int = column(0, mlflow=METRIC)  # effective: what can change the map
     num_params_allocated: int = column(0, mlflow=METRIC)  # every allocated entry, masked ones included
@@ -123,7 +125,9 @@ def convert(name: str, value: Any) -> Any:
 def row_from_mlflow(params: dict, metrics: dict, tags: dict) -> dict:
     """The trials.parquet row of one MLflow trial run, every column present and typed."""
     defaults = TrialRecord(sweep="", trial_id="", model="", dataset="", seed=0, config_hash="").row()
-    found = ({k: params[k] for k in columns(PARAM) if k in params}
-             | {k: metrics[FINAL_PREFIX + k] for k in columns(METRIC) if FINAL_PREFIX + k in metrics}
-             | {k: tags[k] for k in columns(TAG) if k in tags})
+    found = (
+        {k: params[k] for k in columns(PARAM) if k in params}
+        | {k: metrics[FINAL_PREFIX + k] for k in columns(METRIC) if FINAL_PREFIX + k in metrics}
+        | {k: tags[k] for k in columns(TAG) if k in tags}
+    )
     return {name: convert(name, found[name]) if name in found else defaults[name] for name in RECORD_COLUMNS}

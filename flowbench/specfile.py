@@ -17,11 +17,14 @@ FLOAT_TAG = "tag:yaml.org,2002:float"
 # YAML 1.2's floats: PyYAML (YAML 1.1) wants a dot and a signed exponent, so it reads the way
 # people write learning rates (1e-4, 3E5) as strings. A dot or an exponent is required, else
 # the float resolver (tried before the int one) would take integers too.
-YAML12_FLOAT = re.compile(r"""^(?:
+YAML12_FLOAT = re.compile(
+    r"""^(?:
     [-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
    |[-+]?\.(?:inf|Inf|INF)
-   |\.(?:nan|NaN|NAN))$""", re.X)
+   |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
 
 
 class SpecLoader(yaml.SafeLoader):
@@ -39,7 +42,8 @@ class SpecLoader(yaml.SafeLoader):
             if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                 if key_node.value in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key_node.value!r} given twice", key_node.start_mark)
+                        None, None, f"key {key_node.value!r} given twice", key_node.start_mark
+                    )
                 seen.add(key_node.value)
         return super().construct_mapping(node, deep)
 

@@ -78,16 +78,20 @@ class TrainSettings(pydantic.BaseModel):
         # a checkpoint is written at an evaluation: with neither interval dividing the other the
         # checkpoints would come at their least common multiple, far rarer than asked
         if self.checkpoint_every % self.eval_every and self.eval_every % self.checkpoint_every:
-            raise FieldError(("checkpoint_every",), f"checkpoints are written at evaluations: give a multiple "
-                             f"or a divisor of eval_every ({self.eval_every}), got {self.checkpoint_every}")
+            raise FieldError(
+                ("checkpoint_every",),
+                f"checkpoints are written at evaluations: give a multiple "
+                f"or a divisor of eval_every ({self.eval_every}), got {self.checkpoint_every}",
+            )
         return self
 
 
 class TrialConfig(TrainSettings):
     """Everything that defines a trial; all but the fields in ``NOT_IDENTITY`` feed ``config_hash``."""
 
-    NOT_IDENTITY: ClassVar[frozenset] = frozenset({"recipe_source", "data_root", "device", "out_dir", "sweep",
-                                                   "trial_id"})
+    NOT_IDENTITY: ClassVar[frozenset] = frozenset(
+        {"recipe_source", "data_root", "device", "out_dir", "sweep", "trial_id"}
+    )
 
     model: str
     dataset: str
@@ -115,7 +119,8 @@ class TrialConfig(TrainSettings):
         """The training settings actually used and where they come from (with the model's n_bits,
         the record's ``recipe`` column)."""
         return self.model_dump(include={"optimizer", "lr", "warmup_steps", "batch_size", "grad_clip"}) | {
-            "source": self.recipe_source}
+            "source": self.recipe_source
+        }
 
 
 def resolve_device(name: str) -> torch.device:
@@ -155,7 +160,9 @@ class Shard:
             return values
         on_gpu = torch.distributed.get_backend() == "nccl"  # nccl reduces only CUDA tensors
         t = torch.tensor(values, dtype=torch.float64, device="cuda" if on_gpu else "cpu")
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(
+            t, op=torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
+        )
         return t.tolist()
 
 
@@ -186,8 +193,15 @@ def prepare_training(model: FlowModel, device: torch.device, lr: float, optimize
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
-def train_step(model: FlowModel, optimizer, pixels: torch.Tensor, noise, grad_clip: float | None,
-               shard: Shard = Shard(), net: torch.nn.Module | None = None) -> torch.Tensor:
+def train_step(
+    model: FlowModel,
+    optimizer,
+    pixels: torch.Tensor,
+    noise,
+    grad_clip: float | None,
+    shard: Shard = Shard(),
+    net: torch.nn.Module | None = None,
+) -> torch.Tensor:
     """One optimisation step on a global batch of uint8 pixels. Returns this process's share of
     the batch's mean bits/dim as a device tensor: nothing here reads a device value, so the host
     never waits for the device (a non-finite loss is found by ``LossMeter`` at the next
@@ -269,8 +283,13 @@ class Progress:
         return self.epoch + self.position / n_train
 
     def spent(self, kind: str, n_train: int) -> float:
-        return {"steps": self.step, "epochs": self.epochs(n_train), "images": self.images_seen,
-                "seconds": self.train_seconds, "flops": self.train_flops}[kind]
+        return {
+            "steps": self.step,
+            "epochs": self.epochs(n_train),
+            "images": self.images_seen,
+            "seconds": self.train_seconds,
+            "flops": self.train_flops,
+        }[kind]
 
 
 def batch_plan(config: TrialConfig, n_train: int, start: Progress) -> Iterator[tuple[np.ndarray, int, int]]:
@@ -284,8 +303,13 @@ def batch_plan(config: TrialConfig, n_train: int, start: Progress) -> Iterator[t
     order = np.random.default_rng([config.seed, epoch]).permutation(n_train)
     per_image = start.flops_per_image
     while True:
-        spent = {"steps": step, "epochs": epoch + position / n_train, "images": images, "seconds": 0.0,
-                 "flops": images * per_image}[config.budget_kind]
+        spent = {
+            "steps": step,
+            "epochs": epoch + position / n_train,
+            "images": images,
+            "seconds": 0.0,
+            "flops": images * per_image,
+        }[config.budget_kind]
         left = config.budget - spent
         if left <= 0:
             return
@@ -306,8 +330,9 @@ def batch_plan(config: TrialConfig, n_train: int, start: Progress) -> Iterator[t
 
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model: FlowModel, split, device, batch_size: int = 256, max_images: int | None = None,
-             shard: Shard = Shard()) -> float:
+def evaluate(
+    model: FlowModel, split, device, batch_size: int = 256, max_images: int | None = None, shard: Shard = Shard()
+) -> float:
     """Mean bits/dim of ``split`` (its first ``max_images``); dequantisation noise fixed so
     evaluations are comparable. Accumulated on the device, read once."""
     was_training = model.training
@@ -381,8 +406,9 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, …: torch raises many types
-        raise FlowbenchError(f"{path}: corrupted or not a flowbench checkpoint ({type(err).__name__}); "
-                             "delete it to start the trial over") from None
+        raise FlowbenchError(
+            f"{path}: corrupted or not a flowbench checkpoint ({type(err).__name__}); delete it to start the trial over"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise FlowbenchError(f"{path}: not a flowbench checkpoint (no model/config); delete it to start over")
     return state
@@ -422,17 +448,30 @@ class TrialState:
 
     def checkpoint(self) -> dict:
         return {
-            "config": self.config.model_dump(), "config_hash": self.config.config_hash(), "hparams": self.hparams,
-            "image_shape": self.data.image_shape, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "noise_rng": self.noise.get_state(), "torch_rng": torch.get_rng_state(),
-            "progress": dataclasses.asdict(self.progress), "curve": list(self.curve), "best": dict(self.best),
+            "config": self.config.model_dump(),
+            "config_hash": self.config.config_hash(),
+            "hparams": self.hparams,
+            "image_shape": self.data.image_shape,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "noise_rng": self.noise.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "progress": dataclasses.asdict(self.progress),
+            "curve": list(self.curve),
+            "best": dict(self.best),
         }
 
     def selected(self) -> dict:
         """The selected weights as a loadable checkpoint (``model_from_checkpoint`` takes it)."""
-        return {"config": self.config.model_dump(), "config_hash": self.config.config_hash(), "hparams": self.hparams,
-                "image_shape": self.data.image_shape, "model": self.best_weights, "best": dict(self.best)}
+        return {
+            "config": self.config.model_dump(),
+            "config_hash": self.config.config_hash(),
+            "hparams": self.hparams,
+            "image_shape": self.data.image_shape,
+            "model": self.best_weights,
+            "best": dict(self.best),
+        }
 
 
 def setup_trial(config: TrialConfig, resume_from=None) -> TrialState:
@@ -451,13 +490,16 @@ def setup_trial(config: TrialConfig, resume_from=None) -> TrialState:
     optimizer = prepare_training(model, device, config.lr, config.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(config.warmup_steps))
     noise = torch.Generator(device).manual_seed(config.seed + 1)
-    state = TrialState(config, hparams, data, model, model, optimizer, scheduler, noise, device, shard, Progress(), [], {})
+    state = TrialState(
+        config, hparams, data, model, model, optimizer, scheduler, noise, device, shard, Progress(), [], {}
+    )
 
     if resume_from is not None:
         saved = load_checkpoint(resume_from, map_location=device)
         if saved["config_hash"] != config.config_hash():
-            raise FlowbenchError(f"{resume_from}: checkpoint is of another trial configuration; "
-                                 "use a fresh --out folder")
+            raise FlowbenchError(
+                f"{resume_from}: checkpoint is of another trial configuration; use a fresh --out folder"
+            )
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -492,13 +534,20 @@ def evaluate_and_select(state: TrialState, meter: LossMeter, done: bool) -> dict
         torch.cuda.synchronize(state.device)
         progress.train_seconds += time.perf_counter() - waited
     train_bpd, first_bad, last_finite = meter.read(state.shard)
-    point = {"step": progress.step, "images_seen": progress.images_seen,
-             "epochs": progress.epochs(len(state.data.train)), "train_seconds": progress.train_seconds,
-             "train_flops": progress.train_flops, "train_bpd": train_bpd, "lr": state.scheduler.get_last_lr()[0]}
+    point = {
+        "step": progress.step,
+        "images_seen": progress.images_seen,
+        "epochs": progress.epochs(len(state.data.train)),
+        "train_seconds": progress.train_seconds,
+        "train_flops": progress.train_flops,
+        "train_bpd": train_bpd,
+        "lr": state.scheduler.get_last_lr()[0],
+    }
     if first_bad is not None:
         return point | {"diverged": first_bad, "last_finite_loss": last_finite}
-    val_bpd = evaluate(state.model, state.data.validation, state.device, max_images=config.eval_images,
-                       shard=state.shard)
+    val_bpd = evaluate(
+        state.model, state.data.validation, state.device, max_images=config.eval_images, shard=state.shard
+    )
     point["val_bpd"] = val_bpd
     if not math.isfinite(val_bpd):
         return point | {"diverged": progress.step, "last_finite_loss": last_finite}
@@ -553,11 +602,15 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
             point = evaluate_and_select(state, meter, done)
             if "diverged" in point:
                 status = "diverged"
-                reason = (f"training loss became nan or inf at step {point['diverged']} "
-                          f"(last finite loss {point['last_finite_loss']:.4f} bits/dim)")
+                reason = (
+                    f"training loss became nan or inf at step {point['diverged']} "
+                    f"(last finite loss {point['last_finite_loss']:.4f} bits/dim)"
+                )
                 progress.step, last_finite_loss = point["diverged"], point["last_finite_loss"]
-                state.curve.append({k: v for k, v in point.items() if k not in ("diverged", "last_finite_loss")}
-                                   | {"val_bpd": math.nan})
+                state.curve.append(
+                    {k: v for k, v in point.items() if k not in ("diverged", "last_finite_loss")}
+                    | {"val_bpd": math.nan}
+                )
                 break
             state.curve.append(point)
             saved = None
@@ -584,16 +637,32 @@ def finish_record(state: TrialState, status: str, reason: str) -> TrialRecord:
     splits, latency, and what was spent."""
     config, progress = state.config, state.progress
     record = TrialRecord(
-        sweep=config.sweep, trial_id=config.trial_id, model=config.model, dataset=config.dataset,
-        seed=config.seed, config_hash=config.config_hash(), variant=config.variant,
+        sweep=config.sweep,
+        trial_id=config.trial_id,
+        model=config.model,
+        dataset=config.dataset,
+        seed=config.seed,
+        config_hash=config.config_hash(),
+        variant=config.variant,
         hparams=json.dumps(state.hparams, sort_keys=True),
         recipe=json.dumps(config.recipe() | {"n_bits": state.hparams["n_bits"]}, sort_keys=True),
-        budget_kind=config.budget_kind, budget=config.budget, batch_size=config.batch_size, lr=config.lr,
-        steps=progress.step, epochs=progress.epochs(len(state.data.train)), images_seen=progress.images_seen,
-        train_seconds=progress.train_seconds, flops_per_image=progress.flops_per_image,
-        train_flops=progress.train_flops, num_params=state.model.num_parameters(),
-        num_params_allocated=state.model.num_allocated_parameters(), workers=state.shard.world,
-        status=status, reason=reason, device=str(state.device), git_commit=git_commit(),
+        budget_kind=config.budget_kind,
+        budget=config.budget,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        steps=progress.step,
+        epochs=progress.epochs(len(state.data.train)),
+        images_seen=progress.images_seen,
+        train_seconds=progress.train_seconds,
+        flops_per_image=progress.flops_per_image,
+        train_flops=progress.train_flops,
+        num_params=state.model.num_parameters(),
+        num_params_allocated=state.model.num_allocated_parameters(),
+        workers=state.shard.world,
+        status=status,
+        reason=reason,
+        device=str(state.device),
+        git_commit=git_commit(),
     )
     finite = [p["train_bpd"] for p in state.curve if math.isfinite(p["train_bpd"])]
     record.train_bpd = finite[-1] if finite else math.nan  # the last evaluation interval's mean
@@ -606,8 +675,9 @@ def finish_record(state: TrialState, status: str, reason: str) -> TrialRecord:
         record.val_bpd = evaluate(selected, state.data.validation, state.device, shard=state.shard)
         record.test_bpd = evaluate(selected, state.data.test, state.device, shard=state.shard)
         if status == "ok" and state.shard.rank == 0:
-            latency = measure_latency(selected, state.data.test, state.device, config.latency_batch_size,
-                                      config.latency_repeats)
+            latency = measure_latency(
+                selected, state.data.test, state.device, config.latency_batch_size, config.latency_repeats
+            )
             for key, value in latency.items():
                 setattr(record, key, value)
     record.peak_memory_mb, record.memory_kind = peak_memory_mb(state.device)

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from flowbench.data.base import SPLITS, ArraySplit, ImageData, Source
 from flowbench.data.cache import (
-    DatasetInfo, build_cache, default_cache_dir, is_cache, is_current, open_cache, read_manifest, split_sizes,
+    DatasetInfo,
+    build_cache,
+    default_cache_dir,
+    is_cache,
+    is_current,
+    open_cache,
+    read_manifest,
+    split_sizes,
 )
 from flowbench.data.embedded import digits_source, embedded_source
 from flowbench.data.files import celeba_hq_source, cifar10_source, imagenet_source
@@ -48,8 +55,10 @@ def load_dataset(name: str, root: str | Path | None = None) -> ImageData:
     if prepared is not None:
         data = open_cache(prepared, name)
         if data is None:
-            raise FlowbenchError(f"{prepared}: a cache of an older flowbench format; run "
-                                 f"`flowbench data prepare {name}` on its source again")
+            raise FlowbenchError(
+                f"{prepared}: a cache of an older flowbench format; run "
+                f"`flowbench data prepare {name}` on its source again"
+            )
         return data
     source = find_source(name, root)
     cache = default_cache_dir(name, root)
@@ -63,7 +72,9 @@ def load_dataset(name: str, root: str | Path | None = None) -> ImageData:
     return data
 
 
-def prepare_dataset(name: str, root: str | Path | None = None, cache: str | Path | None = None) -> tuple[Path, dict, bool]:
+def prepare_dataset(
+    name: str, root: str | Path | None = None, cache: str | Path | None = None
+) -> tuple[Path, dict, bool]:
     """``flowbench data prepare``: (cache folder, its manifest, whether this call built it)."""
     root = local_root(name, root)  # an s3:// root: its copy staged on this node
     if root is not None and is_cache(root):
@@ -83,11 +94,15 @@ def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
     if prepared is not None:
         manifest = read_manifest(prepared)
         if not is_current(manifest):
-            raise FlowbenchError(f"{prepared}: a cache of an older flowbench format; run "
-                                 f"`flowbench data prepare {name}` on its source again")
+            raise FlowbenchError(
+                f"{prepared}: a cache of an older flowbench format; run "
+                f"`flowbench data prepare {name}` on its source again"
+            )
         if manifest.get("dataset") != name:
-            raise FlowbenchError(f"{prepared}: a prepared cache of {manifest.get('dataset')!r}, not of {name!r}; "
-                                 "give the data set's own cache or source folder")
+            raise FlowbenchError(
+                f"{prepared}: a prepared cache of {manifest.get('dataset')!r}, not of {name!r}; "
+                "give the data set's own cache or source folder"
+            )
         return DatasetInfo(name, tuple(manifest["image_shape"]), manifest["n_bits"], manifest["splits"], prepared)
     source = find_source(name, root)
     cache = default_cache_dir(name, root)
@@ -105,12 +120,23 @@ def _given_cache(name: str, root: str | Path | None) -> Path | None:
     if is_cache(root):
         return root
     if root.is_dir() and any((root / f"{split}.npy").exists() for split in SPLITS):
-        raise FlowbenchError(f"{root}: a flowbench cache without its manifest (its preparation was interrupted); "
-                             f"delete it and run `flowbench data prepare {name}` again")
+        raise FlowbenchError(
+            f"{root}: a flowbench cache without its manifest (its preparation was interrupted); "
+            f"delete it and run `flowbench data prepare {name}` again"
+        )
     return None
 
 
 __all__ = [
-    "ArraySplit", "DATASETS", "DatasetInfo", "ImageData", "NEEDS_ROOT", "Prefetcher", "dataset_info",
-    "default_cache_dir", "find_source", "load_dataset", "prepare_dataset",
+    "ArraySplit",
+    "DATASETS",
+    "DatasetInfo",
+    "ImageData",
+    "NEEDS_ROOT",
+    "Prefetcher",
+    "dataset_info",
+    "default_cache_dir",
+    "find_source",
+    "load_dataset",
+    "prepare_dataset",
 ]

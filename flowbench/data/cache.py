@@ -79,8 +79,10 @@ def split_sizes(source: Source, counts: dict[str, int]) -> dict[str, int]:
     if "validation" in counts:  # the source holds out its own (embedded: a band of each photograph)
         return {split: counts[split] for split in SPLITS}
     if counts["train"] < 2:
-        raise FlowbenchError(f"{source.description}: only {counts['train']} training images; "
-                             "at least 2 are needed (train and validation)")
+        raise FlowbenchError(
+            f"{source.description}: only {counts['train']} training images; "
+            "at least 2 are needed (train and validation)"
+        )
     n_val = validation_size(source.dataset, counts["train"])
     return {"train": counts["train"] - n_val, "validation": n_val, "test": counts["test"]}
 
@@ -113,16 +115,20 @@ def read_manifest(cache: Path) -> dict | None:
     except ValueError:
         manifest = None
     if not isinstance(manifest, dict) or not {"format_version", "dataset", "image_shape", "splits"} <= manifest.keys():
-        raise FlowbenchError(f"{cache / MANIFEST}: not a flowbench cache manifest; delete {cache} and run "
-                             "`flowbench data prepare` again")
+        raise FlowbenchError(
+            f"{cache / MANIFEST}: not a flowbench cache manifest; delete {cache} and run `flowbench data prepare` again"
+        )
     return manifest
 
 
 def is_current(manifest: dict | None, checksum: str | None = None) -> bool:
     """Whether a cache with this manifest may be read: this format version, and when the source's
     ``checksum`` is given, made from the source as it is now."""
-    return (manifest is not None and manifest["format_version"] == FORMAT_VERSION
-            and (checksum is None or manifest.get("source_checksum") == checksum))
+    return (
+        manifest is not None
+        and manifest["format_version"] == FORMAT_VERSION
+        and (checksum is None or manifest.get("source_checksum") == checksum)
+    )
 
 
 @contextlib.contextmanager
@@ -134,8 +140,9 @@ def _locked(cache: Path, exclusive: bool) -> Iterator[None]:
         fd = os.open(cache / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
         if exclusive or err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise FlowbenchError(f"{cache}: cannot write the data cache there ({err.strerror}); "
-                                 f"set {CACHE_ENV} to a writable folder") from None
+            raise FlowbenchError(
+                f"{cache}: cannot write the data cache there ({err.strerror}); set {CACHE_ENV} to a writable folder"
+            ) from None
         yield
         return
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
@@ -159,8 +166,10 @@ def open_cache(cache: str | Path, dataset: str, checksum: str | None = None) -> 
         if not is_current(manifest, checksum):
             return None
         if manifest.get("dataset") != dataset:
-            raise FlowbenchError(f"{cache}: a prepared cache of {manifest.get('dataset')!r}, not of {dataset!r}; "
-                                 "give the data set's own cache or source folder")
+            raise FlowbenchError(
+                f"{cache}: a prepared cache of {manifest.get('dataset')!r}, not of {dataset!r}; "
+                "give the data set's own cache or source folder"
+            )
         shape = tuple(manifest["image_shape"])
         splits = {}
         for split in SPLITS:
@@ -168,12 +177,16 @@ def open_cache(cache: str | Path, dataset: str, checksum: str | None = None) -> 
             try:
                 array = np.load(path, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as err:
-                raise FlowbenchError(f"{path}: damaged or half-written cache ({err}); delete {cache} and run "
-                                     "`flowbench data prepare` again") from None
+                raise FlowbenchError(
+                    f"{path}: damaged or half-written cache ({err}); delete {cache} and run "
+                    "`flowbench data prepare` again"
+                ) from None
             if array.dtype != np.uint8 or array.shape != (manifest["splits"][split], *shape):
-                raise FlowbenchError(f"{path}: holds {array.dtype} {array.shape}, its manifest says "
-                                     f"uint8 {(manifest['splits'][split], *shape)}; delete {cache} and run "
-                                     "`flowbench data prepare` again")
+                raise FlowbenchError(
+                    f"{path}: holds {array.dtype} {array.shape}, its manifest says "
+                    f"uint8 {(manifest['splits'][split], *shape)}; delete {cache} and run "
+                    "`flowbench data prepare` again"
+                )
             splits[split] = ArraySplit(array)
     return ImageData(dataset, splits["train"], splits["validation"], splits["test"], manifest["n_bits"])
 
@@ -193,12 +206,20 @@ def build_cache(source: Source, cache: Path) -> bool:
         log.info("preparing %s from %s into %s (%s)", source.dataset, source.description, cache, sizes)
         _write_splits(source, cache, sizes, own_validation="validation" in counts)
         manifest = {
-            "format_version": FORMAT_VERSION, "dataset": source.dataset, "image_shape": list(source.image_shape),
-            "n_bits": source.n_bits, "splits": sizes, "source": source.description, "source_checksum": checksum,
+            "format_version": FORMAT_VERSION,
+            "dataset": source.dataset,
+            "image_shape": list(source.image_shape),
+            "n_bits": source.n_bits,
+            "splits": sizes,
+            "source": source.description,
+            "source_checksum": checksum,
             "source_files": len(source.files),
-            "validation": (f"{sizes['validation']} of the {sizes['train'] + sizes['validation']} training images "
-                           f"at positions fixed by seed {VALIDATION_SEED}" if "validation" not in counts
-                           else "held out by the source"),
+            "validation": (
+                f"{sizes['validation']} of the {sizes['train'] + sizes['validation']} training images "
+                f"at positions fixed by seed {VALIDATION_SEED}"
+                if "validation" not in counts
+                else "held out by the source"
+            ),
             "flowbench_version": importlib.metadata.version("flowbench"),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -222,8 +243,10 @@ def _write_splits(source: Source, cache: Path, sizes: dict[str, int], own_valida
 
         def append(split: str, rows: np.ndarray) -> None:
             if filled[split] + len(rows) > sizes[split]:
-                raise FlowbenchError(f"{source.description}: more {split} images than counted; "
-                                     "did the files change while preparing? run it again")
+                raise FlowbenchError(
+                    f"{source.description}: more {split} images than counted; "
+                    "did the files change while preparing? run it again"
+                )
             arrays[split][filled[split] : filled[split] + len(rows)] = rows
             filled[split] += len(rows)
 
@@ -232,8 +255,10 @@ def _write_splits(source: Source, cache: Path, sizes: dict[str, int], own_valida
             seen = 0
             for chunk in source.chunks(split):
                 if tuple(chunk.shape[1:]) != tuple(source.image_shape):
-                    raise FlowbenchError(f"{source.description}: {split} images of shape {chunk.shape[1:]}, "
-                                         f"expected {source.image_shape}; check the data set's files")
+                    raise FlowbenchError(
+                        f"{source.description}: {split} images of shape {chunk.shape[1:]}, "
+                        f"expected {source.image_shape}; check the data set's files"
+                    )
                 if split == "train" and mask is not None:
                     held_out = mask[seen : seen + len(chunk)]
                     append("validation", chunk[held_out])
@@ -243,7 +268,9 @@ def _write_splits(source: Source, cache: Path, sizes: dict[str, int], own_valida
                 seen += len(chunk)
         short = {s: (filled[s], sizes[s]) for s in SPLITS if filled[s] != sizes[s]}
         if short:
-            raise FlowbenchError(f"{source.description}: fewer images than counted {short}; "
-                                 "did the files change while preparing? run it again")
+            raise FlowbenchError(
+                f"{source.description}: fewer images than counted {short}; "
+                "did the files change while preparing? run it again"
+            )
         for array in arrays.values():
             array.flush()  # atomic_write fsyncs each file, then renames it

@@ -61,11 +61,18 @@ def embedded_source(size: int = 32) -> Source:
     import skimage
 
     splits = functools.cache(lambda: _embedded_splits(size))
-    identity = (f"scikit-image {skimage.__version__}; {size}x{size} patches, stride {size // 2}, std >= {MIN_PATCH_STD}; "
-                f"train {TRAIN_IMAGES} less their bottom {VALIDATION_ROWS:.0%} of patch rows (validation); test {TEST_IMAGES}")
+    identity = (
+        f"scikit-image {skimage.__version__}; {size}x{size} patches, stride {size // 2}, std >= {MIN_PATCH_STD}; "
+        f"train {TRAIN_IMAGES} less their bottom {VALIDATION_ROWS:.0%} of patch rows (validation); test {TEST_IMAGES}"
+    )
     return Source(
-        "embedded" if size == 32 else f"embedded{size}", f"{size}x{size} patches of scikit-image's photographs",
-        [], (3, size, size), 8, lambda: {k: len(v) for k, v in splits().items()}, lambda split: iter([splits()[split]]),
+        "embedded" if size == 32 else f"embedded{size}",
+        f"{size}x{size} patches of scikit-image's photographs",
+        [],
+        (3, size, size),
+        8,
+        lambda: {k: len(v) for k, v in splits().items()},
+        lambda split: iter([splits()[split]]),
         identity,
     )
 
@@ -83,6 +90,13 @@ def digits_source() -> Source:
     def chunks(split: str):
         yield pixels()[:-DIGITS_TEST] if split == "train" else pixels()[-DIGITS_TEST:]
 
-    return Source("digits", "scikit-learn's 8x8 digits", [], (1, 8, 8), 8,
-                  lambda: {"train": len(pixels()) - DIGITS_TEST, "test": DIGITS_TEST}, chunks,
-                  f"scikit-learn {sklearn.__version__}; last {DIGITS_TEST} test")
+    return Source(
+        "digits",
+        "scikit-learn's 8x8 digits",
+        [],
+        (1, 8, 8),
+        8,
+        lambda: {"train": len(pixels()) - DIGITS_TEST, "test": DIGITS_TEST},
+        chunks,
+        f"scikit-learn {sklearn.__version__}; last {DIGITS_TEST} test",
+    )

@@ -86,8 +86,10 @@ def cifar10_source(root: Path | None) -> Source:
             yield _cifar_rows(rows.pop(name), name)
 
     def sizes() -> dict[str, int]:  # the pickles hold no count apart from their rows: one batch at a time
-        return {split: sum(len(_cifar_rows(batch, name)) for name, batch in batches(names))
-                for split, names in split_names.items()}
+        return {
+            split: sum(len(_cifar_rows(batch, name)) for name, batch in batches(names))
+            for split, names in split_names.items()
+        }
 
     return Source("cifar10", description, files, (3, 32, 32), 8, sizes, chunks)
 
@@ -138,8 +140,15 @@ def imagenet_source(root: Path | None, size: int) -> Source:
             for block in _npz_row_blocks(path, 3 * size * size):
                 yield block.reshape(-1, *shape)
 
-    return Source(name, f"Chrabaszcz et al.'s npz batches in {root}", list(rows), shape, 8,
-                  lambda: {split: sum(rows[p] for p in files) for split, files in split_files.items()}, chunks)
+    return Source(
+        name,
+        f"Chrabaszcz et al.'s npz batches in {root}",
+        list(rows),
+        shape,
+        8,
+        lambda: {split: sum(rows[p] for p in files) for split, files in split_files.items()},
+        chunks,
+    )
 
 
 def _batch_number(path: Path) -> int:
@@ -159,8 +168,10 @@ def _npz_header(path: Path):
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
         raise FlowbenchError(f"{path}: not a Chrabaszcz et al. npz batch with key 'data' ({err})") from None
     if fortran or dtype.kind not in "ui":
-        raise FlowbenchError(f"{path}: 'data' is a {'Fortran-order ' if fortran else ''}{dtype} array, "
-                             "expected C-order uint8 rows; re-download it")
+        raise FlowbenchError(
+            f"{path}: 'data' is a {'Fortran-order ' if fortran else ''}{dtype} array, "
+            "expected C-order uint8 rows; re-download it"
+        )
     return archive, member, shape, dtype
 
 
@@ -185,8 +196,10 @@ def _npz_row_blocks(path: Path, row_length: int) -> Iterator[np.ndarray]:
             except (OSError, zipfile.BadZipFile, EOFError) as err:
                 raise FlowbenchError(f"{path}: damaged npz ({err}); re-download it") from None
             if len(raw) != n * row_bytes:
-                raise FlowbenchError(f"{path}: 'data' ends after {start + len(raw) // row_bytes} of {shape[0]} rows "
-                                     "(a truncated file); re-download it")
+                raise FlowbenchError(
+                    f"{path}: 'data' ends after {start + len(raw) // row_bytes} of {shape[0]} rows "
+                    "(a truncated file); re-download it"
+                )
             yield np.frombuffer(raw, dtype).reshape(n, row_length).astype(np.uint8, copy=False)
 
 
@@ -200,13 +213,21 @@ def _png_files(folder: Path, source: str) -> list[Path]:
     return files
 
 
-def _png_source(name: str, description: str, splits: dict[str, list[Path]], shape, n_bits: int,
-                workers: int | None = None) -> Source:
+def _png_source(
+    name: str, description: str, splits: dict[str, list[Path]], shape, n_bits: int, workers: int | None = None
+) -> Source:
     def chunks(split: str) -> Iterator[np.ndarray]:
         yield from decode_pngs(splits[split], shape, workers)
 
-    return Source(name, description, [f for files in splits.values() for f in files], shape, n_bits,
-                  lambda: {split: len(files) for split, files in splits.items()}, chunks)
+    return Source(
+        name,
+        description,
+        [f for files in splits.values() for f in files],
+        shape,
+        n_bits,
+        lambda: {split: len(files) for split, files in splits.items()},
+        chunks,
+    )
 
 
 def decode_pngs(files: list[Path], shape: tuple[int, int, int], workers: int | None = None) -> Iterator[np.ndarray]:
@@ -234,8 +255,10 @@ def _decode_task(paths: list[str], shape: tuple[int, int, int]) -> np.ndarray:
     for i, path in enumerate(paths):
         img = read_png(Path(path))
         if img.shape != tuple(shape):
-            raise FlowbenchError(f"{path}: image of shape {img.shape}, expected {tuple(shape)} like the rest "
-                                 "of its folder; remove or resize it")
+            raise FlowbenchError(
+                f"{path}: image of shape {img.shape}, expected {tuple(shape)} like the rest "
+                "of its folder; remove or resize it"
+            )
         out[i] = img
     return out
 
@@ -264,8 +287,15 @@ def celeba_hq_source(root: Path | None, n_bits: int = 5, test_fraction: float = 
                 block = np.asarray(array[i : min(i + per_chunk, stop)])
                 yield np.ascontiguousarray(block.transpose(0, 3, 1, 2) if channels_last else block)
 
-        return Source("celeba-hq", f"CelebA-HQ array {root}", [root], shape, n_bits,
-                      lambda: {split: b - a for split, (a, b) in bounds.items()}, chunks)
+        return Source(
+            "celeba-hq",
+            f"CelebA-HQ array {root}",
+            [root],
+            shape,
+            n_bits,
+            lambda: {split: b - a for split, (a, b) in bounds.items()},
+            chunks,
+        )
     files = sorted(root.glob("*.png")) if root.is_dir() else []
     if len(files) < 3:
         raise missing(root, what, CELEBA_SOURCE)

@@ -55,8 +55,9 @@ class Prefetcher:
         self._stop = threading.Event()
         self._closed = False
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._thread = threading.Thread(target=self._produce, args=(iter(index_batches),), daemon=True,
-                                        name="flowbench-prefetch")
+        self._thread = threading.Thread(
+            target=self._produce, args=(iter(index_batches),), daemon=True, name="flowbench-prefetch"
+        )
         self._thread.start()
 
     def _produce(self, index_batches: Iterator) -> None:

@@ -38,8 +38,10 @@ def local_root(name: str, root: str | Path | None) -> str | Path | None:
     try:
         filesystem, path = pyarrow.fs.FileSystem.from_uri(root)
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise FlowbenchError(f"data_roots.{name}: {root}: {str(err).splitlines()[0]}; give s3://BUCKET/PATH "
-                             "(options as pyarrow reads them) or a local folder") from None
+        raise FlowbenchError(
+            f"data_roots.{name}: {root}: {str(err).splitlines()[0]}; give s3://BUCKET/PATH "
+            "(options as pyarrow reads them) or a local folder"
+        ) from None
     path = path.rstrip("/")
     staged = folder / Path(path).name  # complete once it exists: it is renamed there last
     if staged.exists():
@@ -58,7 +60,8 @@ def local_root(name: str, root: str | Path | None) -> str | Path | None:
             shutil.rmtree(partial)
         partial.unlink(missing_ok=True)
         log.info("staging %s into %s", root, staged)
-        pyarrow.fs.copy_files(path, str(partial), source_filesystem=filesystem,
-                              destination_filesystem=pyarrow.fs.LocalFileSystem())
+        pyarrow.fs.copy_files(
+            path, str(partial), source_filesystem=filesystem, destination_filesystem=pyarrow.fs.LocalFileSystem()
+        )
         partial.rename(staged)
     return staged

@@ -31,16 +31,20 @@ from flowbench.results.table2 import ALPHA
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 NOT_TESTED = "not tested by this sweep"
-PAPER = ('Truong et al., "Fast Flow Reconstruction via Robust Invertible n×n Convolution", '
-         "Future Internet 13(7):179, 2021")
+PAPER = (
+    'Truong et al., "Fast Flow Reconstruction via Robust Invertible n×n Convolution", Future Internet 13(7):179, 2021'
+)
 # the paper's data sets; their image shapes are what the data sets are
 PAPER_IMAGE_SHAPES = {"cifar10": (3, 32, 32), "imagenet32": (3, 32, 32), "imagenet64": (3, 64, 64)}
 DATASET_NAMES = {"cifar10": "CIFAR-10", "imagenet32": "ImageNet 32×32", "imagenet64": "ImageNet 64×64"}
 STANDARD_KERNEL = 3  # the standard n×n convolution the paper sets its layer against: 3×3
 FOLD_TOLERANCE = 1e-9  # relative log-density gap of an exact fold in float64
 METRIC_UNITS = {"test_bpd": "bits/dim", "density_latency_ms": "ms", "sample_latency_ms": "ms"}
-METRIC_NAMES = {"test_bpd": "test bits/dim", "density_latency_ms": "log_prob latency",
-                "sample_latency_ms": "sampling latency"}
+METRIC_NAMES = {
+    "test_bpd": "test bits/dim",
+    "density_latency_ms": "log_prob latency",
+    "sample_latency_ms": "sampling latency",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +94,9 @@ def _bpd_claim(key: str, better: str, worse: str, dataset: str, claimed: str) ->
     """The paper's Table 2 figures come from the model cards (paper_bpd is that table)."""
     b, w = _paper_bpd(better, dataset), _paper_bpd(worse, dataset)
     figures = f" ({better} {b:.2f} vs {worse} {w:.2f} bits/dim)" if b is not None and w is not None else ""
-    return PairedClaim(Claim(key, f"{claimed} on {DATASET_NAMES[dataset]}{figures}", "Table 2"),
-                       "test_bpd", better, worse, dataset)
+    return PairedClaim(
+        Claim(key, f"{claimed} on {DATASET_NAMES[dataset]}{figures}", "Table 2"), "test_bpd", better, worse, dataset
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,19 +117,32 @@ def paper_claims() -> PaperClaims:
             _bpd_claim("a1", "nxn_shift", "glow", "imagenet32", "n×n convolution beats Glow's 1×1 convolution"),
             _bpd_claim("a2", "nxn_shift", "glow", "imagenet64", "n×n convolution beats Glow's 1×1 convolution"),
             _bpd_claim("b1", "glow", "nxn_shift", "cifar10", "n×n convolution is worse than Glow"),
-            _bpd_claim("b2", "emerging", "nxn_shift", "cifar10",
-                       "n×n convolution is worse than Emerging convolutions"),
+            _bpd_claim("b2", "emerging", "nxn_shift", "cifar10", "n×n convolution is worse than Emerging convolutions"),
         ),
-        parameters=Claim("c", "the n×n convolution uses fewer parameters than a standard n×n convolution",
-                         "abstract"),
+        parameters=Claim("c", "the n×n convolution uses fewer parameters than a standard n×n convolution", "abstract"),
         latency=(
-            PairedClaim(Claim("d1", "n×n convolution infers faster than Emerging convolutions: density (log_prob)",
-                              speed_source), "density_latency_ms", "nxn_shift", "emerging"),
-            PairedClaim(Claim("d2", "n×n convolution infers faster than Emerging convolutions: sampling (inverse)",
-                              speed_source), "sample_latency_ms", "nxn_shift", "emerging"),
+            PairedClaim(
+                Claim(
+                    "d1", "n×n convolution infers faster than Emerging convolutions: density (log_prob)", speed_source
+                ),
+                "density_latency_ms",
+                "nxn_shift",
+                "emerging",
+            ),
+            PairedClaim(
+                Claim(
+                    "d2", "n×n convolution infers faster than Emerging convolutions: sampling (inverse)", speed_source
+                ),
+                "sample_latency_ms",
+                "nxn_shift",
+                "emerging",
+            ),
         ),
-        flexibility=Claim("e", "Glow's invertible 1×1 convolution is less flexible than the n×n convolution",
-                          "abstract and introduction"),
+        flexibility=Claim(
+            "e",
+            "Glow's invertible 1×1 convolution is less flexible than the n×n convolution",
+            "abstract and introduction",
+        ),
     )
 
 
@@ -140,8 +158,10 @@ def _figures(row, claim: PairedClaim) -> str:
     unit = METRIC_UNITS[claim.metric]
     interval = f" [{low:+.3f}, {high:+.3f}]" if not math.isnan(low) else " (no interval)"
     p = f"p_holm {row.p_holm:.3g}" if not math.isnan(row.p_holm) else "p_holm undefined"
-    return (f"{METRIC_NAMES[claim.metric]} {claim.better} − {claim.worse} = {diff:+.3f} {unit}{interval} "
-            f"(95% CI), {p}, {row.n_seeds} seeds")
+    return (
+        f"{METRIC_NAMES[claim.metric]} {claim.better} − {claim.worse} = {diff:+.3f} {unit}{interval} "
+        f"(95% CI), {p}, {row.n_seeds} seeds"
+    )
 
 
 def _paired_verdict(row, claim: PairedClaim) -> str:
@@ -154,8 +174,13 @@ def _paired_verdict(row, claim: PairedClaim) -> str:
 def _pair_rows(pairs: pd.DataFrame, claim: PairedClaim) -> pd.DataFrame:
     """The card models' (variant "") comparison rows of the claim's two models, with shared seeds."""
     models = {claim.better, claim.worse}
-    chosen = pairs[(pairs["metric"] == claim.metric) & (pairs["variant"] == "") & (pairs["n_seeds"] > 0)
-                   & pairs["model_a"].isin(models) & pairs["model_b"].isin(models)]
+    chosen = pairs[
+        (pairs["metric"] == claim.metric)
+        & (pairs["variant"] == "")
+        & (pairs["n_seeds"] > 0)
+        & pairs["model_a"].isin(models)
+        & pairs["model_b"].isin(models)
+    ]
     return chosen.set_index("dataset", drop=False)
 
 
@@ -165,15 +190,13 @@ def _missing(trials: pd.DataFrame, claim: PairedClaim, dataset: str | None) -> s
     finals = trials[(trials["phase"] != "search") & (trials["variant"] == "")]
     if dataset and dataset not in set(finals["dataset"]):
         ran = ", ".join(sorted(set(finals["dataset"]))) or "nothing"
-        return (f"needs {claim.better} and {claim.worse} trials on {dataset} "
-                f"(this sweep ran {ran})")
+        return f"needs {claim.better} and {claim.worse} trials on {dataset} (this sweep ran {ran})"
     scope = finals[finals["dataset"] == dataset] if dataset else finals
     ok = scope[scope["status"] == "ok"]
     absent = [m for m in (claim.better, claim.worse) if m not in set(ok["model"])]
     if absent:
         return f"needs successful trials of {' and '.join(absent)}{where}"
-    return (f"needs {METRIC_NAMES[claim.metric]} measured for {claim.better} and {claim.worse}{where} "
-            f"on the same seeds")
+    return f"needs {METRIC_NAMES[claim.metric]} measured for {claim.better} and {claim.worse}{where} on the same seeds"
 
 
 def rule_paired(claim: PairedClaim, pairs: pd.DataFrame, trials: pd.DataFrame) -> list[Ruling]:
@@ -182,10 +205,20 @@ def rule_paired(claim: PairedClaim, pairs: pd.DataFrame, trials: pd.DataFrame) -
     if claim.dataset is None:
         if rows.empty:
             return [Ruling(claim.claim, NOT_TESTED, _missing(trials, claim, None))]
-        return [Ruling(dataclasses.replace(claim.claim, statement=f"{claim.claim.statement}, on {dataset}"),
-                       _paired_verdict(row, claim), _figures(row, claim)) for dataset, row in rows.iterrows()]
-    others = tuple(f"the same comparison on {dataset} (not {claim.dataset}: no verdict on the paper's claim): "
-                   f"{_figures(row, claim)}" for dataset, row in rows.iterrows() if dataset != claim.dataset)
+        return [
+            Ruling(
+                dataclasses.replace(claim.claim, statement=f"{claim.claim.statement}, on {dataset}"),
+                _paired_verdict(row, claim),
+                _figures(row, claim),
+            )
+            for dataset, row in rows.iterrows()
+        ]
+    others = tuple(
+        f"the same comparison on {dataset} (not {claim.dataset}: no verdict on the paper's claim): "
+        f"{_figures(row, claim)}"
+        for dataset, row in rows.iterrows()
+        if dataset != claim.dataset
+    )
     if claim.dataset not in rows.index:
         return [Ruling(claim.claim, NOT_TESTED, _missing(trials, claim, claim.dataset), others)]
     row = rows.loc[claim.dataset]
@@ -209,9 +242,11 @@ def mixing_counts(dataset: str, kernel_size: int = STANDARD_KERNEL) -> MixingCou
         return None
     hparams = card.hparams_for(dataset)
     probe = build_model("nxn_shift", PAPER_IMAGE_SHAPES[dataset], **(hparams | {"depth": 1, "hidden_channels": 1}))
-    layers = tuple((layer.shift.alpha.numel(), effective_parameter_count(layer),
-                    kernel_size**2 * layer.shift.alpha.numel() ** 2)
-                   for layer in probe.modules() if isinstance(layer, InvertibleNxNConv))
+    layers = tuple(
+        (layer.shift.alpha.numel(), effective_parameter_count(layer), kernel_size**2 * layer.shift.alpha.numel() ** 2)
+        for layer in probe.modules()
+        if isinstance(layer, InvertibleNxNConv)
+    )
     return MixingCounts(dataset, hparams["depth"], layers, kernel_size)
 
 
@@ -227,17 +262,22 @@ def rule_parameters(claim: Claim, counts: list[MixingCounts], table2: pd.DataFra
         nxn = c.depth * sum(n for _, n, _ in c.layers)
         standard = c.depth * sum(s for _, _, s in c.layers)
         widths = ", ".join(str(w) for w, _, _ in c.layers)
-        parts.append(f"{DATASET_NAMES[c.dataset]} card ({c.depth} steps per level, widths {widths}): "
-                     f"{nxn:,} vs {standard:,} for standard {c.kernel_size}×{c.kernel_size} convolutions")
-    evidence = ("counted from the mixing layers (shift and 1×1 convolution) as built at the paper's cards, against "
-                "k²·C² for a standard k×k convolution of the same width; no training involved, the sweep's tables "
-                f"hold whole-model counts only: {'; '.join(parts)}")
+        parts.append(
+            f"{DATASET_NAMES[c.dataset]} card ({c.depth} steps per level, widths {widths}): "
+            f"{nxn:,} vs {standard:,} for standard {c.kernel_size}×{c.kernel_size} convolutions"
+        )
+    evidence = (
+        "counted from the mixing layers (shift and 1×1 convolution) as built at the paper's cards, against "
+        "k²·C² for a standard k×k convolution of the same width; no training involved, the sweep's tables "
+        f"hold whole-model counts only: {'; '.join(parts)}"
+    )
     card = table2[(table2["variant"] == "")].set_index(["model", "dataset"])
     shifts = tuple(
         f"on {dataset} this sweep's nxn_shift counts {card.loc[('nxn_shift', dataset), 'num_params']:,} effective "
         f"parameters and glow {card.loc[('glow', dataset), 'num_params']:,} (what the shifts add: 2C per step)"
         for dataset in sorted(set(card.index.get_level_values("dataset")))
-        if ("nxn_shift", dataset) in card.index and ("glow", dataset) in card.index)
+        if ("nxn_shift", dataset) in card.index and ("glow", dataset) in card.index
+    )
     return Ruling(claim, verdict, evidence, shifts)
 
 
@@ -267,16 +307,20 @@ def rule_flexibility(claim: Claim, gap: float, pairs: pd.DataFrame) -> Ruling:
     shown beside it: under the fold they are differences of optimisation."""
     if gap <= FOLD_TOLERANCE:
         verdict = CONTRADICTED
-        evidence = (f"as a statement about expressiveness: S follows ActNorm, both per-channel affine, so every "
-                    f"n×n model folds into a Glow model of the same card with the same density (checked now on a "
-                    f"randomly parametrised n×n model: relative log-density gap {gap:.1e}; tests/flows/test_shift.py "
-                    f"checks a trained one), and every Glow model is an n×n one with α = 1, β = 0")
+        evidence = (
+            f"as a statement about expressiveness: S follows ActNorm, both per-channel affine, so every "
+            f"n×n model folds into a Glow model of the same card with the same density (checked now on a "
+            f"randomly parametrised n×n model: relative log-density gap {gap:.1e}; tests/flows/test_shift.py "
+            f"checks a trained one), and every Glow model is an n×n one with α = 1, β = 0"
+        )
     else:
         verdict = INCONCLUSIVE
         evidence = f"the fold check failed: relative log-density gap {gap:.1e} > {FOLD_TOLERANCE:.0e}"
     bpd = PairedClaim(claim, "test_bpd", "nxn_shift", "glow")
-    optimisation = tuple(f"optimisation, not expressiveness, on {dataset}: {_figures(row, bpd)}"
-                         for dataset, row in _pair_rows(pairs, bpd).iterrows())
+    optimisation = tuple(
+        f"optimisation, not expressiveness, on {dataset}: {_figures(row, bpd)}"
+        for dataset, row in _pair_rows(pairs, bpd).iterrows()
+    )
     return Ruling(claim, verdict, evidence, optimisation)
 
 

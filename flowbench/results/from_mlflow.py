@@ -37,12 +37,14 @@ def tables_from_mlflow(uri: str, experiment: str) -> tuple[pd.DataFrame, pd.Data
     for run in runs:
         row = row_from_mlflow(run.data.params, run.data.metrics, run.data.tags)
         trials.append(row)
-        by_step = {name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)}
-                   for name in CURVE_METRICS}
+        by_step = {
+            name: {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)} for name in CURVE_METRICS
+        }
         identity = {key: row[key] for key in CURVE_KEYS}
-        curves += [identity | {"step": step} | {name: values[step] for name, values in by_step.items()
-                                                if step in values}
-                   for step in sorted(by_step[CURVE_METRICS[0]])]
+        curves += [
+            identity | {"step": step} | {name: values[step] for name, values in by_step.items() if step in values}
+            for step in sorted(by_step[CURVE_METRICS[0]])
+        ]
     trials_frame = pd.DataFrame(trials, columns=RECORD_COLUMNS)
     trials_frame = trials_frame.sort_values(["model", "variant", "dataset", "seed"], kind="stable")
     return trials_frame.reset_index(drop=True), pd.DataFrame(curves, columns=None if curves else REQUIRED["curves"])

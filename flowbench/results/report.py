@@ -21,13 +21,17 @@ from flowbench.results.tables import read_table, write_table
 PLOTS = "plots"
 ABLATIONS = "ablations"  # a sibling results folder of that name holds the ablation sweep
 LATENCY_METRICS = ("density_latency_ms", "sample_latency_ms")
-SPLITS = ("Splits: validation bits/dim (carved from the training data, the same for every seed and model) for "
-          "everything that selects — search, ASHA, early stopping and the checkpoint reported; test bits/dim "
-          "once per trial, on the selected checkpoint.")
-NXN_GLOW = ("The n×n / Glow relation: an n×n model and a Glow model of the same card define the same family of "
-            "densities. The shift S is a per-channel affine map directly after ActNorm, itself per-channel "
-            "affine, so S folds into the ActNorm before it (flowbench.flows.shift.fold_shift_into_actnorm); any "
-            "difference in bits/dim between them is one of optimisation.")
+SPLITS = (
+    "Splits: validation bits/dim (carved from the training data, the same for every seed and model) for "
+    "everything that selects — search, ASHA, early stopping and the checkpoint reported; test bits/dim "
+    "once per trial, on the selected checkpoint."
+)
+NXN_GLOW = (
+    "The n×n / Glow relation: an n×n model and a Glow model of the same card define the same family of "
+    "densities. The shift S is a per-channel affine map directly after ActNorm, itself per-channel "
+    "affine, so S folds into the ActNorm before it (flowbench.flows.shift.fold_shift_into_actnorm); any "
+    "difference in bits/dim between them is one of optimisation."
+)
 
 
 @dataclasses.dataclass
@@ -79,51 +83,64 @@ def paper_shaped(table2: pd.DataFrame) -> pd.DataFrame:
 
 
 def cost_table(table2: pd.DataFrame) -> pd.DataFrame:
-    return pd.DataFrame({
-        "model": [_label(m, v) for m, v in zip(table2["model"], table2["variant"])], "dataset": table2["dataset"],
-        "val bpd": [_fmt(v, 3) for v in table2["val_bpd_mean"]],
-        "test bpd": [_fmt(v, 3) for v in table2["test_bpd_mean"]],
-        "parameters (effective)": [f"{p:,}" for p in table2["num_params"]],
-        "allocated": [f"{p:,}" for p in table2["num_params_allocated"]],
-        "FLOPs / image": [_si(v) for v in table2["flops_per_image"]],
-        "training FLOPs (mean)": [_si(v) for v in table2["train_flops_mean"]],
-        "images (mean)": [_fmt(v, 0) for v in table2["images_seen_mean"]],
-        "steps (mean)": [_fmt(s, 0) for s in table2["steps_mean"]],
-        "train images/s": [_fmt(t, 1) for t in table2["throughput_images_per_s"]],
-        "log_prob ms": [_fmt(v, 1) for v in table2["density_latency_ms"]],
-        "sample ms": [_fmt(v, 1) for v in table2["sample_latency_ms"]],
-    })
+    return pd.DataFrame(
+        {
+            "model": [_label(m, v) for m, v in zip(table2["model"], table2["variant"])],
+            "dataset": table2["dataset"],
+            "val bpd": [_fmt(v, 3) for v in table2["val_bpd_mean"]],
+            "test bpd": [_fmt(v, 3) for v in table2["test_bpd_mean"]],
+            "parameters (effective)": [f"{p:,}" for p in table2["num_params"]],
+            "allocated": [f"{p:,}" for p in table2["num_params_allocated"]],
+            "FLOPs / image": [_si(v) for v in table2["flops_per_image"]],
+            "training FLOPs (mean)": [_si(v) for v in table2["train_flops_mean"]],
+            "images (mean)": [_fmt(v, 0) for v in table2["images_seen_mean"]],
+            "steps (mean)": [_fmt(s, 0) for s in table2["steps_mean"]],
+            "train images/s": [_fmt(t, 1) for t in table2["throughput_images_per_s"]],
+            "log_prob ms": [_fmt(v, 1) for v in table2["density_latency_ms"]],
+            "sample ms": [_fmt(v, 1) for v in table2["sample_latency_ms"]],
+        }
+    )
 
 
 def comparison_table(pairs: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     def diff(d, low, high):
         return _fmt(d, digits) if math.isnan(low) else f"{d:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
 
-    return pd.DataFrame({
-        "measure": [METRIC_NAMES[m] for m in pairs["metric"]],
-        "dataset": pairs["dataset"], "variant": pairs["variant"], "a": pairs["model_a"], "b": pairs["model_b"],
-        "seeds": pairs["n_seeds"],
-        "a − b [95% CI]": [diff(*v) for v in zip(pairs["a_minus_b"], pairs["ci_low"], pairs["ci_high"])],
-        "p (paired t)": [_fmt(p, 3) for p in pairs["p_value"]],
-        "p_holm": [_fmt(p, 3) for p in pairs["p_holm"]],
-        f"significant (p_holm ≤ {ALPHA:g})": ["yes" if p <= ALPHA else "no" for p in pairs["p_holm"]],
-    })
+    return pd.DataFrame(
+        {
+            "measure": [METRIC_NAMES[m] for m in pairs["metric"]],
+            "dataset": pairs["dataset"],
+            "variant": pairs["variant"],
+            "a": pairs["model_a"],
+            "b": pairs["model_b"],
+            "seeds": pairs["n_seeds"],
+            "a − b [95% CI]": [diff(*v) for v in zip(pairs["a_minus_b"], pairs["ci_low"], pairs["ci_high"])],
+            "p (paired t)": [_fmt(p, 3) for p in pairs["p_value"]],
+            "p_holm": [_fmt(p, 3) for p in pairs["p_holm"]],
+            f"significant (p_holm ≤ {ALPHA:g})": ["yes" if p <= ALPHA else "no" for p in pairs["p_holm"]],
+        }
+    )
 
 
 def claims_table(rulings) -> pd.DataFrame:
-    return pd.DataFrame({
-        "claim": [f"({r.claim.key}) {r.claim.statement}" for r in rulings],
-        "source": [r.claim.source for r in rulings],
-        "verdict": [r.verdict for r in rulings],
-        "evidence": [r.evidence for r in rulings],
-    })
+    return pd.DataFrame(
+        {
+            "claim": [f"({r.claim.key}) {r.claim.statement}" for r in rulings],
+            "source": [r.claim.source for r in rulings],
+            "verdict": [r.verdict for r in rulings],
+            "evidence": [r.evidence for r in rulings],
+        }
+    )
 
 
 def _budgets(finals: pd.DataFrame) -> str:
     kinds = finals[["budget_kind", "budget"]].drop_duplicates()
     text = ", ".join(f"{b:g} {k}" for k, b in kinds.itertuples(index=False))
-    flops = " (training FLOPs measured with PyTorch's FLOP counter at each trial's shape)" if "flops" in set(
-        kinds["budget_kind"]) else ""
+    flops = (
+        " (training FLOPs measured with PyTorch's FLOP counter at each trial's shape)"
+        if "flops" in set(kinds["budget_kind"])
+        else ""
+    )
     return f"equal budget of {text} per trial{flops}" if len(kinds) == 1 else f"budgets {text}{flops}"
 
 
@@ -159,8 +176,11 @@ def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.Dat
             label = _label(model, variant)
             shown = label if label not in ax.get_legend_handles_labels()[1] else None
             ax.plot(c[x_axis], c["val_bpd"], color=colours.get(label), alpha=0.8, label=shown, marker=".")
-        ax.set(xlabel=x_label, ylabel="validation bits/dim",
-               title=f"{dataset}: validation bits/dim during training (one line per seed)")
+        ax.set(
+            xlabel=x_label,
+            ylabel="validation bits/dim",
+            title=f"{dataset}: validation bits/dim during training (one line per seed)",
+        )
         ax.grid(alpha=0.3)
         ax.legend()
         save(fig, f"curves-{dataset}.png")
@@ -170,10 +190,18 @@ def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.Dat
     for row in table2.itertuples():
         label = _label(row.model, row.variant)
         half = (row.test_bpd_ci_high - row.test_bpd_ci_low) / 2
-        ax.errorbar(row.num_params / 1e6, row.test_bpd_mean, yerr=0 if math.isnan(half) else half,
-                    fmt=markers[row.dataset], color=colours[label], capsize=3, label=f"{label} ({row.dataset})")
-    ax.set(xlabel="effective parameters (millions)", ylabel="test bits/dim (mean ± 95% CI)",
-           title="bits/dim against size")
+        ax.errorbar(
+            row.num_params / 1e6,
+            row.test_bpd_mean,
+            yerr=0 if math.isnan(half) else half,
+            fmt=markers[row.dataset],
+            color=colours[label],
+            capsize=3,
+            label=f"{label} ({row.dataset})",
+        )
+    ax.set(
+        xlabel="effective parameters (millions)", ylabel="test bits/dim (mean ± 95% CI)", title="bits/dim against size"
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save(fig, "bpd-vs-params.png")
@@ -211,13 +239,15 @@ def _claims_section(trials: pd.DataFrame, table2: pd.DataFrame, pairs: pd.DataFr
     other = [d for d in ran if d not in PAPER_IMAGE_SHAPES]
     return Section(
         "The paper's claims",
-        [f"{PAPER}. Each claim is paraphrased with where the paper makes it. Its verdict is computed from this "
-         f"sweep's tables — paired over seeds (scipy's ttest_rel, 95% t-interval of the difference), supported or "
-         f"contradicted when the Holm-adjusted p-value (over the data set's pairs) is at most {ALPHA:g} — or, for "
-         f"(c) and (e), from the models' structure, as the evidence says. This sweep ran on: {', '.join(ran)}. "
-         "A claim about a data set it did not run is not tested by it; results on other data are shown as the "
-         "same comparison, without a verdict on the paper's claim"
-         + (f" ({', '.join(other)} is not one of the paper's data sets)." if other else ".")],
+        [
+            f"{PAPER}. Each claim is paraphrased with where the paper makes it. Its verdict is computed from this "
+            f"sweep's tables — paired over seeds (scipy's ttest_rel, 95% t-interval of the difference), supported or "
+            f"contradicted when the Holm-adjusted p-value (over the data set's pairs) is at most {ALPHA:g} — or, for "
+            f"(c) and (e), from the models' structure, as the evidence says. This sweep ran on: {', '.join(ran)}. "
+            "A claim about a data set it did not run is not tested by it; results on other data are shown as the "
+            "same comparison, without a verdict on the paper's claim"
+            + (f" ({', '.join(other)} is not one of the paper's data sets)." if other else ".")
+        ],
         claims_table(rulings),
         [f"({r.claim.key}) {line}" for r in rulings for line in r.same_comparison],
     )
@@ -236,23 +266,38 @@ def build_report(out: str | Path, trials: pd.DataFrame, curves: pd.DataFrame, pa
     finals = final_trials(trials)
     status = ", ".join(f"{n} {s}" for s, n in finals["status"].value_counts().items())
     first = finals.iloc[0] if len(finals) else {}
-    provenance = (f"flowbench {first.get('flowbench_version', '?')}, torch {first.get('torch_version', '?')}, "
-                  f"device {first.get('device', '?')}, commit {str(first.get('git_commit', '?'))[:10]}")
-    intro = [f"Sweep **{name}**: {len(finals)} trials ({status}), {_budgets(finals)}. Test bits/dim of the "
-             f"selected checkpoints, mean ± 95% CI over seeds. {provenance}.", SPLITS, NXN_GLOW]
+    provenance = (
+        f"flowbench {first.get('flowbench_version', '?')}, torch {first.get('torch_version', '?')}, "
+        f"device {first.get('device', '?')}, commit {str(first.get('git_commit', '?'))[:10]}"
+    )
+    intro = [
+        f"Sweep **{name}**: {len(finals)} trials ({status}), {_budgets(finals)}. Test bits/dim of the "
+        f"selected checkpoints, mean ± 95% CI over seeds. {provenance}.",
+        SPLITS,
+        NXN_GLOW,
+    ]
     ablations = out.parent / ABLATIONS
     if (ablations / "report.md").is_file() and out.resolve() != ablations.resolve():
-        intro.append(f"Ablations (n×n and Glow with and without ActNorm and the learned prior): "
-                     f"../{ABLATIONS}/report.md (report.html beside it).")
+        intro.append(
+            f"Ablations (n×n and Glow with and without ActNorm and the learned prior): "
+            f"../{ABLATIONS}/report.md (report.html beside it)."
+        )
     sections = [
         Section("Table 2 (test bits/dim, lower is better)", table=paper_shaped(table2).reset_index()),
-        Section("Validation and test bits/dim, parameters, compute and latency",
-                ["FLOPs are training FLOPs (forward and backward) per image at the trial's shape; parameters "
-                 "count what can change the map (masked entries and buffers excluded), allocated counts every "
-                 "entry."], cost_table(table2)),
+        Section(
+            "Validation and test bits/dim, parameters, compute and latency",
+            [
+                "FLOPs are training FLOPs (forward and backward) per image at the trial's shape; parameters "
+                "count what can change the map (masked entries and buffers excluded), allocated counts every "
+                "entry."
+            ],
+            cost_table(table2),
+        ),
         Section("Paired comparisons of test bits/dim over seeds", table=comparison_table(bpd_pairs)),
-        Section("Paired comparisons of inference latency over seeds (ms per batch)",
-                table=comparison_table(latency_pairs, digits=1)),
+        Section(
+            "Paired comparisons of inference latency over seeds (ms per batch)",
+            table=comparison_table(latency_pairs, digits=1),
+        ),
         _claims_section(trials, table2, pd.concat([bpd_pairs, latency_pairs], ignore_index=True)),
     ]
     paths["md"] = _write_atomic(out / "report.md", _markdown(name, intro, sections, plots, figures, out))
@@ -307,15 +352,22 @@ def _html(name, intro, sections, plots, figures) -> str:
     if figures:
         body.append("<h2>Samples (temperature 0.7) and reconstructions</h2>")
         for caption, samples, recon in figures:
-            body += [f"<figure>{_img(samples, 'samples')}" + (_img(recon, "reconstructions") if recon else "")
-                     + f"<figcaption>{html.escape(caption)}</figcaption></figure>"]
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{padding:4px 10px;border-bottom:1px solid #ddd;"
-             "text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%;margin:4px}"
-             ".row img{width:48%}figure{display:inline-block;margin:8px;vertical-align:top}"
-             "figcaption{font-size:90%;color:#555}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>flowbench: {html.escape(name)}</title>"
-            f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+            body += [
+                f"<figure>{_img(samples, 'samples')}"
+                + (_img(recon, "reconstructions") if recon else "")
+                + f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+            ]
+    style = (
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{padding:4px 10px;border-bottom:1px solid #ddd;"
+        "text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%;margin:4px}"
+        ".row img{width:48%}figure{display:inline-block;margin:8px;vertical-align:top}"
+        "figcaption{font-size:90%;color:#555}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>flowbench: {html.escape(name)}</title>"
+        f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+    )
 
 
 def _write_atomic(path: Path, text: str) -> Path:

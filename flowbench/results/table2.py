@@ -21,12 +21,39 @@ ALPHA = 0.05  # a comparison is significant when its Holm-adjusted p-value is at
 
 # what table2.parquet holds per (model, variant, dataset)
 TABLE2_COLUMNS = [
-    *GROUP, "n_trials", "n_seeds", "test_bpd_mean", "test_bpd_std", "test_bpd_ci_low", "test_bpd_ci_high",
-    "val_bpd_mean", "num_params", "num_params_allocated", "flops_per_image", "train_flops_mean", "images_seen_mean",
-    "steps_mean", "density_latency_ms", "sample_latency_ms", "throughput_images_per_s", "paper_bpd", "delta_vs_paper",
+    *GROUP,
+    "n_trials",
+    "n_seeds",
+    "test_bpd_mean",
+    "test_bpd_std",
+    "test_bpd_ci_low",
+    "test_bpd_ci_high",
+    "val_bpd_mean",
+    "num_params",
+    "num_params_allocated",
+    "flops_per_image",
+    "train_flops_mean",
+    "images_seen_mean",
+    "steps_mean",
+    "density_latency_ms",
+    "sample_latency_ms",
+    "throughput_images_per_s",
+    "paper_bpd",
+    "delta_vs_paper",
 ]
-PAIR_COLUMNS = ["metric", "dataset", "variant", "model_a", "model_b", "n_seeds", "a_minus_b", "ci_low", "ci_high",
-                "p_value", "p_holm"]
+PAIR_COLUMNS = [
+    "metric",
+    "dataset",
+    "variant",
+    "model_a",
+    "model_b",
+    "n_seeds",
+    "a_minus_b",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_holm",
+]
 
 
 def mean_interval(values) -> tuple[float, float]:
@@ -77,8 +104,12 @@ def _order(model: str, dataset: str) -> tuple:
     from flowbench.flows.registry import MODELS
 
     models, datasets = list(MODELS), list(DATASETS)
-    return (models.index(model) if model in models else len(models), model,
-            datasets.index(dataset) if dataset in datasets else len(datasets), dataset)
+    return (
+        models.index(model) if model in models else len(models),
+        model,
+        datasets.index(dataset) if dataset in datasets else len(datasets),
+        dataset,
+    )
 
 
 def _row_order(model: str, variant: str, dataset: str) -> tuple:
@@ -111,21 +142,31 @@ def table2_frame(trials: pd.DataFrame, paper_bpd) -> pd.DataFrame:
         low, high = mean_interval(bpd)
         paper = paper_bpd(model, dataset) if variant == "" else None
         mean = _mean(ok["test_bpd"])
-        rows.append({
-            "model": model, "variant": variant, "dataset": dataset, "n_trials": len(group),
-            "n_seeds": int(ok["seed"].nunique()), "test_bpd_mean": mean,
-            "test_bpd_std": float(np.std(bpd, ddof=1)) if len(bpd) > 1 else math.nan,
-            "test_bpd_ci_low": low, "test_bpd_ci_high": high, "val_bpd_mean": _mean(ok["val_bpd"]),
-            "num_params": int(group["num_params"].max()),
-            "num_params_allocated": int(group["num_params_allocated"].max()),
-            "flops_per_image": _mean(ok["flops_per_image"]), "train_flops_mean": _mean(ok["train_flops"]),
-            "images_seen_mean": _mean(ok["images_seen"]), "steps_mean": _mean(ok["steps"]),
-            "density_latency_ms": float(ok["density_latency_ms"].median()) if len(ok) else math.nan,
-            "sample_latency_ms": float(ok["sample_latency_ms"].median()) if len(ok) else math.nan,
-            "throughput_images_per_s": _mean(ok["throughput_images_per_s"]),
-            "paper_bpd": math.nan if paper is None else float(paper),
-            "delta_vs_paper": math.nan if paper is None else mean - float(paper),
-        })
+        rows.append(
+            {
+                "model": model,
+                "variant": variant,
+                "dataset": dataset,
+                "n_trials": len(group),
+                "n_seeds": int(ok["seed"].nunique()),
+                "test_bpd_mean": mean,
+                "test_bpd_std": float(np.std(bpd, ddof=1)) if len(bpd) > 1 else math.nan,
+                "test_bpd_ci_low": low,
+                "test_bpd_ci_high": high,
+                "val_bpd_mean": _mean(ok["val_bpd"]),
+                "num_params": int(group["num_params"].max()),
+                "num_params_allocated": int(group["num_params_allocated"].max()),
+                "flops_per_image": _mean(ok["flops_per_image"]),
+                "train_flops_mean": _mean(ok["train_flops"]),
+                "images_seen_mean": _mean(ok["images_seen"]),
+                "steps_mean": _mean(ok["steps"]),
+                "density_latency_ms": float(ok["density_latency_ms"].median()) if len(ok) else math.nan,
+                "sample_latency_ms": float(ok["sample_latency_ms"].median()) if len(ok) else math.nan,
+                "throughput_images_per_s": _mean(ok["throughput_images_per_s"]),
+                "paper_bpd": math.nan if paper is None else float(paper),
+                "delta_vs_paper": math.nan if paper is None else mean - float(paper),
+            }
+        )
     return pd.DataFrame(rows, columns=TABLE2_COLUMNS)
 
 
@@ -139,16 +180,29 @@ def paired_comparisons(trials: pd.DataFrame, metric: str = "test_bpd") -> pd.Dat
     rows = []
     families = sorted(ok.groupby(["dataset", "variant"]), key=lambda kv: (_order("", kv[0][0]), kv[0][1]))
     for (dataset, variant), group in families:
-        by_model = {m: g.set_index("seed")[metric].astype(float)
-                    for m, g in sorted(group.groupby("model"), key=lambda kv: _order(kv[0], dataset))}
+        by_model = {
+            m: g.set_index("seed")[metric].astype(float)
+            for m, g in sorted(group.groupby("model"), key=lambda kv: _order(kv[0], dataset))
+        }
         family = []
         for a, b in itertools.combinations(by_model, 2):
             seeds = by_model[a].index.intersection(by_model[b].index).sort_values()
             xa, xb = by_model[a][seeds].to_numpy(), by_model[b][seeds].to_numpy()
             p, low, high = paired_test(xa, xb)
-            family.append({"metric": metric, "dataset": dataset, "variant": variant, "model_a": a, "model_b": b,
-                           "n_seeds": len(seeds), "a_minus_b": float(np.mean(xa - xb)) if len(seeds) else math.nan,
-                           "ci_low": low, "ci_high": high, "p_value": p})
+            family.append(
+                {
+                    "metric": metric,
+                    "dataset": dataset,
+                    "variant": variant,
+                    "model_a": a,
+                    "model_b": b,
+                    "n_seeds": len(seeds),
+                    "a_minus_b": float(np.mean(xa - xb)) if len(seeds) else math.nan,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "p_value": p,
+                }
+            )
         for row, adjusted in zip(family, holm([r["p_value"] for r in family])):
             row["p_holm"] = float(adjusted)
         rows += family

@@ -30,8 +30,19 @@ METADATA_KEY = b"flowbench"
 REQUIRED = {
     "trials": RECORD_COLUMNS,
     "curves": [*CURVE_KEYS, "step", "val_bpd", "train_bpd"],
-    "table2": ["model", "variant", "dataset", "n_seeds", "test_bpd_mean", "test_bpd_ci_low", "test_bpd_ci_high",
-               "val_bpd_mean", "num_params", "flops_per_image", "paper_bpd"],
+    "table2": [
+        "model",
+        "variant",
+        "dataset",
+        "n_seeds",
+        "test_bpd_mean",
+        "test_bpd_ci_low",
+        "test_bpd_ci_high",
+        "val_bpd_mean",
+        "num_params",
+        "flops_per_image",
+        "paper_bpd",
+    ],
 }
 
 

@@ -94,12 +94,19 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
             ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
         else:  # an embedded local Ray that listens on loopback only
             # address="local": a new Ray of our own, never a cluster that `ray start` left recorded in /tmp/ray
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     log_to_driver=False,
-                     runtime_env=runtime_env)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=False,
+                runtime_env=runtime_env,
+            )
     except ConnectionError as err:
-        raise FlowbenchError(f"cannot reach the Ray cluster at {address!r} ({err}); start it with "
-                             "`ray up cluster.yaml` (or `ray start --head`) first") from None
+        raise FlowbenchError(
+            f"cannot reach the Ray cluster at {address!r} ({err}); start it with "
+            "`ray up cluster.yaml` (or `ray start --head`) first"
+        ) from None
 
 
 def _trial_demand(spec: SweepSpec) -> dict[str, float]:
@@ -115,9 +122,11 @@ def _check_resources(spec: SweepSpec, address: str | None) -> None:
     have = ray.cluster_resources()
     for kind, need in _trial_demand(spec).items():
         if need > have.get(kind, 0):
-            raise FlowbenchError(f"resources: each trial asks {need:g} {kind} in all, this machine's Ray has "
-                                 f"{have.get(kind, 0):g}: lower resources.{kind.lower()} or join a cluster "
-                                 "with --address")
+            raise FlowbenchError(
+                f"resources: each trial asks {need:g} {kind} in all, this machine's Ray has "
+                f"{have.get(kind, 0):g}: lower resources.{kind.lower()} or join a cluster "
+                "with --address"
+            )
 
 
 def cluster_slots(spec: SweepSpec) -> int:
@@ -172,8 +181,11 @@ def estimated_cost(config: TrialConfig, info: DatasetInfo) -> list[float]:
     model = flowbench.build_model(config.model, info.image_shape, **config.hparams)
     params = float(model.num_parameters())
     pixels = float(math.prod(info.image_shape))
-    images = {"steps": config.budget * config.batch_size, "images": config.budget,
-              "epochs": config.budget * info.sizes["train"]}
+    images = {
+        "steps": config.budget * config.batch_size,
+        "images": config.budget,
+        "epochs": config.budget * info.sizes["train"],
+    }
     if config.budget_kind in images:
         return [images[config.budget_kind] * params * pixels, params]
     return [config.budget, params]
@@ -214,7 +226,7 @@ def _search_space(spec: SweepSpec) -> dict:
     make = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}
     space = {}
     for key, dist in spec.search.space.items():
-        (kind, args), = dist.items()
+        ((kind, args),) = dist.items()
         space[key] = tune.choice(args) if kind == "choice" else make[kind](*args)
     return space
 
@@ -244,7 +256,11 @@ class SweepSearch(Searcher):
         for u in units:
             if u.search:
                 self.groups[u.id] = {
-                    "unit": u, "left": spec.search.num_samples, "index": 0, "live": {}, "ended": {},
+                    "unit": u,
+                    "left": spec.search.num_samples,
+                    "index": 0,
+                    "live": {},
+                    "ended": {},
                     "optuna": OptunaSearch(_search_space(spec), metric=METRIC, mode=MODE, seed=u.configs[0].seed),
                     "finals": False,
                 }
@@ -296,11 +312,16 @@ class SweepSearch(Searcher):
         if group is None or trial_id not in group["live"]:
             return
         values = group["live"].pop(trial_id)
-        usable = result is not None and not error and isinstance(result.get(METRIC), float) and math.isfinite(result[METRIC])
+        usable = (
+            result is not None and not error and isinstance(result.get(METRIC), float) and math.isfinite(result[METRIC])
+        )
         group["optuna"].on_trial_complete(trial_id, result if usable else None, error=error or not usable)
         if usable:
-            group["ended"][trial_id] = {"value": result[METRIC], "reached": result.get("status") == "ok",
-                                        "search": values}
+            group["ended"][trial_id] = {
+                "value": result[METRIC],
+                "reached": result.get("status") == "ok",
+                "search": values,
+            }
         if group["left"] == 0 and not group["live"] and not group["finals"]:
             self._add_finals(group)
 
@@ -334,9 +355,18 @@ class SweepScheduler(FIFOScheduler):
         super().__init__()
         asha = spec.search.asha if spec.search is not None else None
         # max_t past the budget: ASHA stops a trial that reaches max_t, before it reports its record
-        self.asha_args = None if asha is None else dict(
-            time_attr=TIME_ATTR[spec.budget.kind], max_t=2 * spec.budget.amount, grace_period=asha.grace_period,
-            reduction_factor=asha.reduction_factor, metric=METRIC, mode=MODE)
+        self.asha_args = (
+            None
+            if asha is None
+            else dict(
+                time_attr=TIME_ATTR[spec.budget.kind],
+                max_t=2 * spec.budget.amount,
+                grace_period=asha.grace_period,
+                reduction_factor=asha.reduction_factor,
+                metric=METRIC,
+                mode=MODE,
+            )
+        )
         self.asha: dict[str, TrialScheduler] = {}
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
@@ -400,7 +430,11 @@ def run_experiment(spec: SweepSpec, storage: str, name: str, units: list[Unit], 
 
     # a data-parallel trial only drives its Ray Train workers, which ask for the resources
     # (Tune needs a non-empty request: a token of memory instead of a CPU the workers need)
-    own = {"cpu": 0, "memory": 2**20} if spec.resources.workers > 1 else {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    own = (
+        {"cpu": 0, "memory": 2**20}
+        if spec.resources.workers > 1
+        else {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    )
     trainable = tune.with_resources(tune_trial, own)
     filesystem, root = tune_storage(storage)
     path = f"{root.rstrip('/')}/{name}"
@@ -408,24 +442,38 @@ def run_experiment(spec: SweepSpec, storage: str, name: str, units: list[Unit], 
         log.info("resuming %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
     else:
-        shared = {"resources": spec.resources.model_dump(), "max_failures": spec.max_failures,
-                  "storage": storage, "train_storage": f"{root.rstrip('/')}/{name}-train"}
+        shared = {
+            "resources": spec.resources.model_dump(),
+            "max_failures": spec.max_failures,
+            "storage": storage,
+            "train_storage": f"{root.rstrip('/')}/{name}-train",
+        }
         tuner = tune.Tuner(
             trainable,
             param_space=shared,
             tune_config=tune.TuneConfig(
-                search_alg=SweepSearch(spec, units, slots), scheduler=SweepScheduler(spec), metric=METRIC, mode=MODE,
-                num_samples=-1, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+                search_alg=SweepSearch(spec, units, slots),
+                scheduler=SweepScheduler(spec),
+                metric=METRIC,
+                mode=MODE,
+                num_samples=-1,
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
                 # a reused actor saves its start-up (~2-3 s a trial); Ray then does not sync the
                 # trial's working folder, so everything the driver reads travels in checkpoints
-                reuse_actors=True),
+                reuse_actors=True,
+            ),
             run_config=tune.RunConfig(
-                name=name, storage_path=root, storage_filesystem=filesystem,
+                name=name,
+                storage_path=root,
+                storage_filesystem=filesystem,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 # keeping one checkpoint makes Tune save its experiment state after every trial
                 # checkpoint, so a killed driver resumes each trial from its latest one
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=callbacks, verbose=0),
+                callbacks=callbacks,
+                verbose=0,
+            ),
         )
     return tuner.fit()
 
@@ -457,13 +505,29 @@ def record_of(tune_config: dict, last: dict, error: BaseException | None) -> dic
     else:
         status, reason = ("failed", error_reason(error)) if error is not None else ("stopped", "stopped early by ASHA")
         record = TrialRecord(
-            sweep=config.sweep, trial_id=config.trial_id, model=config.model, dataset=config.dataset, seed=config.seed,
-            config_hash=config.config_hash(), variant=config.variant, hparams=json.dumps(config.hparams, sort_keys=True),
-            recipe=json.dumps(config.recipe(), sort_keys=True), budget_kind=config.budget_kind, budget=config.budget,
-            batch_size=config.batch_size, lr=config.lr, status=status, reason=reason, node=last.get("node", ""),
+            sweep=config.sweep,
+            trial_id=config.trial_id,
+            model=config.model,
+            dataset=config.dataset,
+            seed=config.seed,
+            config_hash=config.config_hash(),
+            variant=config.variant,
+            hparams=json.dumps(config.hparams, sort_keys=True),
+            recipe=json.dumps(config.recipe(), sort_keys=True),
+            budget_kind=config.budget_kind,
+            budget=config.budget,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            status=status,
+            reason=reason,
+            node=last.get("node", ""),
         )
         if "step" in last:  # the last evaluation: how far the trial got
-            record.steps, record.images_seen, record.epochs = int(last["step"]), int(last["images_seen"]), last["epochs"]
+            record.steps, record.images_seen, record.epochs = (
+                int(last["step"]),
+                int(last["images_seen"]),
+                last["epochs"],
+            )
             record.train_seconds, record.train_flops = last["train_seconds"], last.get("train_flops", 0.0)
             record.val_bpd, record.train_bpd = last[METRIC], last["train_bpd"]
         row = record.row()
@@ -523,14 +587,19 @@ def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path) 
         unit = units[unit_id]
         trials = [{"row": record_of(r.config, r.metrics or {}, r.error), "curve": _curve_of(r)} for r in unit_results]
         found[unit_id] = trials
-        finals = [(t, r) for t, r in zip(trials, unit_results)
-                  if t["row"]["phase"] == "final" and t["row"]["status"] != "failed"]
+        finals = [
+            (t, r)
+            for t, r in zip(trials, unit_results)
+            if t["row"]["phase"] == "final" and t["row"]["status"] != "failed"
+        ]
         if len(finals) < len(unit.configs):
             continue  # not finished: the unit runs (again)
         for t, r in finals:
             if r.checkpoint is not None:  # the report's sample figures
                 for figure in FIGURES:
-                    copy_from_checkpoint(r.checkpoint, f"{figure}.png", figures / f"{figure}-{t['row']['trial_id']}.png")
+                    copy_from_checkpoint(
+                        r.checkpoint, f"{figure}.png", figures / f"{figure}-{t['row']['trial_id']}.png"
+                    )
         store.save(unit, trials)
     return found
 
@@ -581,8 +650,13 @@ def _efficiency(results, started: float, ended: float, slots: int) -> dict:
             busy += last["reported_at"] - last["started_at"]
             ran += 1
     wall = ended - started
-    return {"efficiency": busy / (slots * wall) if ran else None, "busy_seconds": busy, "slots": slots,
-            "wall_seconds": wall, "trials_run": ran}
+    return {
+        "efficiency": busy / (slots * wall) if ran else None,
+        "busy_seconds": busy,
+        "slots": slots,
+        "wall_seconds": wall,
+        "trials_run": ran,
+    }
 
 
 def run_sweep(
@@ -621,14 +695,22 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     meta = _read_meta(out)
     uri = mlflow_uri or default_tracking_uri(out)
     if meta.get("mlflow_uri", uri) != uri:
-        raise FlowbenchError(f"{out} was tracked in {meta['mlflow_uri']}: resume with --mlflow-uri "
-                             f"{meta['mlflow_uri']} (it logs where it started)")
+        raise FlowbenchError(
+            f"{out} was tracked in {meta['mlflow_uri']}: resume with --mlflow-uri "
+            f"{meta['mlflow_uri']} (it logs where it started)"
+        )
     artifacts = (out / "mlartifacts").as_uri() if mlflow_uri is None else None
     tracker = MlflowTracker(uri, spec.name, artifacts)
-    parent = tracker.get_or_create_run(f"sweep:{spec.name}", params={
-        "models": ",".join(spec.models), "datasets": ",".join(spec.datasets), "seeds": ",".join(map(str, spec.seeds)),
-        "budget": f"{spec.budget.amount:g} {spec.budget.kind}", "spec": Path(spec_path).name,
-    })
+    parent = tracker.get_or_create_run(
+        f"sweep:{spec.name}",
+        params={
+            "models": ",".join(spec.models),
+            "datasets": ",".join(spec.datasets),
+            "seeds": ",".join(map(str, spec.seeds)),
+            "budget": f"{spec.budget.amount:g} {spec.budget.kind}",
+            "spec": Path(spec_path).name,
+        },
+    )
     by_id = {u.id: u for u in units}
     store = RecordStore(out)
     stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -651,11 +733,19 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     if stale or old_experiment:
         archive = _archive(out, stamp, stale, storage, old_experiment)
     if changed:
-        log.warning("%d of %d units changed configuration since the last run (%s): running them again; their old "
-                    "records are in %s", len(changed), len(units), ", ".join(changed), archive)
+        log.warning(
+            "%d of %d units changed configuration since the last run (%s): running them again; their old "
+            "records are in %s",
+            len(changed),
+            len(units),
+            ", ".join(changed),
+            archive,
+        )
     _forget_runs(tracker, parent, units)
-    _write_meta(out, meta | {"mlflow_uri": uri, "experiment": name if todo else previous,
-                             "units": {u.id: u.hash for u in units}})
+    _write_meta(
+        out,
+        meta | {"mlflow_uri": uri, "experiment": name if todo else previous, "units": {u.id: u.hash for u in units}},
+    )
 
     efficiency = {"efficiency": None, "busy_seconds": 0.0, "slots": slots, "wall_seconds": 0.0, "trials_run": 0}
     fresh = {}
@@ -681,8 +771,15 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
         client.log_metric(parent, "efficiency", efficiency["efficiency"])
         client.log_metric(parent, "busy_seconds", efficiency["busy_seconds"])
         client.log_metric(parent, "wall_seconds", efficiency["wall_seconds"])
-    for path in [Path(spec_path), out / "sweep.json", out / "trials.parquet", out / "curves.parquet",
-                 report["table2"], report["md"], report["html"]]:
+    for path in [
+        Path(spec_path),
+        out / "sweep.json",
+        out / "trials.parquet",
+        out / "curves.parquet",
+        report["table2"],
+        report["md"],
+        report["html"],
+    ]:
         client.log_artifact(parent, str(path))
     for path in report["plots"]:
         client.log_artifact(parent, str(path), artifact_path="plots")

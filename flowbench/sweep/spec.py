@@ -20,8 +20,13 @@ from flowbench.specfile import FieldError, error_location, load_spec
 from flowbench.trial import TrainSettings, TrialConfig
 
 TRAIN_KEYS = ("optimizer", "batch_size", "lr", "warmup_steps", "grad_clip")  # searchable besides model hparams
-TIME_ATTR = {"steps": "step", "epochs": "epochs", "images": "images_seen", "seconds": "train_seconds",
-             "flops": "train_flops"}
+TIME_ATTR = {
+    "steps": "step",
+    "epochs": "epochs",
+    "images": "images_seen",
+    "seconds": "train_seconds",
+    "flops": "train_flops",
+}
 
 
 class Strict(pydantic.BaseModel):
@@ -64,8 +69,9 @@ class Asha(Strict):
 
 FiniteFloat = Annotated[float, pydantic.Field(allow_inf_nan=False)]
 BOUNDS = {  # [low, high] of each distribution; a log scale needs both above 0
-    "loguniform": pydantic.TypeAdapter(tuple[Annotated[FiniteFloat, pydantic.Field(gt=0)],
-                                             Annotated[FiniteFloat, pydantic.Field(gt=0)]]),
+    "loguniform": pydantic.TypeAdapter(
+        tuple[Annotated[FiniteFloat, pydantic.Field(gt=0)], Annotated[FiniteFloat, pydantic.Field(gt=0)]]
+    ),
     "uniform": pydantic.TypeAdapter(tuple[FiniteFloat, FiniteFloat]),
     "randint": pydantic.TypeAdapter(tuple[int, int]),  # high excluded, as in tune.randint
 }
@@ -82,7 +88,7 @@ class Search(Strict):
         for key, dist in space.items():
             if len(dist) != 1:
                 raise FieldError((key,), "give one distribution (loguniform, uniform, randint or choice)")
-            (kind, args), = dist.items()
+            ((kind, args),) = dist.items()
             if kind == "choice":
                 if not args:
                     raise FieldError((key, kind), "choice needs at least one value")
@@ -166,13 +172,17 @@ class SweepSpec(Strict):
                 if key not in TRAIN_KEYS:
                     lacking = [m for m in self.models if key not in model_entry(m).hparams()]
                     if lacking:
-                        raise FieldError(("search", "space", key), f"neither a train key {TRAIN_KEYS} nor a "
-                                         f"hyperparameter of {lacking}")
+                        raise FieldError(
+                            ("search", "space", key),
+                            f"neither a train key {TRAIN_KEYS} nor a hyperparameter of {lacking}",
+                        )
                 _check_distribution(key, dist, self.models)
             asha = self.search.asha
             if asha is not None and asha.grace_period >= self.budget.amount:
-                raise FieldError(("search", "asha", "grace_period"), f"{asha.grace_period:g} must be below the "
-                                 f"budget ({self.budget.amount:g} {self.budget.kind})")
+                raise FieldError(
+                    ("search", "asha", "grace_period"),
+                    f"{asha.grace_period:g} must be below the budget ({self.budget.amount:g} {self.budget.kind})",
+                )
         for key, values in self.grid.items():
             having = [m for m in self.models if key in model_entry(m).hparams()]
             if not having:
@@ -187,8 +197,9 @@ class SweepSpec(Strict):
                 raise FieldError(("grid", key), "match_params sets hidden_channels: do not grid over it too")
             self.grid[key] = [_valid_value(key, v, having, ("grid", key, i)) for i, v in enumerate(values)]
         if self.match_params is not None and self.search is not None and "hidden_channels" in self.search.space:
-            raise FieldError(("search", "space", "hidden_channels"), "match_params sets hidden_channels: do not "
-                             "search over it too")
+            raise FieldError(
+                ("search", "space", "hidden_channels"), "match_params sets hidden_channels: do not search over it too"
+            )
         return self
 
 
@@ -211,10 +222,13 @@ def _valid_value(key: str, value, models: list[str], loc: tuple):
 def _check_distribution(key: str, dist: dict, models: list[str]) -> None:
     """Every value a search can draw is one its field accepts: the bounds (randint's high is
     excluded) or each choice; an integer field is searched with randint or choice only."""
-    (kind, args), = dist.items()
+    ((kind, args),) = dist.items()
     loc = ("search", "space", key, kind)
-    integer = (TrainSettings.model_fields[key].annotation is int if key in TRAIN_KEYS
-               else any(type(model_entry(m).hparams()[key]) is int for m in models))
+    integer = (
+        TrainSettings.model_fields[key].annotation is int
+        if key in TRAIN_KEYS
+        else any(type(model_entry(m).hparams()[key]) is int for m in models)
+    )
     if integer and kind in ("uniform", "loguniform"):
         raise FieldError(loc, f"{key} is an integer: search it with randint or choice")
     values = [args[0], args[1] - 1] if kind == "randint" else args
@@ -269,8 +283,9 @@ def check_data(spec: SweepSpec, spec_path: str | Path) -> dict[str, DatasetInfo]
 
 def data_fingerprint(info: DatasetInfo) -> str:
     """What of a data set is part of a trial's identity: its shape, bit depth and split sizes."""
-    return json.dumps({"image_shape": list(info.image_shape), "n_bits": info.n_bits, "sizes": info.sizes},
-                      sort_keys=True)
+    return json.dumps(
+        {"image_shape": list(info.image_shape), "n_bits": info.n_bits, "sizes": info.sizes}, sort_keys=True
+    )
 
 
 def variant_text(value) -> str:
@@ -292,7 +307,9 @@ def expand(spec: SweepSpec, infos: dict[str, DatasetInfo]) -> list[TrialConfig]:
         for model in spec.models:
             override = spec.overrides.get(model, {})
             # the card's recipe, then what the spec's train: sets explicitly, then per-model overrides
-            explicit = spec.train.model_dump(exclude_unset=True) | {k: v for k, v in override.items() if k in TRAIN_KEYS}
+            explicit = spec.train.model_dump(exclude_unset=True) | {
+                k: v for k, v in override.items() if k in TRAIN_KEYS
+            }
             recipe, source = training_settings(model, dataset, explicit)
             train = spec.train.model_dump() | recipe
             card = load_card(model).hparams_for(dataset) | {k: v for k, v in override.items() if k not in TRAIN_KEYS}
@@ -305,14 +322,25 @@ def expand(spec: SweepSpec, infos: dict[str, DatasetInfo]) -> list[TrialConfig]:
                     flowbench.build_model(model, infos[dataset].image_shape, **hparams)
                 stem = "-".join(part for part in (model, dataset, variant) if part)
                 for seed in spec.seeds:
-                    configs.append(TrialConfig(
-                        model=model, dataset=dataset, hparams=hparams, variant=variant, seed=seed,
-                        data_fingerprint=data_fingerprint(infos[dataset]),
-                        budget_kind=spec.budget.kind, budget=spec.budget.amount,
-                        **train, recipe_source=source, latency_batch_size=spec.latency.batch_size,
-                        latency_repeats=spec.latency.repeats, data_root=spec.data_roots.get(dataset),
-                        sweep=spec.name, trial_id=f"{stem}-seed{seed}",
-                    ))
+                    configs.append(
+                        TrialConfig(
+                            model=model,
+                            dataset=dataset,
+                            hparams=hparams,
+                            variant=variant,
+                            seed=seed,
+                            data_fingerprint=data_fingerprint(infos[dataset]),
+                            budget_kind=spec.budget.kind,
+                            budget=spec.budget.amount,
+                            **train,
+                            recipe_source=source,
+                            latency_batch_size=spec.latency.batch_size,
+                            latency_repeats=spec.latency.repeats,
+                            data_root=spec.data_roots.get(dataset),
+                            sweep=spec.name,
+                            trial_id=f"{stem}-seed{seed}",
+                        )
+                    )
     return configs
 
 

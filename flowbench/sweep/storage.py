@@ -26,8 +26,10 @@ def tune_storage(location: str):
     import pyarrow.fs
 
     if "@" in urlsplit(location).netloc:
-        raise FlowbenchError("--storage: the URI holds credentials (…@ before the bucket), which would end up in every "
-                             "trial's saved state; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an instance profile) instead")
+        raise FlowbenchError(
+            "--storage: the URI holds credentials (…@ before the bucket), which would end up in every "
+            "trial's saved state; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an instance profile) instead"
+        )
     try:
         filesystem, path = pyarrow.fs.FileSystem.from_uri(location)
         # reachable, and the bucket exists: fail here, not in every trial
@@ -35,9 +37,11 @@ def tune_storage(location: str):
         if filesystem.get_file_info(bucket).type == pyarrow.fs.FileType.NotFound:
             raise FlowbenchError(f"--storage {location}: bucket {bucket!r} does not exist there; create it first")
     except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
-        raise FlowbenchError(f"--storage {location}: {str(err).splitlines()[0]}; give s3://BUCKET/PREFIX of an existing "
-                             "bucket (options as pyarrow reads them: ?endpoint_override=HOST:PORT&scheme=http&region=R) "
-                             "or a folder every node mounts") from None
+        raise FlowbenchError(
+            f"--storage {location}: {str(err).splitlines()[0]}; give s3://BUCKET/PREFIX of an existing "
+            "bucket (options as pyarrow reads them: ?endpoint_override=HOST:PORT&scheme=http&region=R) "
+            "or a folder every node mounts"
+        ) from None
     return filesystem, path.rstrip("/")
 
 
@@ -51,6 +55,7 @@ def copy_from_checkpoint(checkpoint, name: str, dest: Path) -> bool:
     if checkpoint.filesystem.get_file_info(src).type != pyarrow.fs.FileType.File:
         return False
     dest.parent.mkdir(parents=True, exist_ok=True)
-    pyarrow.fs.copy_files(src, str(dest), source_filesystem=checkpoint.filesystem,
-                          destination_filesystem=pyarrow.fs.LocalFileSystem())
+    pyarrow.fs.copy_files(
+        src, str(dest), source_filesystem=checkpoint.filesystem, destination_filesystem=pyarrow.fs.LocalFileSystem()
+    )
     return True

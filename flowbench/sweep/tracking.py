@@ -55,8 +55,9 @@ class MlflowTracker:
         found = self.client.get_experiment_by_name(self.experiment)
         if found is None:
             try:
-                return self.client.create_experiment(self.experiment, artifact_location=artifact_location,
-                                                     tags=EXPERIMENT_KIND)
+                return self.client.create_experiment(
+                    self.experiment, artifact_location=artifact_location, tags=EXPERIMENT_KIND
+                )
             except MlflowException:  # another driver created it between our look-up and create
                 found = self.client.get_experiment_by_name(self.experiment)
                 if found is None:
@@ -76,8 +77,9 @@ class MlflowTracker:
         runs = self.client.search_runs([self.experiment_id], query, max_results=1)
         return runs[0] if runs else None
 
-    def get_or_create_run(self, key: str, parent_id: str | None = None, params: dict | None = None,
-                          tags: dict | None = None) -> str:
+    def get_or_create_run(
+        self, key: str, parent_id: str | None = None, params: dict | None = None, tags: dict | None = None
+    ) -> str:
         run = self.find_run(key, parent_id)
         if run is None:
             tags = {KEY_TAG: key} | ({PARENT_TAG: parent_id} if parent_id else {}) | (tags or {})
@@ -136,8 +138,11 @@ class MlflowCallback(tune.Callback):
     def _run_for(self, trial) -> tuple[str, int]:
         if trial.trial_id not in self._runs:
             config = trial.config
-            run_id = self.tracker.get_or_create_run(config["trial"]["trial_id"], self.parent_id,
-                                                    tags={UNIT_TAG: config["unit_hash"], "phase": config["phase"]})
+            run_id = self.tracker.get_or_create_run(
+                config["trial"]["trial_id"],
+                self.parent_id,
+                tags={UNIT_TAG: config["unit_hash"], "phase": config["phase"]},
+            )
             self._runs[trial.trial_id] = (run_id, self.tracker.last_step(run_id))
         return self._runs[trial.trial_id]
 
@@ -153,8 +158,11 @@ class MlflowCallback(tune.Callback):
         from mlflow.entities import Metric
 
         at = int(result.get("timestamp", 0)) * 1000
-        metrics = [Metric(name, float(result[name]), at, int(result["step"])) for name in CURVE_METRICS
-                   if _finite(result.get(name))]
+        metrics = [
+            Metric(name, float(result[name]), at, int(result["step"]))
+            for name in CURVE_METRICS
+            if _finite(result.get(name))
+        ]
         self.tracker.client.log_batch(run_id, metrics=metrics)
         self._runs[trial.trial_id] = (run_id, int(result["step"]))
 

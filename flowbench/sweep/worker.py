@@ -16,8 +16,14 @@ from pathlib import Path
 
 from flowbench.sweep.spec import trial_config
 from flowbench.sweep.storage import tune_storage
-from flowbench.trial import (CHECKPOINT_FILE, SELECTED_FILE, TrialConfig, load_checkpoint, model_from_checkpoint,
-                             run_trial)
+from flowbench.trial import (
+    CHECKPOINT_FILE,
+    SELECTED_FILE,
+    TrialConfig,
+    load_checkpoint,
+    model_from_checkpoint,
+    run_trial,
+)
 
 RECORD_FILE = "record.json"
 ATTEMPTS_FILE = "attempts.jsonl"
@@ -55,8 +61,11 @@ def tune_trial(tune_config: dict) -> None:
         _data_parallel_trial(config, tune_config, final)
     else:
         how = "resumed" if restored else "fresh"
-        record = run_trial(config, lambda metrics, folder: report(metrics, folder, how),
-                           resume_from=restored / CHECKPOINT_FILE if restored else None)
+        record = run_trial(
+            config,
+            lambda metrics, folder: report(metrics, folder, how),
+            resume_from=restored / CHECKPOINT_FILE if restored else None,
+        )
         if (trial_dir / "checkpoint").is_dir():  # a trial that diverged at once has none
             shutil.copytree(trial_dir / "checkpoint", final, dirs_exist_ok=True)
         final.mkdir(exist_ok=True)
@@ -82,12 +91,17 @@ def _data_parallel_trial(config: TrialConfig, tune_config: dict, final: Path) ->
     result = TorchTrainer(
         ddp_worker,
         train_loop_config={"trial": config.model_dump()},
-        scaling_config=ScalingConfig(num_workers=res["workers"], use_gpu=res["gpu"] > 0, resources_per_worker=per_worker),
-        run_config=RunConfig(name=config.trial_id, storage_path=tune_config["train_storage"],
-                             storage_filesystem=tune_storage(tune_config["storage"])[0],
-                             failure_config=FailureConfig(max_failures=tune_config["max_failures"]),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest resumes
-                             callbacks=[TuneReportCallback()]),
+        scaling_config=ScalingConfig(
+            num_workers=res["workers"], use_gpu=res["gpu"] > 0, resources_per_worker=per_worker
+        ),
+        run_config=RunConfig(
+            name=config.trial_id,
+            storage_path=tune_config["train_storage"],
+            storage_filesystem=tune_storage(tune_config["storage"])[0],
+            failure_config=FailureConfig(max_failures=tune_config["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest resumes
+            callbacks=[TuneReportCallback()],
+        ),
     ).fit()
     result.checkpoint.to_directory(str(final))
 
@@ -160,4 +174,6 @@ def write_figures(checkpoint: Path, folder: Path, seed: int) -> None:
         x, _ = model.preprocess_pixels(pixels, gen)
         recon = model.images(model.decode(model.encode(x)[0]))
     save_png(image_grid(samples.numpy(), columns=6), folder / "samples.png", scale=2)
-    save_png(image_grid(torch.cat([pixels, recon]).numpy(), columns=len(pixels)), folder / "reconstructions.png", scale=2)
+    save_png(
+        image_grid(torch.cat([pixels, recon]).numpy(), columns=len(pixels)), folder / "reconstructions.png", scale=2
+    )
