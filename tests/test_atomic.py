@@ -21,7 +21,9 @@ def mounted_tmpfs(folder, size="1m", readonly=False):
     options = f"size={size}" + (",ro" if readonly else "")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root with mount rights")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root with mount rights"
+        )
     try:
         yield folder
     finally:
@@ -100,7 +102,9 @@ def test_a_read_only_folder_is_one_line_naming_the_path(tmp_path):
     with mounted_tmpfs(tmp_path / "disk") as disk:
         (disk / "report.md").write_text("old")
         remount_readonly(disk)
-        with pytest.raises(FlowbenchError, match=r"^read-only file system writing .*report.md \(its previous version is intact\)"):
+        with pytest.raises(
+            FlowbenchError, match=r"^read-only file system writing .*report.md \(its previous version is intact\)"
+        ):
             with atomic_write(disk / "report.md") as tmp:
                 tmp.write_text("new")
         assert (disk / "report.md").read_text() == "old"

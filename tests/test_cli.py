@@ -13,8 +13,22 @@ TINY = ["--hparam", "depth=2", "--hparam", "levels=2", "--hparam", "hidden_chann
 
 def test_train_writes_its_outputs_and_a_rerun_resumes(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["train", "--model", "glow", "--dataset", "digits", "--budget-steps", "6", "--eval-every", "3",
-            "--batch-size", "16", "--out", str(out), *TINY]
+    argv = [
+        "train",
+        "--model",
+        "glow",
+        "--dataset",
+        "digits",
+        "--budget-steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
+        *TINY,
+    ]
     assert main(argv) == 0
     record = json.loads((out / "record.json").read_text())
     assert record["steps"] == 6 and record["status"] == "ok" and json.loads(record["hparams"])["depth"] == 2

@@ -43,8 +43,12 @@ def test_cuda_computes_what_the_cpu_computes(name):
 
 @pytest.mark.parametrize(
     "make",
-    [lambda c: InvConv1x1(c), lambda c: InvertibleNxNConv(c, lu=True), lambda c: EmergingConv2d(c),
-     lambda c: PeriodicConv2d(c)],
+    [
+        lambda c: InvConv1x1(c),
+        lambda c: InvertibleNxNConv(c, lu=True),
+        lambda c: EmergingConv2d(c),
+        lambda c: PeriodicConv2d(c),
+    ],
     ids=["conv1x1", "nxn_shift", "emerging", "periodic"],
 )
 def test_invertible_convs_stay_float32_where_cudnn_allows_tf32(make):
@@ -139,13 +143,23 @@ def test_two_nccl_workers_reach_the_one_gpu_result(tmp_path):
     from flowbench.sweep.worker import ddp_worker
     from flowbench.trial import TrialConfig, run_trial
 
-    config = dict(model="glow", dataset="digits", hparams=dict(depth=2, levels=2, hidden_channels=8), seed=3,
-                  batch_size=32, budget=6, eval_every=3, checkpoint_every=3, latency_repeats=2)
+    config = dict(
+        model="glow",
+        dataset="digits",
+        hparams=dict(depth=2, levels=2, hidden_channels=8),
+        seed=3,
+        batch_size=32,
+        budget=6,
+        eval_every=3,
+        checkpoint_every=3,
+        latency_repeats=2,
+    )
     single = run_trial(TrialConfig(**config, out_dir=str(tmp_path / "single"), device="cuda"))
     start_ray(None)
     try:
         result = TorchTrainer(
-            ddp_worker, train_loop_config={"trial": config},
+            ddp_worker,
+            train_loop_config={"trial": config},
             scaling_config=ScalingConfig(num_workers=2, use_gpu=True),
             run_config=RunConfig(name="nccl", storage_path=str(tmp_path / "train")),
         ).fit()

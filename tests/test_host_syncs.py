@@ -12,8 +12,16 @@ from torch.overrides import TorchFunctionMode
 import flowbench
 from flowbench.trial import LossMeter, Shard, prepare_training, train_step
 
-READS = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy,
-         torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__}
+READS = {
+    torch.Tensor.item,
+    torch.Tensor.__bool__,
+    torch.Tensor.tolist,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+    torch.Tensor.__int__,
+    torch.Tensor.__float__,
+    torch.Tensor.__index__,
+}
 TINY = {"realnvp": dict(levels=2, hidden_channels=8, n_blocks=1)}
 
 

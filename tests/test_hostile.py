@@ -74,38 +74,77 @@ SPECS = {
     "grad-clip-inf": (edited("lr: 1e-3,", "lr: 1e-3, grad_clip: .inf,"), "train.grad_clip", "finite number"),
     "batch-zero": (edited("batch_size: 32", "batch_size: 0"), "train.batch_size", "greater than 0"),
     "batch-fraction": (edited("batch_size: 32", "batch_size: 2.5"), "train.batch_size", "fractional part"),
-    "warmup-negative": (edited("lr: 1e-3,", "lr: 1e-3, warmup_steps: -5,"), "train.warmup_steps", "greater than or equal to 0"),
+    "warmup-negative": (
+        edited("lr: 1e-3,", "lr: 1e-3, warmup_steps: -5,"),
+        "train.warmup_steps",
+        "greater than or equal to 0",
+    ),
     "eval-every-zero": (edited("eval_every: 10", "eval_every: 0"), "train.eval_every", "greater than 0"),
     "eval-images-zero": (edited("lr: 1e-3,", "lr: 1e-3, eval_images: 0,"), "train.eval_images", "greater than 0"),
-    "checkpoint-off-evaluations": (edited("checkpoint_every: 10", "checkpoint_every: 15"), "train.checkpoint_every",
-                                   r"multiple or a divisor of eval_every \(10\), got 15"),
+    "checkpoint-off-evaluations": (
+        edited("checkpoint_every: 10", "checkpoint_every: 15"),
+        "train.checkpoint_every",
+        r"multiple or a divisor of eval_every \(10\), got 15",
+    ),
     "steps-zero": (edited("{steps: 20}", "{steps: 0}"), "budget.steps", "greater than 0"),
     "steps-inf": (edited("{steps: 20}", "{steps: .inf}"), "budget.steps", "finite number"),
     "epochs-nan": (edited("{steps: 20}", "{epochs: .nan}"), "budget.epochs", "finite number"),
     "seconds-negative": (edited("{steps: 20}", "{seconds: -60}"), "budget.seconds", "greater than 0"),
     "flops-negative": (edited("{steps: 20}", "{flops: -1e12}"), "budget.flops", "greater than 0"),
     "seed-negative": (edited("seeds: [0, 1]", "seeds: [0, -1]"), "seeds.1", "greater than or equal to 0"),
-    "loguniform-zero": (appended("search: {num_samples: 2, space: {lr: {loguniform: [0, 1e-2]}}}"),
-                        "search.space.lr.loguniform.0", "greater than 0"),
-    "loguniform-reversed": (appended("search: {num_samples: 2, space: {lr: {loguniform: [1e-2, 1e-4]}}}"),
-                            "search.space.lr.loguniform", "low < high"),
-    "uniform-infinite": (appended("search: {num_samples: 2, space: {lr: {uniform: [1e-4, .inf]}}}"),
-                         "search.space.lr.uniform.1", "finite number"),
-    "randint-reversed": (appended("search: {num_samples: 2, space: {batch_size: {randint: [64, 16]}}}"),
-                         "search.space.batch_size.randint", "low < high"),
-    "bound-not-a-number": (appended("search: {num_samples: 2, space: {lr: {loguniform: [small, 1e-2]}}}"),
-                           "search.space.lr.loguniform.0", "valid number"),
-    "integer-searched-continuously": (appended("search: {num_samples: 2, space: {batch_size: {uniform: [16, 64]}}}"),
-                                      "search.space.batch_size.uniform", "integer: search it with randint or choice"),
-    "choice-out-of-range": (appended("search: {num_samples: 2, space: {grad_clip: {choice: [1.0, -1.0]}}}"),
-                            "search.space.grad_clip.choice.1", "greater than 0"),
-    "hparam-bound-out-of-range": (appended("search: {num_samples: 2, space: {depth: {randint: [0, 3]}}}"),
-                                  "search.space.depth.randint.0", "greater than or equal to 1"),
-    "num-samples-zero": (appended("search: {num_samples: 0, space: {lr: {loguniform: [1e-4, 1e-2]}}}"),
-                         "search.num_samples", "greater than 0"),
-    "asha-factor-one": (appended("search: {num_samples: 2, space: {lr: {loguniform: [1e-4, 1e-2]}}, "
-                                 "asha: {grace_period: 5, reduction_factor: 1}}"),
-                        "search.asha.reduction_factor", "greater than 1"),
+    "loguniform-zero": (
+        appended("search: {num_samples: 2, space: {lr: {loguniform: [0, 1e-2]}}}"),
+        "search.space.lr.loguniform.0",
+        "greater than 0",
+    ),
+    "loguniform-reversed": (
+        appended("search: {num_samples: 2, space: {lr: {loguniform: [1e-2, 1e-4]}}}"),
+        "search.space.lr.loguniform",
+        "low < high",
+    ),
+    "uniform-infinite": (
+        appended("search: {num_samples: 2, space: {lr: {uniform: [1e-4, .inf]}}}"),
+        "search.space.lr.uniform.1",
+        "finite number",
+    ),
+    "randint-reversed": (
+        appended("search: {num_samples: 2, space: {batch_size: {randint: [64, 16]}}}"),
+        "search.space.batch_size.randint",
+        "low < high",
+    ),
+    "bound-not-a-number": (
+        appended("search: {num_samples: 2, space: {lr: {loguniform: [small, 1e-2]}}}"),
+        "search.space.lr.loguniform.0",
+        "valid number",
+    ),
+    "integer-searched-continuously": (
+        appended("search: {num_samples: 2, space: {batch_size: {uniform: [16, 64]}}}"),
+        "search.space.batch_size.uniform",
+        "integer: search it with randint or choice",
+    ),
+    "choice-out-of-range": (
+        appended("search: {num_samples: 2, space: {grad_clip: {choice: [1.0, -1.0]}}}"),
+        "search.space.grad_clip.choice.1",
+        "greater than 0",
+    ),
+    "hparam-bound-out-of-range": (
+        appended("search: {num_samples: 2, space: {depth: {randint: [0, 3]}}}"),
+        "search.space.depth.randint.0",
+        "greater than or equal to 1",
+    ),
+    "num-samples-zero": (
+        appended("search: {num_samples: 0, space: {lr: {loguniform: [1e-4, 1e-2]}}}"),
+        "search.num_samples",
+        "greater than 0",
+    ),
+    "asha-factor-one": (
+        appended(
+            "search: {num_samples: 2, space: {lr: {loguniform: [1e-4, 1e-2]}}, "
+            "asha: {grace_period: 5, reduction_factor: 1}}"
+        ),
+        "search.asha.reduction_factor",
+        "greater than 1",
+    ),
     "cpu-zero": (appended("resources: {cpu: 0}"), "resources.cpu", "greater than 0"),
     "gpu-negative": (appended("resources: {gpu: -1}"), "resources.gpu", "greater than or equal to 0"),
     "workers-zero": (appended("resources: {workers: 0}"), "resources.workers", "greater than or equal to 1"),
@@ -113,14 +152,22 @@ SPECS = {
     "latency-repeats-zero": (appended("latency: {repeats: 0}"), "latency.repeats", "greater than 0"),
     "match-params-zero": (appended("match_params: 0"), "match_params", "greater than 0"),
     "max-failures-negative": (appended("max_failures: -1"), "max_failures", "greater than or equal to 0"),
-    "override-lr-negative": (edited("glow: {depth: 2,", "glow: {lr: -1, depth: 2,"), "overrides.glow.lr",
-                             "greater than 0"),
-    "override-depth-zero": (edited("glow: {depth: 2,", "glow: {depth: 0,"), "overrides.glow.depth",
-                            "greater than or equal to 1"),
-    "override-depth-words": (edited("glow: {depth: 2,", "glow: {depth: two,"), "overrides.glow.depth",
-                             "valid integer"),
-    "override-n-bits-nine": (edited("glow: {depth: 2,", "glow: {n_bits: 9, depth: 2,"), "overrides.glow.n_bits",
-                             "less than or equal to 8"),
+    "override-lr-negative": (
+        edited("glow: {depth: 2,", "glow: {lr: -1, depth: 2,"),
+        "overrides.glow.lr",
+        "greater than 0",
+    ),
+    "override-depth-zero": (
+        edited("glow: {depth: 2,", "glow: {depth: 0,"),
+        "overrides.glow.depth",
+        "greater than or equal to 1",
+    ),
+    "override-depth-words": (edited("glow: {depth: 2,", "glow: {depth: two,"), "overrides.glow.depth", "valid integer"),
+    "override-n-bits-nine": (
+        edited("glow: {depth: 2,", "glow: {n_bits: 9, depth: 2,"),
+        "overrides.glow.n_bits",
+        "less than or equal to 8",
+    ),
     "name-escapes": (edited("name: hostile", "name: ../x"), "name", "should match pattern"),
 }
 
@@ -138,12 +185,18 @@ def test_a_bad_spec_is_one_line_naming_file_line_and_key_and_writes_nothing(tmp_
     assert not results.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["spec.yaml"]
 
 
-@pytest.mark.parametrize("text,message", [
-    (BASE + "lr: 1e-3\n" + "lr: 1e-2\n", r"spec.yaml:11: malformed YAML \(key 'lr' given twice\)"),
-    (edited("name: hostile", "name: !!python/object/apply:os.system ['touch pwned']"),
-     r"spec.yaml:1: malformed YAML \(could not determine a constructor for the tag 'tag:yaml.org,2002:python"),
-    ("name: [unclosed\n", r"spec.yaml:\d+: malformed YAML"),
-], ids=["duplicate-key", "python-tag", "unclosed"])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (BASE + "lr: 1e-3\n" + "lr: 1e-2\n", r"spec.yaml:11: malformed YAML \(key 'lr' given twice\)"),
+        (
+            edited("name: hostile", "name: !!python/object/apply:os.system ['touch pwned']"),
+            r"spec.yaml:1: malformed YAML \(could not determine a constructor for the tag 'tag:yaml.org,2002:python",
+        ),
+        ("name: [unclosed\n", r"spec.yaml:\d+: malformed YAML"),
+    ],
+    ids=["duplicate-key", "python-tag", "unclosed"],
+)
 def test_malformed_or_unsafe_yaml_is_refused_in_one_line(tmp_path, capsys, monkeypatch, text, message):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "spec.yaml"
@@ -155,8 +208,16 @@ def test_malformed_or_unsafe_yaml_is_refused_in_one_line(tmp_path, capsys, monke
 
 def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path, capsys):
     """Nine levels of nine YAML aliases (9**9 strings if anything expanded them)."""
-    rows = ["name: bomb", "models: [glow]", "datasets: [digits]", "budget: {steps: 1}", "search:",
-            "  num_samples: 1", "  space:", "    a0: {choice: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]}"]
+    rows = [
+        "name: bomb",
+        "models: [glow]",
+        "datasets: [digits]",
+        "budget: {steps: 1}",
+        "search:",
+        "  num_samples: 1",
+        "  space:",
+        "    a0: {choice: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]}",
+    ]
     rows += [f"    a{i}: {{choice: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]}}" for i in range(1, 10)]
     path = tmp_path / "spec.yaml"
     path.write_text("\n".join(rows) + "\n")
@@ -197,13 +258,20 @@ def test_a_bad_train_line_is_one_line_and_writes_nothing(tmp_path, capsys, extra
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["sample", "ckpt", "--n", "0"], r"argument --n: input should be greater than or equal to 1, got '0'"),
-    (["sample", "ckpt", "--temperature", "-0.5"], r"argument --temperature: input should be greater than or equal to 0"),
-    (["sweep", "spec.yaml", "--num-cpus", "0"], r"argument --num-cpus: input should be greater than or equal to 1"),
-    (["train"], r"the following arguments are required: --model"),
-    (["frobnicate"], r"invalid choice: 'frobnicate'"),
-], ids=["sample-n", "temperature", "num-cpus", "no-model", "no-command"])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["sample", "ckpt", "--n", "0"], r"argument --n: input should be greater than or equal to 1, got '0'"),
+        (
+            ["sample", "ckpt", "--temperature", "-0.5"],
+            r"argument --temperature: input should be greater than or equal to 0",
+        ),
+        (["sweep", "spec.yaml", "--num-cpus", "0"], r"argument --num-cpus: input should be greater than or equal to 1"),
+        (["train"], r"the following arguments are required: --model"),
+        (["frobnicate"], r"invalid choice: 'frobnicate'"),
+    ],
+    ids=["sample-n", "temperature", "num-cpus", "no-model", "no-command"],
+)
 def test_other_bad_command_lines_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     assert_one_line(*run_cli(argv, capsys), message)
@@ -216,10 +284,12 @@ def test_numbers_are_read_as_a_person_writes_them(tmp_path):
     from flowbench.sweep.driver import plan
 
     path = tmp_path / "spec.yaml"
-    path.write_text(edited("batch_size: 32", "batch_size: '32'").replace(
-        "glow: {depth: 2,", "glow: {lr: 1.0e-4, depth: '2',") + textwrap.dedent("""\
+    path.write_text(
+        edited("batch_size: 32", "batch_size: '32'").replace("glow: {depth: 2,", "glow: {lr: 1.0e-4, depth: '2',")
+        + textwrap.dedent("""\
         search: {num_samples: 2, space: {lr: {loguniform: [1e-4, 3e-2]}}}
-        """))
+        """)
+    )
     spec, configs = plan(path)
     assert spec.train.lr == 1e-3 and spec.train.batch_size == 32
     assert spec.search.space["lr"]["loguniform"] == [1e-4, 3e-2]
@@ -227,8 +297,21 @@ def test_numbers_are_read_as_a_person_writes_them(tmp_path):
     glow = next(c for c in configs if c.model == "glow")
     assert glow.lr == 1e-4 and glow.hparams["depth"] == 2 and glow.batch_size == 32
 
-    args = build_parser().parse_args(["train", "--model", "glow", "--lr", "1e-4", "--budget-steps", "1e3",
-                                      "--batch-size", "32", "--hparam", "depth=3"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--model",
+            "glow",
+            "--lr",
+            "1e-4",
+            "--budget-steps",
+            "1e3",
+            "--batch-size",
+            "32",
+            "--hparam",
+            "depth=3",
+        ]
+    )
     assert args.lr == 1e-4 and args.budget_steps == 1000 and isinstance(args.budget_steps, int)
     assert args.hparam == [("depth", 3)]
 
@@ -249,9 +332,13 @@ def test_a_bad_card_is_one_line_naming_its_file_line_and_key(tmp_path, capsys, m
     assert card, "the glow card's digits entry changed shape: update this test"
     (cards / "glow.yaml").write_text(text.replace(card.group(0), "  digits:\n    hparams: {depth: -4,"))
     monkeypatch.setenv("FLOWBENCH_MODELS_DIR", str(cards))
-    line = (cards / "glow.yaml").read_text().splitlines().index("    hparams: {depth: -4, levels: 2, hidden_channels: 32}") + 1
+    line = (cards / "glow.yaml").read_text().splitlines().index(
+        "    hparams: {depth: -4, levels: 2, hidden_channels: 32}"
+    ) + 1
     rc, err = run_cli([*TRAIN, "--out", str(tmp_path / "out")], capsys)
-    assert_one_line(rc, err, rf"glow.yaml:{line}: datasets.digits.hparams.depth: Input should be greater than or equal to 1")
+    assert_one_line(
+        rc, err, rf"glow.yaml:{line}: datasets.digits.hparams.depth: Input should be greater than or equal to 1"
+    )
 
 
 def test_a_truncated_table_is_reported_in_one_line(tmp_path, capsys):
@@ -286,8 +373,11 @@ def test_a_second_owner_is_refused_at_once_naming_the_first_and_a_killed_owner_l
         assert time.monotonic() - started < 1  # refused at once, not after waiting
         message = str(refused.value)
         assert "\n" not in message
-        assert re.match(rf"{re.escape(str(tmp_path))} is in use by a test holder \(pid {holder.pid} on \S+, "
-                        r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", message), message
+        assert re.match(
+            rf"{re.escape(str(tmp_path))} is in use by a test holder \(pid {holder.pid} on \S+, "
+            r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d",
+            message,
+        ), message
     finally:
         holder.send_signal(signal.SIGKILL)  # no clean-up runs: the kernel drops its lock
         holder.wait()
@@ -322,14 +412,18 @@ def lock_holder(folder: Path, timeout: float = 120) -> dict:
 def test_two_trains_into_one_out_the_second_is_refused_naming_the_first(tmp_path):
     out = tmp_path / "out"
     argv = [*TRAIN, "--budget-steps", "100000", "--eval-every", "1000", "--out", str(out)]
-    first = subprocess.Popen(flowbench_command(*argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        flowbench_command(*argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         assert lock_holder(out)["pid"] == first.pid
         second = subprocess.run(flowbench_command(*argv), capture_output=True, text=True, timeout=120)
         assert first.poll() is None, first.stderr.read()  # the first trains on, undisturbed
-        assert_one_line(second.returncode, second.stderr,
-                        rf"^flowbench: error: {re.escape(str(out))} is in use by flowbench train \(pid {first.pid} on ")
+        assert_one_line(
+            second.returncode,
+            second.stderr,
+            rf"^flowbench: error: {re.escape(str(out))} is in use by flowbench train \(pid {first.pid} on ",
+        )
         assert second.stdout == ""
     finally:
         os.killpg(first.pid, signal.SIGKILL)
@@ -358,8 +452,12 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_resumes(tmp_path, c
         filler.write_bytes(b"\0" * (free - one - one // 2))  # room for one checkpoint and a half
         out = disk / "out"
         rc, err = run_cli([*argv, "--out", str(out)], capsys)
-        assert_one_line(rc, err, rf"^flowbench: error: no space left on device writing {re.escape(str(out))}/checkpoint/"
-                                 r"\S+ \(its previous version is intact\): free space there")
+        assert_one_line(
+            rc,
+            err,
+            rf"^flowbench: error: no space left on device writing {re.escape(str(out))}/checkpoint/"
+            r"\S+ \(its previous version is intact\): free space there",
+        )
         assert load_checkpoint(out / "checkpoint" / CHECKPOINT_FILE)["progress"]["step"] == 2
         assert not [p for p in (out / "checkpoint").iterdir() if ".tmp" in p.name]
         filler.unlink()
@@ -376,8 +474,12 @@ def test_a_read_only_output_folder_is_one_line_and_keeps_what_it_holds(tmp_path,
         before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
         remount_readonly(disk)
         rc, err = run_cli([*argv, "--out", str(out)], capsys)
-        assert_one_line(rc, err, rf"^flowbench: error: read-only file system writing {re.escape(str(out))}/\S+: "
-                                 r"give an output folder on a writable disk")
+        assert_one_line(
+            rc,
+            err,
+            rf"^flowbench: error: read-only file system writing {re.escape(str(out))}/\S+: "
+            r"give an output folder on a writable disk",
+        )
         rc, err = run_cli([*argv, "--out", str(disk / "fresh")], capsys)
         assert_one_line(rc, err, rf"^flowbench: error: read-only file system writing {re.escape(str(disk))}/fresh")
         assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -399,8 +501,12 @@ def test_two_drivers_of_one_sweep_the_second_is_refused_while_the_first_runs_on(
         assert lock_holder(results / "twice")["pid"] == first.pid
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert first.poll() is None  # refused without waiting for the first to end
-        assert_one_line(second.returncode, second.stderr, rf"^flowbench: error: {re.escape(str(results / 'twice'))} is "
-                                                          rf"in use by flowbench sweep twice \(pid {first.pid} on ")
+        assert_one_line(
+            second.returncode,
+            second.stderr,
+            rf"^flowbench: error: {re.escape(str(results / 'twice'))} is "
+            rf"in use by flowbench sweep twice \(pid {first.pid} on ",
+        )
         _, err = first.communicate(timeout=600)
         assert first.returncode == 0, err[-2000:]
     finally:
@@ -428,8 +534,10 @@ def test_a_card_edit_reruns_exactly_the_trials_it_changes(tmp_path, local_ray, m
     run_sweep(spec, tmp_path / "results")
     out = tmp_path / "results" / "cards"
     before = read_table(out / "trials.parquet", "trials").set_index("trial_id")
-    assert {t: json.loads(h)["depth"] for t, h in before.hparams.items()} == {"glow-digits-seed0": 4,
-                                                                             "nxn_shift-digits-seed0": 4}
+    assert {t: json.loads(h)["depth"] for t, h in before.hparams.items()} == {
+        "glow-digits-seed0": 4,
+        "nxn_shift-digits-seed0": 4,
+    }
     glow = (cards / "glow.yaml").read_text()
     digits = "  digits:\n    hparams: {depth: 4,"
     assert digits in glow, "the glow card's digits entry changed shape: update this test"

@@ -9,8 +9,15 @@ import torch
 from flowbench import FlowbenchError
 from flowbench.trial import CHECKPOINT_FILE, TrialConfig, load_checkpoint, model_from_checkpoint, run_trial
 
-TINY = dict(model="glow", dataset="digits", hparams=dict(depth=2, levels=2, hidden_channels=8),
-            batch_size=32, eval_every=5, checkpoint_every=10, latency_repeats=2)
+TINY = dict(
+    model="glow",
+    dataset="digits",
+    hparams=dict(depth=2, levels=2, hidden_channels=8),
+    batch_size=32,
+    eval_every=5,
+    checkpoint_every=10,
+    latency_repeats=2,
+)
 
 
 def config(tmp_path, **kw):
@@ -145,8 +152,25 @@ def test_cli_train_that_diverges_at_step_one_exits_non_zero_with_one_line(tmp_pa
     nan_from_the_first_training_step(monkeypatch)
     code = None
     try:
-        code = main(["train", "--model", "glow", "--dataset", "digits", "--hparam", "depth=1", "--hparam", "levels=2",
-                     "--hparam", "hidden_channels=8", "--budget-steps", "10", "--out", str(tmp_path / "run")])
+        code = main(
+            [
+                "train",
+                "--model",
+                "glow",
+                "--dataset",
+                "digits",
+                "--hparam",
+                "depth=1",
+                "--hparam",
+                "levels=2",
+                "--hparam",
+                "hidden_channels=8",
+                "--budget-steps",
+                "10",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
     except SystemExit as exit:
         code = exit.code
     err = capsys.readouterr().err.strip().splitlines()

@@ -39,7 +39,10 @@ def wheel(tmp_path_factory) -> Path:
     shutil.copytree(ROOT, src, symlinks=True, ignore=ignore)
     dist = tmp_path_factory.mktemp("dist")
     # --no-build-isolation: setuptools from this environment, nothing downloaded
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", dist, src], cwd=dist)
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", dist, src],
+        cwd=dist,
+    )
     (built,) = dist.glob("flowbench-*.whl")
     return built
 
@@ -63,8 +66,11 @@ def test_installed_wheel_lists_models_and_trains_outside_the_checkout(wheel, tmp
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FLOWBENCH_MODELS_DIR")}
     env |= {"HOME": str(tmp_path), "FLOWBENCH_CACHE_DIR": str(tmp_path / "cache"), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    where = run([python, "-c", "import flowbench, flowbench.cards as c; print(flowbench.__file__); print(c.cards_dir())"],
-                cwd=work, env=env).split()
+    where = run(
+        [python, "-c", "import flowbench, flowbench.cards as c; print(flowbench.__file__); print(c.cards_dir())"],
+        cwd=work,
+        env=env,
+    ).split()
     assert all(Path(p).is_relative_to(site) for p in where), where  # the wheel's files, not the checkout's
 
     flowbench = env_dir / "bin" / "flowbench"
@@ -73,7 +79,30 @@ def test_installed_wheel_lists_models_and_trains_outside_the_checkout(wheel, tmp
         assert card.stem in listing
     dry = run([flowbench, "sweep", "smoke", "--dry-run"], cwd=work, env=env)  # a shipped spec, by name
     assert "sweep smoke: 4 trials" in dry
-    run([flowbench, "train", "--model", "glow", "--dataset", "digits", "--budget-steps", "4", "--eval-every", "2",
-         "--batch-size", "16", "--hparam", "depth=1", "--hparam", "levels=1", "--hparam", "hidden_channels=4",
-         "--out", work / "run"], cwd=work, env=env)
+    run(
+        [
+            flowbench,
+            "train",
+            "--model",
+            "glow",
+            "--dataset",
+            "digits",
+            "--budget-steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "16",
+            "--hparam",
+            "depth=1",
+            "--hparam",
+            "levels=1",
+            "--hparam",
+            "hidden_channels=4",
+            "--out",
+            work / "run",
+        ],
+        cwd=work,
+        env=env,
+    )
     assert (work / "run" / "record.json").is_file() and (work / "run" / "checkpoint").is_dir()

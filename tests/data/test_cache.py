@@ -144,12 +144,15 @@ def test_chrabaszcz_npz_streams_block_by_block(tmp_path, monkeypatch):
     assert positions == sorted(positions)  # streamed in the order of the batch numbers
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(p.read_bytes()[:5000]), "not a Chrabaszcz et al. npz batch"),  # truncated zip
-    (lambda p: np.savez(p, labels=np.arange(3)), "with key 'data'"),
-    (lambda p: np.savez(p, data=np.zeros((4, 3072), np.float32)), "float32 array, expected C-order uint8"),
-    (lambda p: np.savez(p, data=np.zeros((4, 1000), np.uint8)), "rows of 3072"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:5000]), "not a Chrabaszcz et al. npz batch"),  # truncated zip
+        (lambda p: np.savez(p, labels=np.arange(3)), "with key 'data'"),
+        (lambda p: np.savez(p, data=np.zeros((4, 3072), np.float32)), "float32 array, expected C-order uint8"),
+        (lambda p: np.savez(p, data=np.zeros((4, 1000), np.uint8)), "rows of 3072"),
+    ],
+)
 def test_bad_npz_is_one_line(tmp_path, damage, message):
     write_npz_folder(tmp_path)
     damage(tmp_path / "train_data_batch_2.npz")
@@ -206,9 +209,29 @@ def test_dataset_info_reads_no_pixels_and_prepares_nothing(tmp_path, cache_dir):
 def test_a_trial_trains_on_chrabaszcz_npz_through_the_prepared_cache(tmp_path, cache_dir):
     write_npz_folder(tmp_path / "npz", n_train=(40, 40), n_val=16)
     out = tmp_path / "run"
-    argv = ["train", "--model", "glow", "--dataset", "imagenet32", "--data-root", str(tmp_path / "npz"),
-            "--budget-steps", "2", "--eval-every", "2", "--batch-size", "8", "--out", str(out),
-            "--hparam", "depth=1", "--hparam", "levels=1", "--hparam", "hidden_channels=8"]
+    argv = [
+        "train",
+        "--model",
+        "glow",
+        "--dataset",
+        "imagenet32",
+        "--data-root",
+        str(tmp_path / "npz"),
+        "--budget-steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--batch-size",
+        "8",
+        "--out",
+        str(out),
+        "--hparam",
+        "depth=1",
+        "--hparam",
+        "levels=1",
+        "--hparam",
+        "hidden_channels=8",
+    ]
     assert main(argv) == 0
     assert json.loads((out / "record.json").read_text())["status"] == "ok"
     manifest = json.loads((default_cache_dir("imagenet32", tmp_path / "npz") / "manifest.json").read_text())
@@ -220,9 +243,11 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_files(tmp_path):
     # embedded cache cannot fit; preallocation turns what would be a SIGBUS mid-write into ENOSPC
     small = tmp_path / "small"
     small.mkdir()
-    script = (f"mount -t tmpfs -o size=2m tmpfs {small} || exit 77\n"
-              f"FLOWBENCH_CACHE_DIR={small} {sys.executable} -m flowbench.cli data prepare embedded\n"
-              f"echo rc=$?; ls -A {small}/*\n")
+    script = (
+        f"mount -t tmpfs -o size=2m tmpfs {small} || exit 77\n"
+        f"FLOWBENCH_CACHE_DIR={small} {sys.executable} -m flowbench.cli data prepare embedded\n"
+        f"echo rc=$?; ls -A {small}/*\n"
+    )
     try:
         done = subprocess.run(["unshare", "--mount", "bash", "-c", script], capture_output=True, text=True, timeout=300)
     except FileNotFoundError:

@@ -13,8 +13,12 @@ from flowbench.data import load_dataset
 
 def cifar_batch(n, seed):
     rng = np.random.default_rng(seed)
-    return {b"batch_label": b"x", b"labels": list(rng.integers(0, 10, n)),
-            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"filenames": [b"f"] * n}
+    return {
+        b"batch_label": b"x",
+        b"labels": list(rng.integers(0, 10, n)),
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"filenames": [b"f"] * n,
+    }
 
 
 def write_cifar_folder(root):
@@ -107,7 +111,8 @@ def test_imagenet_chrabaszcz_npz(tmp_path):
     data = load_dataset("imagenet32", tmp_path)
     assert (len(data.train), len(data.validation), len(data.test)) == (7, 1, 2)
     assert sorted(r.tobytes() for r in np.concatenate(rows)) == sorted(
-        [i.tobytes() for i in data.train.array] + [i.tobytes() for i in data.validation.array])
+        [i.tobytes() for i in data.train.array] + [i.tobytes() for i in data.validation.array]
+    )
     np.testing.assert_array_equal(data.test.batch([1]).numpy().ravel(), rows[0][1])
 
 

@@ -6,8 +6,18 @@ import pandas as pd
 import pytest
 
 from flowbench.results.claims import (
-    CONTRADICTED, INCONCLUSIVE, NOT_TESTED, SUPPORTED, MixingCounts, fold_gap, mixing_counts, paper_claims,
-    rule_claims, rule_flexibility, rule_paired, rule_parameters,
+    CONTRADICTED,
+    INCONCLUSIVE,
+    NOT_TESTED,
+    SUPPORTED,
+    MixingCounts,
+    fold_gap,
+    mixing_counts,
+    paper_claims,
+    rule_claims,
+    rule_flexibility,
+    rule_paired,
+    rule_parameters,
 )
 from flowbench.results.table2 import paired_comparisons, table2_frame
 from tests.results.rows import trial
@@ -16,8 +26,11 @@ CLEAR = [0.00, 0.01, -0.01]  # per-seed noise small against the 0.1 differences 
 
 
 def bpd_trials(dataset, by_model: dict[str, list[float]], **figures) -> list[dict]:
-    return [trial(model, dataset, seed, bpd, **figures) for model, values in by_model.items()
-            for seed, bpd in enumerate(values)]
+    return [
+        trial(model, dataset, seed, bpd, **figures)
+        for model, values in by_model.items()
+        for seed, bpd in enumerate(values)
+    ]
 
 
 def pairs_of(rows) -> pd.DataFrame:
@@ -36,8 +49,9 @@ def rule(claim, rows):
 
 @pytest.mark.parametrize(("nxn_minus_glow", "verdict"), [(-0.1, SUPPORTED), (+0.1, CONTRADICTED)])
 def test_a_clear_bpd_difference_supports_or_contradicts(nxn_minus_glow, verdict):
-    rows = bpd_trials("imagenet32", {"glow": [4.0 + n for n in CLEAR],
-                                     "nxn_shift": [4.0 + nxn_minus_glow + 2 * n for n in CLEAR]})
+    rows = bpd_trials(
+        "imagenet32", {"glow": [4.0 + n for n in CLEAR], "nxn_shift": [4.0 + nxn_minus_glow + 2 * n for n in CLEAR]}
+    )
     [ruling] = rule(a1(), rows)
     assert ruling.verdict == verdict
     assert f"nxn_shift − glow = {nxn_minus_glow:+.3f} bits/dim" in ruling.evidence and "3 seeds" in ruling.evidence
@@ -93,12 +107,14 @@ def test_ablation_variants_do_not_stand_in_for_the_papers_models():
     assert rule(a1(), rows)[0].verdict == NOT_TESTED
 
 
-@pytest.mark.parametrize(("emerging_ms", "verdict"), [(30.0, SUPPORTED), (5.0, CONTRADICTED),
-                                                      (None, INCONCLUSIVE)])
+@pytest.mark.parametrize(("emerging_ms", "verdict"), [(30.0, SUPPORTED), (5.0, CONTRADICTED), (None, INCONCLUSIVE)])
 def test_latency_claims_are_ruled_on_every_data_set_the_sweep_ran(emerging_ms, verdict):
     d2 = paper_claims().latency[1]  # sampling: nxn_shift's sample latency is 20 + seed in these rows
-    samples = [20.0 + s + (5.0 if s % 2 else -5.0) for s in range(4)] if emerging_ms is None else \
-        [emerging_ms + s + 0.1 * s * s for s in range(4)]
+    samples = (
+        [20.0 + s + (5.0 if s % 2 else -5.0) for s in range(4)]
+        if emerging_ms is None
+        else [emerging_ms + s + 0.1 * s * s for s in range(4)]
+    )
     rows = bpd_trials("embedded", {"nxn_shift": [3.0] * 4})
     rows += [trial("emerging", "embedded", s, 3.0, sample_latency_ms=v) for s, v in enumerate(samples)]
     rows += bpd_trials("digits", {"nxn_shift": [1.0] * 4, "emerging": [1.0] * 4})  # identical: no evidence
@@ -114,7 +130,9 @@ def test_latency_not_measured_is_not_tested():
     [ruling] = rule(d1, rows)
     assert ruling.verdict == NOT_TESTED
     assert ruling.evidence == "needs log_prob latency measured for nxn_shift and emerging on the same seeds"
-    assert rule(d1, bpd_trials("embedded", {"nxn_shift": [3.0] * 3}))[0].evidence == "needs successful trials of emerging"
+    assert (
+        rule(d1, bpd_trials("embedded", {"nxn_shift": [3.0] * 3}))[0].evidence == "needs successful trials of emerging"
+    )
 
 
 def test_parameter_counts_at_the_cifar10_card_by_hand():
@@ -123,15 +141,21 @@ def test_parameter_counts_at_the_cifar10_card_by_hand():
     # channels. n×n: shift α, β (2C) + 1×1 weight (C²); a standard 3×3 convolution: 9·C²
     assert counts.depth == 32
     assert counts.layers == tuple((c, c * c + 2 * c, 9 * c * c) for c in (12, 24, 48))
-    ruling = rule_parameters(paper_claims().parameters, [counts], table2_frame(pd.DataFrame([trial("glow", "x", 0, 3.0)]),
-                                                                                lambda m, d: None))
+    ruling = rule_parameters(
+        paper_claims().parameters, [counts], table2_frame(pd.DataFrame([trial("glow", "x", 0, 3.0)]), lambda m, d: None)
+    )
     assert ruling.verdict == SUPPORTED
-    assert f"{32 * sum(c * c + 2 * c for c in (12, 24, 48)):,} vs {32 * sum(9 * c * c for c in (12, 24, 48)):,}" \
+    assert (
+        f"{32 * sum(c * c + 2 * c for c in (12, 24, 48)):,} vs {32 * sum(9 * c * c for c in (12, 24, 48)):,}"
         in ruling.evidence
+    )
 
 
 def test_parameter_claim_contradicted_inconclusive_and_not_tested():
-    claim, empty = paper_claims().parameters, table2_frame(pd.DataFrame([trial("glow", "x", 0, 3.0)]), lambda m, d: None)
+    claim, empty = (
+        paper_claims().parameters,
+        table2_frame(pd.DataFrame([trial("glow", "x", 0, 3.0)]), lambda m, d: None),
+    )
     # against a standard 1×1 convolution (C²) the shift's 2C makes n×n larger at every width
     assert rule_parameters(claim, [mixing_counts("cifar10", kernel_size=1)], empty).verdict == CONTRADICTED
     mixed = MixingCounts("cifar10", 1, ((2, 8, 4), (12, 168, 1296)), 3)
@@ -146,7 +170,8 @@ def test_parameter_claim_shows_the_sweeps_whole_model_counts():
     ruling = rule_parameters(paper_claims().parameters, [mixing_counts("cifar10")], table2)
     assert ruling.same_comparison == (
         "on embedded this sweep's nxn_shift counts 1,168 effective parameters and glow 1,000 (what the shifts "
-        "add: 2C per step)",)
+        "add: 2C per step)",
+    )
 
 
 def test_flexibility_is_contradicted_by_an_exact_fold_and_inconclusive_when_it_fails():
@@ -164,8 +189,10 @@ def test_flexibility_is_contradicted_by_an_exact_fold_and_inconclusive_when_it_f
 
 
 def test_every_claim_is_ruled_on_in_order_for_an_embedded_sweep():
-    rows = bpd_trials("embedded", {"glow": [4.0 + n for n in CLEAR], "emerging": [3.8 + n for n in CLEAR],
-                                   "nxn_shift": [3.9 + n for n in CLEAR]})
+    rows = bpd_trials(
+        "embedded",
+        {"glow": [4.0 + n for n in CLEAR], "emerging": [3.8 + n for n in CLEAR], "nxn_shift": [3.9 + n for n in CLEAR]},
+    )
     trials = pd.DataFrame(rows)
     rulings = rule_claims(trials, table2_frame(trials, lambda m, d: None), pairs_of(rows))
     assert [r.claim.key for r in rulings] == ["a1", "a2", "b1", "b2", "c", "d1", "d2", "e"]

@@ -15,16 +15,51 @@ from flowbench.results.tables import CURVE_METRICS, write_table, read_table
 def a_record() -> TrialRecord:
     """Every column away from its default, one metric NaN (a figure not measured)."""
     return TrialRecord(
-        sweep="e", trial_id="glow-cifar10-seed3", model="glow", dataset="cifar10", seed=3, config_hash="c0ffee",
-        variant="actnorm=false,learned_prior=true", hparams=json.dumps({"depth": 4, "levels": 2}),
-        recipe=json.dumps({"optimizer": "adam", "source": "openai/glow train.py"}), budget_kind="flops",
-        budget=1.5e12, batch_size=64, lr=1e-3, steps=120, epochs=1.25, images_seen=7680, train_seconds=61.5,
-        wall_seconds=70.25, flops_per_image=2.0e8, train_flops=1.536e12, val_bpd=3.456789, test_bpd=3.5,
-        train_bpd=3.4, selected_step=100, num_params=123456, num_params_allocated=130000,
-        throughput_images_per_s=125.0, peak_memory_mb=math.nan, latency_batch_size=16, density_latency_ms=12.5,
-        density_latency_iqr_ms=0.5, sample_latency_ms=14.0, sample_latency_iqr_ms=0.75, status="ok", reason="",
-        phase="final", workers=2, memory_kind="rss", device="cpu", node="node-a", hostname="host-a",
-        torch_version="2.13.0", flowbench_version="0.1.0", git_commit="abcdef", finished_at="2026-11-25T03:00:00",
+        sweep="e",
+        trial_id="glow-cifar10-seed3",
+        model="glow",
+        dataset="cifar10",
+        seed=3,
+        config_hash="c0ffee",
+        variant="actnorm=false,learned_prior=true",
+        hparams=json.dumps({"depth": 4, "levels": 2}),
+        recipe=json.dumps({"optimizer": "adam", "source": "openai/glow train.py"}),
+        budget_kind="flops",
+        budget=1.5e12,
+        batch_size=64,
+        lr=1e-3,
+        steps=120,
+        epochs=1.25,
+        images_seen=7680,
+        train_seconds=61.5,
+        wall_seconds=70.25,
+        flops_per_image=2.0e8,
+        train_flops=1.536e12,
+        val_bpd=3.456789,
+        test_bpd=3.5,
+        train_bpd=3.4,
+        selected_step=100,
+        num_params=123456,
+        num_params_allocated=130000,
+        throughput_images_per_s=125.0,
+        peak_memory_mb=math.nan,
+        latency_batch_size=16,
+        density_latency_ms=12.5,
+        density_latency_iqr_ms=0.5,
+        sample_latency_ms=14.0,
+        sample_latency_iqr_ms=0.75,
+        status="ok",
+        reason="",
+        phase="final",
+        workers=2,
+        memory_kind="rss",
+        device="cpu",
+        node="node-a",
+        hostname="host-a",
+        torch_version="2.13.0",
+        flowbench_version="0.1.0",
+        git_commit="abcdef",
+        finished_at="2026-11-25T03:00:00",
     )
 
 
@@ -50,8 +85,19 @@ def test_a_logged_record_reads_back_to_the_identical_row(tmp_path):
     experiment = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(experiment, run_name="sweep:e").info.run_id
     record = a_record()
-    curve = [{"step": s, "val_bpd": 4.0 - s / 100, "train_bpd": 4.1 - s / 100, "lr": 1e-3, "train_seconds": s / 2,
-              "train_flops": s * 1.28e10, "images_seen": 64 * s, "epochs": s / 96} for s in (50, 100)]
+    curve = [
+        {
+            "step": s,
+            "val_bpd": 4.0 - s / 100,
+            "train_bpd": 4.1 - s / 100,
+            "lr": 1e-3,
+            "train_seconds": s / 2,
+            "train_flops": s * 1.28e10,
+            "images_seen": 64 * s,
+            "epochs": s / 96,
+        }
+        for s in (50, 100)
+    ]
     log_like_the_sweep(client, experiment, parent, record.row(), curve)
 
     trials, curves = tables_from_mlflow(uri, "e")

@@ -19,9 +19,22 @@ from tests.results.test_table2 import synthetic
 def curves_for(trials):
     rows = []
     for t in trials.itertuples():
-        rows += [dict(sweep="s", trial_id=t.trial_id, model=t.model, variant=t.variant, dataset=t.dataset, seed=t.seed,
-                      config_hash="h", step=step, train_flops=step * 1e7, val_bpd=t.val_bpd + 1 / step,
-                      train_bpd=t.test_bpd) for step in (10, 20)]
+        rows += [
+            dict(
+                sweep="s",
+                trial_id=t.trial_id,
+                model=t.model,
+                variant=t.variant,
+                dataset=t.dataset,
+                seed=t.seed,
+                config_hash="h",
+                step=step,
+                train_flops=step * 1e7,
+                val_bpd=t.val_bpd + 1 / step,
+                train_bpd=t.test_bpd,
+            )
+            for step in (10, 20)
+        ]
     return pd.DataFrame(rows)
 
 
@@ -39,12 +52,14 @@ def test_parquet_to_report_round_trip(tmp_path, capsys):
     nxn_row = next(line for line in md.splitlines() if line.startswith("| nxn_shift "))
     assert "3.50 ± 0.25" in nxn_row and "| 3.50" in nxn_row
     assert SPLITS in md and NXN_GLOW in md and "equal budget of 1e+09 flops per trial" in md
-    cost = next(line for line in md.splitlines() if line.startswith("| glow ") and "| embedded" in line and "2e+06" in line)
+    cost = next(
+        line for line in md.splitlines() if line.startswith("| glow ") and "| embedded" in line and "2e+06" in line
+    )
     assert "| 50 " in cost and "| 60 " in cost  # effective and allocated parameters
     assert "p_holm" in md and "## The paper's claims" in md and "not tested by this sweep" in md
     html = (tmp_path / "report.html").read_text()
     assert "<table" in html and 'src="data:image/png;base64,' in html and "The paper&#x27;s claims" in html
-    assert "src=\"http" not in html and "src='" not in html  # self-contained
+    assert 'src="http' not in html and "src='" not in html  # self-contained
     for plot in ("curves-cifar10.png", "curves-embedded.png", "bpd-vs-params.png", "latency.png"):
         assert (tmp_path / "plots" / plot).stat().st_size > 1000
 
@@ -87,8 +102,10 @@ def test_other_kind_and_other_version_are_refused(tmp_path):
     for version in (1, SCHEMA_VERSION + 1):  # 1: the tables before validation-selected results
         meta = {b"flowbench": json.dumps({"kind": "trials", "schema_version": version}).encode()}
         pq.write_table(table.replace_schema_metadata(meta), tmp_path / "v.parquet")
-        with pytest.raises(FlowbenchError, match=f"schema version {version}, this flowbench reads version "
-                                                 f"{SCHEMA_VERSION} .*re-run the sweep"):
+        with pytest.raises(
+            FlowbenchError,
+            match=f"schema version {version}, this flowbench reads version {SCHEMA_VERSION} .*re-run the sweep",
+        ):
             read_table(tmp_path / "v.parquet", "trials")
 
 

@@ -101,7 +101,11 @@ def test_holm_is_applied_per_data_set_and_variant():
         rows += [trial(model, "cifar10", s, 3.0 + shift, variant="actnorm=false") for s in range(2)]
     pairs = paired_comparisons(pd.DataFrame(rows))
     card = pairs[pairs.variant == ""]
-    assert list(zip(card.model_a, card.model_b)) == [("glow", "emerging"), ("glow", "nxn_shift"), ("emerging", "nxn_shift")]
+    assert list(zip(card.model_a, card.model_b)) == [
+        ("glow", "emerging"),
+        ("glow", "nxn_shift"),
+        ("emerging", "nxn_shift"),
+    ]
     assert card.p_holm.to_numpy() == pytest.approx(holm(card.p_value.to_numpy()))
     assert (card.p_holm >= card.p_value).all() and (card.p_holm > card.p_value).any()
     ablated = pairs[pairs.variant == "actnorm=false"]

@@ -35,7 +35,9 @@ def _namespaces_unavailable() -> str | None:
     for tool in ("unshare", "ip"):
         if shutil.which(tool) is None:
             return f"`{tool}` is not installed (util-linux, iproute2)"
-    probe = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True)
+    probe = subprocess.run(
+        ["unshare", "--net", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         return f"unshare --net --pid is not permitted here (needs root or CAP_SYS_ADMIN): {probe.stderr.strip()}"
     return None
@@ -88,18 +90,36 @@ def run_in_cluster(out: Path, body: str, timeout: float = 900, env: dict | None 
     script = out / "cluster.sh"
     script.write_text(CLUSTER + textwrap.dedent(body))
     bin_dir = str(Path(sys.executable).parent)  # ray, flowbench, moto_server of this environment
-    env = os.environ | {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "RAY_TMP": ray_tmp,
-        "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "MLFLOW_DISABLE_TELEMETRY": "true",
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_EC2_METADATA_DISABLED": "true",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-    } | (env or {})
+    env = (
+        os.environ
+        | {
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "OUT": str(out),
+            "RAY_TMP": ray_tmp,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_AUTH_MODE": "disabled",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        }
+        | (env or {})
+    )
     try:
-        done = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", "bash", str(script)],
-                              env=env, cwd=out, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            ["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", "bash", str(script)],
+            env=env,
+            cwd=out,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(out.glob("*.log")) if p.name != "moto.log")
+    logs = "\n".join(
+        f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(out.glob("*.log")) if p.name != "moto.log"
+    )
     assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}\n{logs}"
     return json.loads((out / "nodes.json").read_text())
 
@@ -119,12 +139,21 @@ def two_node_sweeps(tmp_path_factory):
     out = tmp_path_factory.mktemp("two-nodes")
     # glow and nxn_shift, evaluations every 10 steps; long enough that both nodes' actors get trials
     spec_file(out, "grid", seeds=(0, 1), steps=60)
-    spec_file(out, "search", models=("glow",), seeds=(0, 1), extra="""\
+    spec_file(
+        out,
+        "search",
+        models=("glow",),
+        seeds=(0, 1),
+        extra="""\
         search:
           num_samples: 2
           space: {lr: {loguniform: [1.0e-4, 3.0e-3]}}
-        """)
-    nodes = run_in_cluster(out, S3 + textwrap.dedent(f"""\
+        """,
+    )
+    nodes = run_in_cluster(
+        out,
+        S3
+        + textwrap.dedent(f"""\
         flowbench sweep "$OUT/grid.yaml" --address 127.0.0.1:{PORT} --results "$OUT/results" \\
             --storage "s3://{BUCKET}/tune?{S3_OPTIONS}" > "$OUT/grid.log" 2>&1
         python - > "$OUT/bucket.json" <<'EOF'
@@ -135,7 +164,8 @@ def two_node_sweeps(tmp_path_factory):
         EOF
         flowbench sweep "$OUT/search.yaml" --address 127.0.0.1:{PORT} --results "$OUT/results" \\
             --storage "$OUT/shared-storage" > "$OUT/search.log" 2>&1
-        """))
+        """),
+    )
     return out, nodes
 
 
@@ -153,7 +183,10 @@ def test_grid_sweep_on_two_nodes_with_s3_storage(two_node_sweeps):
     files = json.loads((out / "bucket.json").read_text())
     for trial in trials.trial_id:
         final = {Path(f).name for f in files if f"/{trial}/checkpoint_" in f}
-        assert {CHECKPOINT_FILE, "record.json", "attempts.jsonl", "samples.png", "reconstructions.png"} <= final, (trial, final)
+        assert {CHECKPOINT_FILE, "record.json", "attempts.jsonl", "samples.png", "reconstructions.png"} <= final, (
+            trial,
+            final,
+        )
     # the driver fetched the figures of every trial from S3, those of the worker's trials included
     for trial in trials.trial_id:
         assert (out / "results" / "grid" / "figures" / f"samples-{trial}.png").stat().st_size > 0
@@ -191,13 +224,24 @@ def test_a_lost_worker_node_costs_no_trial(tmp_path):
     """Kill the worker node's raylet once a trial running there has checkpointed: the sweep ends
     with every trial ok, the lost one resumed on the head from its last checkpoint, nothing
     trained twice and nothing logged twice."""
-    spec_file(tmp_path, "lost", seeds=(0, 1), steps=200, extra="""\
+    spec_file(
+        tmp_path,
+        "lost",
+        seeds=(0, 1),
+        steps=200,
+        extra="""\
         max_failures: 2
-        """)
-    text = (tmp_path / "lost.yaml").read_text().replace("eval_every: 10, checkpoint_every: 10",
-                                                        "eval_every: 20, checkpoint_every: 20")
+        """,
+    )
+    text = (
+        (tmp_path / "lost.yaml")
+        .read_text()
+        .replace("eval_every: 10, checkpoint_every: 10", "eval_every: 20, checkpoint_every: 20")
+    )
     (tmp_path / "lost.yaml").write_text(text)
-    nodes = run_in_cluster(tmp_path, f"""\
+    nodes = run_in_cluster(
+        tmp_path,
+        f"""\
         flowbench sweep "$OUT/lost.yaml" --address 127.0.0.1:{PORT} --results "$OUT/results" > "$OUT/sweep.log" 2>&1 &
         SWEEP=$!
         python - "$WORKER_RAYLET" > "$OUT/killed.json" <<'EOF'
@@ -220,7 +264,9 @@ def test_a_lost_worker_node_costs_no_trial(tmp_path):
         raise SystemExit("no trial checkpointed on the worker node within 600 s")
         EOF
         wait $SWEEP
-        """, env={"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"})
+        """,
+        env={"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"},
+    )
     killed = json.loads((tmp_path / "killed.json").read_text())
     out = tmp_path / "results" / "lost"
     trials = read_table(out / "trials.parquet", "trials")

@@ -15,13 +15,23 @@ def test_two_gloo_workers_reach_the_one_worker_parameters(tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    config = dict(model="glow", dataset="digits", hparams=dict(depth=2, levels=2, hidden_channels=8), seed=3,
-                  batch_size=32, budget=6, eval_every=3, checkpoint_every=3, latency_repeats=2)
+    config = dict(
+        model="glow",
+        dataset="digits",
+        hparams=dict(depth=2, levels=2, hidden_channels=8),
+        seed=3,
+        batch_size=32,
+        budget=6,
+        eval_every=3,
+        checkpoint_every=3,
+        latency_repeats=2,
+    )
     single = run_trial(TrialConfig(**config, out_dir=str(tmp_path / "single")))
     start_ray(None, num_cpus=2)
     try:
         trainer = TorchTrainer(
-            ddp_worker, train_loop_config={"trial": config},
+            ddp_worker,
+            train_loop_config={"trial": config},
             scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
             run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "train")),
         )
@@ -78,8 +88,11 @@ def _interrupt_after_first_checkpoint(metrics, checkpoint_dir):
 def _rank(rank: int, world: int, port: int, config: dict, out: str, resume: str | None) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        run_trial(TrialConfig(**config, out_dir=out), None if resume else _interrupt_after_first_checkpoint,
-                  resume_from=resume)
+        run_trial(
+            TrialConfig(**config, out_dir=out),
+            None if resume else _interrupt_after_first_checkpoint,
+            resume_from=resume,
+        )
     except Interrupt:
         pass
     finally:
@@ -90,8 +103,18 @@ def test_an_interrupted_two_process_memory_lean_trial_resumes_to_the_one_process
     import socket
 
     # memory-lean too: DDP's gradient hooks must fire once per parameter through recomputed steps
-    config = dict(model="nxn_shift", dataset="digits", hparams=dict(depth=2, levels=2, hidden_channels=8), seed=1,
-                  batch_size=32, budget=6, eval_every=3, checkpoint_every=3, latency_repeats=2, memory_saving=True)
+    config = dict(
+        model="nxn_shift",
+        dataset="digits",
+        hparams=dict(depth=2, levels=2, hidden_channels=8),
+        seed=1,
+        batch_size=32,
+        budget=6,
+        eval_every=3,
+        checkpoint_every=3,
+        latency_repeats=2,
+        memory_saving=True,
+    )
     run_trial(TrialConfig(**config, out_dir=str(tmp_path / "single")))
     out = str(tmp_path / "parallel")
     for resume in (None, str(tmp_path / "parallel" / "checkpoint")):
@@ -131,8 +154,9 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
     from flowbench.sweep.driver import plan, run_sweep
     from tests.sweep.test_runner import spec_file
 
-    spec = spec_file(tmp_path, "restart", models=("glow",), steps=200,
-                     extra="resources: {cpu: 1, workers: 2}\nmax_failures: 1\n")
+    spec = spec_file(
+        tmp_path, "restart", models=("glow",), steps=200, extra="resources: {cpu: 1, workers: 2}\nmax_failures: 1\n"
+    )
     tune_dir = tmp_path / "results" / "restart" / "tune"
     killed = {}
 
@@ -177,8 +201,9 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
     # the data-parallel trial's sample grid reaches MLflow and the report, as a one-worker trial's does
     assert (outcome.results_dir / "figures" / f"samples-{row.trial_id}.png").is_file()
     client = MlflowClient(outcome.mlflow_uri)
-    (child,) = client.search_runs([client.get_experiment_by_name("restart").experiment_id],
-                                  "tags.mlflow.parentRunId != ''")
+    (child,) = client.search_runs(
+        [client.get_experiment_by_name("restart").experiment_id], "tags.mlflow.parentRunId != ''"
+    )
     assert "samples.png" in [a.path for a in client.list_artifacts(child.info.run_id)]
 
 
@@ -201,18 +226,33 @@ def test_a_data_parallel_trial_run_again_continues_from_its_run_storage(tmp_path
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    config = dict(model="glow", dataset="digits", hparams=dict(depth=2, levels=2, hidden_channels=8), seed=3,
-                  batch_size=32, budget=6, eval_every=3, checkpoint_every=3, latency_repeats=2)
+    config = dict(
+        model="glow",
+        dataset="digits",
+        hparams=dict(depth=2, levels=2, hidden_channels=8),
+        seed=3,
+        batch_size=32,
+        budget=6,
+        eval_every=3,
+        checkpoint_every=3,
+        latency_repeats=2,
+    )
     start_ray(None, num_cpus=2)
     try:
         results = []
         for attempt in ("first", "again"):
-            results.append(TorchTrainer(
-                ddp_worker, train_loop_config={"trial": config},
-                scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
-                run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "train"),
-                                     callbacks=[_step_log(str(tmp_path / f"{attempt}.log"))]),
-            ).fit())
+            results.append(
+                TorchTrainer(
+                    ddp_worker,
+                    train_loop_config={"trial": config},
+                    scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+                    run_config=RunConfig(
+                        name="ddp",
+                        storage_path=str(tmp_path / "train"),
+                        callbacks=[_step_log(str(tmp_path / f"{attempt}.log"))],
+                    ),
+                ).fit()
+            )
     finally:
         ray.shutdown()
     assert (tmp_path / "first.log").read_text().split() == ["3", "6", "6"]  # two evaluations, the record

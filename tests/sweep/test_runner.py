@@ -24,17 +24,22 @@ TINY = "{depth: 2, levels: 2, hidden_channels: 8}"
 
 def spec_file(tmp_path, name, models=("glow", "nxn_shift"), seeds=(0,), steps=20, extra="", overrides=None):
     overrides = overrides or {m: TINY for m in models}
-    text = f"""\
+    text = (
+        f"""\
 name: {name}
-models: [{', '.join(models)}]
+models: [{", ".join(models)}]
 datasets: [digits]
-seeds: [{', '.join(map(str, seeds))}]
+seeds: [{", ".join(map(str, seeds))}]
 budget: {{steps: {steps}}}
 train: {{batch_size: 32, eval_every: 10, checkpoint_every: 10}}
 overrides:
-""" + "\n".join(f"  {m}: {o}" for m, o in overrides.items()) + """
+"""
+        + "\n".join(f"  {m}: {o}" for m, o in overrides.items())
+        + """
 latency: {batch_size: 8, repeats: 2}
-""" + textwrap.dedent(extra)
+"""
+        + textwrap.dedent(extra)
+    )
     path = tmp_path / f"{name}.yaml"
     path.write_text(text)
     return path
@@ -42,9 +47,16 @@ latency: {batch_size: 8, repeats: 2}
 
 # --------------------------------------------------------------------------- planning, no Ray
 def test_grid_variants_are_the_product_over_the_models_that_have_each_key(tmp_path):
-    spec = spec_file(tmp_path, "abl", models=("glow", "realnvp"), seeds=(0, 1), extra="""\
+    spec = spec_file(
+        tmp_path,
+        "abl",
+        models=("glow", "realnvp"),
+        seeds=(0, 1),
+        extra="""\
         grid: {actnorm: [true, false], learned_prior: [false, true]}
-        """, overrides={"glow": TINY, "realnvp": "{levels: 2, n_blocks: 1, hidden_channels: 8}"})
+        """,
+        overrides={"glow": TINY, "realnvp": "{levels: 2, n_blocks: 1, hidden_channels: 8}"},
+    )
     _, configs = plan(spec)
     # glow has both keys: 2 x 2 variants x 2 seeds; realnvp has neither: its card x 2 seeds
     assert len(configs) == 2 * 2 * 2 + 2
@@ -52,8 +64,12 @@ def test_grid_variants_are_the_product_over_the_models_that_have_each_key(tmp_pa
     assert len(set(ids)) == len(ids)
     assert "glow-digits-actnorm=false,learned_prior=true-seed1" in ids and "realnvp-digits-seed0" in ids
     glow = {c.variant for c in configs if c.model == "glow"}
-    assert glow == {"actnorm=true,learned_prior=false", "actnorm=true,learned_prior=true",
-                    "actnorm=false,learned_prior=false", "actnorm=false,learned_prior=true"}
+    assert glow == {
+        "actnorm=true,learned_prior=false",
+        "actnorm=true,learned_prior=true",
+        "actnorm=false,learned_prior=false",
+        "actnorm=false,learned_prior=true",
+    }
     off = next(c for c in configs if c.variant == "actnorm=false,learned_prior=true")
     assert off.hparams["actnorm"] is False and off.hparams["learned_prior"] is True
     assert len({c.config_hash() for c in configs}) == len(configs)
@@ -66,8 +82,12 @@ def _units(spec_path):
 
 
 def test_grid_trials_are_handed_out_longest_first_two_per_slot_ahead(tmp_path):
-    spec = spec_file(tmp_path, "order", models=("glow", "nxn_shift"), overrides={
-        "glow": TINY, "nxn_shift": "{depth: 2, levels: 2, hidden_channels: 32}"})
+    spec = spec_file(
+        tmp_path,
+        "order",
+        models=("glow", "nxn_shift"),
+        overrides={"glow": TINY, "nxn_shift": "{depth: 2, levels: 2, hidden_channels: 32}"},
+    )
     spec, units = _units(spec)
     search = SweepSearch(spec, units, slots=1)
     first, second = search.suggest("a"), search.suggest("b")
@@ -81,11 +101,17 @@ def test_grid_trials_are_handed_out_longest_first_two_per_slot_ahead(tmp_path):
 
 
 def test_search_samples_then_the_best_on_every_seed(tmp_path):
-    spec = spec_file(tmp_path, "s", models=("glow",), seeds=(0, 1), extra="""\
+    spec = spec_file(
+        tmp_path,
+        "s",
+        models=("glow",),
+        seeds=(0, 1),
+        extra="""\
         search:
           num_samples: 3
           space: {lr: {loguniform: [1.0e-4, 3.0e-2]}}
-        """)
+        """,
+    )
     spec, units = _units(spec)
     (unit,) = units
     assert unit.search and unit.id == "search-glow-digits" and len(unit.configs) == 2
@@ -116,11 +142,21 @@ def test_a_search_sample_id_is_stable_and_unique():
 
 def test_units_hash_what_runs(tmp_path):
     spec, units = _units(spec_file(tmp_path, "h", seeds=(0, 1)))
-    assert [u.id for u in units] == ["glow-digits-seed0", "glow-digits-seed1", "nxn_shift-digits-seed0",
-                                     "nxn_shift-digits-seed1"]
+    assert [u.id for u in units] == [
+        "glow-digits-seed0",
+        "glow-digits-seed1",
+        "nxn_shift-digits-seed0",
+        "nxn_shift-digits-seed1",
+    ]
     assert all(isinstance(u, Unit) and u.hash == u.configs[0].config_hash() for u in units)
-    _, wider = _units(spec_file(tmp_path, "h", seeds=(0, 1), overrides={
-        "glow": "{depth: 2, levels: 2, hidden_channels: 16}", "nxn_shift": TINY}))
+    _, wider = _units(
+        spec_file(
+            tmp_path,
+            "h",
+            seeds=(0, 1),
+            overrides={"glow": "{depth: 2, levels: 2, hidden_channels: 16}", "nxn_shift": TINY},
+        )
+    )
     changed = [u.id for u, w in zip(units, wider) if u.hash != w.hash]
     assert changed == ["glow-digits-seed0", "glow-digits-seed1"]
 
@@ -171,8 +207,12 @@ def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray):
     outcome = run_sweep(spec, tmp_path / "results")
     out = tmp_path / "results" / "e2e"
     trials = read_table(out / "trials.parquet", "trials")
-    assert sorted(trials.trial_id) == ["glow-digits-seed0", "glow-digits-seed1", "nxn_shift-digits-seed0",
-                                       "nxn_shift-digits-seed1"]
+    assert sorted(trials.trial_id) == [
+        "glow-digits-seed0",
+        "glow-digits-seed1",
+        "nxn_shift-digits-seed0",
+        "nxn_shift-digits-seed1",
+    ]
     assert (trials.status == "ok").all() and (trials.steps == 20).all() and (trials.phase == "final").all()
     assert trials.val_bpd.between(0, 16).all() and trials.test_bpd.between(0, 16).all()
     assert (trials.num_params > 0).all() and (trials.density_latency_ms > 0).all()
@@ -200,8 +240,11 @@ def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray):
 
     mlflow_trials, mlflow_curves = tables_from_mlflow(outcome.mlflow_uri, "e2e")
     assert list(mlflow_trials.columns) == list(trials.columns)
-    pd.testing.assert_frame_equal(mlflow_trials.sort_values("trial_id").reset_index(drop=True),
-                                  trials.sort_values("trial_id").reset_index(drop=True), check_dtype=False)
+    pd.testing.assert_frame_equal(
+        mlflow_trials.sort_values("trial_id").reset_index(drop=True),
+        trials.sort_values("trial_id").reset_index(drop=True),
+        check_dtype=False,
+    )
     assert sorted(mlflow_curves.step.tolist()) == sorted(curves.step.tolist())
 
     # the same command again: every unit has its record, nothing runs
@@ -212,26 +255,38 @@ def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray):
     assert len(child_runs(outcome.mlflow_uri, "e2e")[2]) == 4
 
     # glow's configuration changes: exactly its two trials run again, the old records archived
-    wider = spec_file(tmp_path, "e2e", seeds=(0, 1), overrides={"glow": "{depth: 2, levels: 2, hidden_channels: 12}",
-                                                               "nxn_shift": TINY})
+    wider = spec_file(
+        tmp_path,
+        "e2e",
+        seeds=(0, 1),
+        overrides={"glow": "{depth: 2, levels: 2, hidden_channels: 12}", "nxn_shift": TINY},
+    )
     changed = run_sweep(wider, tmp_path / "results")
     assert changed.changed == ["glow-digits-seed0", "glow-digits-seed1"] and changed.efficiency["trials_run"] == 2
     archived = sorted(p.name for p in changed.archive.glob("records/*.json"))
     assert archived == ["glow-digits-seed0.json", "glow-digits-seed1.json"]
     new = read_table(out / "trials.parquet", "trials").set_index("trial_id")
     old = trials.set_index("trial_id")
-    assert all(json.loads(h)["hidden_channels"] == 12 for h in new.loc[["glow-digits-seed0", "glow-digits-seed1"], "hparams"])
+    assert all(
+        json.loads(h)["hidden_channels"] == 12 for h in new.loc[["glow-digits-seed0", "glow-digits-seed1"], "hparams"]
+    )
     kept = ["nxn_shift-digits-seed0", "nxn_shift-digits-seed1"]
     assert (new.loc[kept, "finished_at"] == old.loc[kept, "finished_at"]).all()
     client, _, children = child_runs(outcome.mlflow_uri, "e2e")  # the old glow runs: deleted (restorable)
     assert sorted(c.info.run_name for c in children) == sorted(new.index)
-    assert {json.loads(c.data.params["hparams"])["hidden_channels"] for c in children if c.data.params["model"] == "glow"} == {12}
+    assert {
+        json.loads(c.data.params["hparams"])["hidden_channels"] for c in children if c.data.params["model"] == "glow"
+    } == {12}
 
 
 @pytest.mark.slow
 def test_diverging_trial_is_recorded_while_the_sweep_goes_on(tmp_path, local_ray):
-    spec = spec_file(tmp_path, "div", extra="max_failures: 0\n", overrides={
-        "glow": "{depth: 2, levels: 2, hidden_channels: 8, lr: 1.0e4, grad_clip: null}", "nxn_shift": TINY})
+    spec = spec_file(
+        tmp_path,
+        "div",
+        extra="max_failures: 0\n",
+        overrides={"glow": "{depth: 2, levels: 2, hidden_channels: 8, lr: 1.0e4, grad_clip: null}", "nxn_shift": TINY},
+    )
     outcome = run_sweep(spec, tmp_path / "results")
     status = dict(zip(outcome.trials.model, outcome.trials.status))
     assert status == {"glow": "diverged", "nxn_shift": "ok"}
@@ -241,12 +296,19 @@ def test_diverging_trial_is_recorded_while_the_sweep_goes_on(tmp_path, local_ray
 
 @pytest.mark.slow
 def test_search_groups_run_side_by_side_then_the_best_on_every_seed(tmp_path, local_ray):
-    spec = spec_file(tmp_path, "search", models=("glow", "nxn_shift"), seeds=(0, 1), steps=30, extra="""\
+    spec = spec_file(
+        tmp_path,
+        "search",
+        models=("glow", "nxn_shift"),
+        seeds=(0, 1),
+        steps=30,
+        extra="""\
         search:
           num_samples: 3
           space: {lr: {loguniform: [1.0e-4, 3.0e-2]}}
           asha: {grace_period: 10, reduction_factor: 2}
-        """)
+        """,
+    )
     outcome = run_sweep(spec, tmp_path / "results")
     t = outcome.trials
     assert t.trial_id.is_unique
@@ -254,8 +316,12 @@ def test_search_groups_run_side_by_side_then_the_best_on_every_seed(tmp_path, lo
     assert len(search) == 6 and search.groupby("model").lr.nunique().to_dict() == {"glow": 3, "nxn_shift": 3}
     assert set(search.status) <= {"ok", "stopped"}
     assert (search[search.status == "stopped"].steps < 30).all()
-    assert sorted(final.trial_id) == ["glow-digits-seed0", "glow-digits-seed1", "nxn_shift-digits-seed0",
-                                      "nxn_shift-digits-seed1"]
+    assert sorted(final.trial_id) == [
+        "glow-digits-seed0",
+        "glow-digits-seed1",
+        "nxn_shift-digits-seed0",
+        "nxn_shift-digits-seed1",
+    ]
     assert (final.status == "ok").all()
     for model, group in search.groupby("model"):
         reached = group[group.status == "ok"]
@@ -283,9 +349,25 @@ def test_sweep_logs_to_a_real_mlflow_server(tmp_path, local_ray):
 
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
         env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"},
     )
     uri = f"http://127.0.0.1:{port}"
@@ -302,7 +384,10 @@ def test_sweep_logs_to_a_real_mlflow_server(tmp_path, local_ray):
         spec = spec_file(tmp_path, "served", models=("glow",), seeds=(0, 1))
         run_sweep(spec, tmp_path / "results", mlflow_uri=uri)
         client, parents, children = child_runs(uri, "served")
-        assert len(parents) == 1 and sorted(c.info.run_name for c in children) == ["glow-digits-seed0", "glow-digits-seed1"]
+        assert len(parents) == 1 and sorted(c.info.run_name for c in children) == [
+            "glow-digits-seed0",
+            "glow-digits-seed1",
+        ]
         assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
         assert "samples.png" in [a.path for a in client.list_artifacts(children[0].info.run_id)]
     finally:
@@ -339,8 +424,11 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     trials = read_table(results / "killed" / "trials.parquet", "trials")
     assert len(trials) == 4 and (trials.status == "ok").all() and (trials.steps == 60).all()
     for trial in finished:  # finished before the kill: never trained again (at most its record re-reported)
-        trained_after_kill = [how for how, at in attempts(final_checkpoint(experiment, trial), True)
-                              if how != "finished already" and at > killed_at]
+        trained_after_kill = [
+            how
+            for how, at in attempts(final_checkpoint(experiment, trial), True)
+            if how != "finished already" and at > killed_at
+        ]
         assert not trained_after_kill, trial
     for trial in checkpointed:  # interrupted after a checkpoint: continued from it
         assert attempts(final_checkpoint(experiment, trial))[-1] == "resumed", trial

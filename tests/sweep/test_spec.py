@@ -33,7 +33,11 @@ def write(tmp_path, text):
 def test_good_spec_expands_one_trial_per_model_dataset_seed(tmp_path):
     spec, configs = plan(write(tmp_path, GOOD))
     assert [c.trial_id for c in configs] == [
-        "glow-digits-seed0", "glow-digits-seed1", "nxn_shift-digits-seed0", "nxn_shift-digits-seed1"]
+        "glow-digits-seed0",
+        "glow-digits-seed1",
+        "nxn_shift-digits-seed0",
+        "nxn_shift-digits-seed1",
+    ]
     assert configs[0].hparams == dict(depth=2, levels=2, hidden_channels=8) and configs[0].lr == 1e-3
     assert configs[2].lr == 3e-4 and "lr" not in configs[2].hparams  # a train key overridden per model
     assert configs[0].budget_kind == "steps" and configs[0].budget == 20
@@ -52,31 +56,67 @@ def test_dry_run_lists_trials(tmp_path, capsys):
         ("name: t\nmodels: [glow\n", r"spec.yaml:\d+: malformed YAML"),
         ("- just\n- a list\n", "must be a YAML mapping"),
         (GOOD + "colour: blue\n", r"spec.yaml:10: colour: unknown key \(allowed: name, models"),
-        (GOOD.replace("[glow, nxn_shift]", "[glow, nxn_shfit]"),
-         r"spec.yaml:2: models.1: unknown model 'nxn_shfit': did you mean 'nxn_shift'"),
-        (GOOD.replace("[digits]", "[cifar-10]"), r"spec.yaml:3: datasets.0: unknown data set 'cifar-10': did you mean 'cifar10'"),
+        (
+            GOOD.replace("[glow, nxn_shift]", "[glow, nxn_shfit]"),
+            r"spec.yaml:2: models.1: unknown model 'nxn_shfit': did you mean 'nxn_shift'",
+        ),
+        (
+            GOOD.replace("[digits]", "[cifar-10]"),
+            r"spec.yaml:3: datasets.0: unknown data set 'cifar-10': did you mean 'cifar10'",
+        ),
         (GOOD.replace("{steps: 20}", "{steps: 20, seconds: 5}"), r"spec.yaml:5: budget: give exactly one of"),
         (GOOD.replace("{steps: 20}", "{steps: 0}"), r"spec.yaml:5: budget.steps: Input should be greater than 0"),
-        (GOOD.replace("{steps: 20}", "{weeks: 2}"), r"budget.weeks: unknown key \(allowed: steps, epochs, seconds, images, flops\)"),
-        (GOOD.replace("depth: 2, levels: 2, hidden_channels: 8}\n  nxn", "depth: 2, widht: 3}\n  nxn"),
-         r"spec.yaml:8: overrides.glow.widht: unknown key \['widht'\]"),
-        (GOOD + "search: {num_samples: 2, space: {lr: {loguniform: [1.0e-2, 1.0e-4]}}}\n",
-         r"spec.yaml:10: search.space.lr.loguniform: loguniform takes \[low, high\] with low < high"),
-        (GOOD + "search: {num_samples: 2, space: {lr: {uniform: [1.0e-4, 1.0e-2]}}, asha: {grace_period: 50}}\n",
-         r"spec.yaml:10: search.asha.grace_period: 50 must be below the budget \(20 steps\)"),
-        (GOOD + "search: {num_samples: 2, space: {momentum: {uniform: [0, 1]}}}\n",
-         r"spec.yaml:10: search.space.momentum: neither a train key"),
+        (
+            GOOD.replace("{steps: 20}", "{weeks: 2}"),
+            r"budget.weeks: unknown key \(allowed: steps, epochs, seconds, images, flops\)",
+        ),
+        (
+            GOOD.replace("depth: 2, levels: 2, hidden_channels: 8}\n  nxn", "depth: 2, widht: 3}\n  nxn"),
+            r"spec.yaml:8: overrides.glow.widht: unknown key \['widht'\]",
+        ),
+        (
+            GOOD + "search: {num_samples: 2, space: {lr: {loguniform: [1.0e-2, 1.0e-4]}}}\n",
+            r"spec.yaml:10: search.space.lr.loguniform: loguniform takes \[low, high\] with low < high",
+        ),
+        (
+            GOOD + "search: {num_samples: 2, space: {lr: {uniform: [1.0e-4, 1.0e-2]}}, asha: {grace_period: 50}}\n",
+            r"spec.yaml:10: search.asha.grace_period: 50 must be below the budget \(20 steps\)",
+        ),
+        (
+            GOOD + "search: {num_samples: 2, space: {momentum: {uniform: [0, 1]}}}\n",
+            r"spec.yaml:10: search.space.momentum: neither a train key",
+        ),
         (GOOD.replace("seeds: [0, 1]", "seeds: [0, 0]"), r"spec.yaml:4: seeds: an entry of seeds is listed twice"),
         (GOOD.replace("[digits]", "[cifar10]"), r"datasets: cifar10 needs data_roots.cifar10"),
-        (GOOD.replace("[digits]", "[cifar10]") + "data_roots: {cifar10: /nowhere/cifar}\n",
-         r"datasets: data set not found at /nowhere/cifar: expected cifar-10-batches-py"),
-        (GOOD.replace("levels: 2, hidden_channels: 8}\n  nxn", "levels: 5, hidden_channels: 8}\n  nxn"),
-         r"cannot build 'glow' for images \(1, 8, 8\)"),
+        (
+            GOOD.replace("[digits]", "[cifar10]") + "data_roots: {cifar10: /nowhere/cifar}\n",
+            r"datasets: data set not found at /nowhere/cifar: expected cifar-10-batches-py",
+        ),
+        (
+            GOOD.replace("levels: 2, hidden_channels: 8}\n  nxn", "levels: 5, hidden_channels: 8}\n  nxn"),
+            r"cannot build 'glow' for images \(1, 8, 8\)",
+        ),
         (GOOD + "resources: {cpu: 1, gpu: 1}\n", r"each trial asks 1 GPU in all, this machine's Ray has 0"),
     ],
-    ids=["yaml", "not-a-mapping", "unknown-key", "unknown-model", "unknown-dataset", "two-budgets", "zero-budget",
-         "budget-kind", "unknown-hparam", "bad-range", "grace-over-budget", "unknown-search-key", "dup-seed",
-         "no-data-root", "missing-data", "levels-too-deep", "gpu-on-cpu"],
+    ids=[
+        "yaml",
+        "not-a-mapping",
+        "unknown-key",
+        "unknown-model",
+        "unknown-dataset",
+        "two-budgets",
+        "zero-budget",
+        "budget-kind",
+        "unknown-hparam",
+        "bad-range",
+        "grace-over-budget",
+        "unknown-search-key",
+        "dup-seed",
+        "no-data-root",
+        "missing-data",
+        "levels-too-deep",
+        "gpu-on-cpu",
+    ],
 )
 def test_bad_spec_is_one_clear_line_and_writes_nothing(tmp_path, capsys, text, message):
     import re
@@ -100,8 +140,12 @@ def test_match_params_scales_width_to_the_target():
     import flowbench
 
     count = flowbench.build_model("glow", (3, 32, 32), **hparams).num_parameters()
-    wider = flowbench.build_model("glow", (3, 32, 32), **(hparams | {"hidden_channels": hparams["hidden_channels"] + 1}))
-    narrower = flowbench.build_model("glow", (3, 32, 32), **(hparams | {"hidden_channels": hparams["hidden_channels"] - 1}))
+    wider = flowbench.build_model(
+        "glow", (3, 32, 32), **(hparams | {"hidden_channels": hparams["hidden_channels"] + 1})
+    )
+    narrower = flowbench.build_model(
+        "glow", (3, 32, 32), **(hparams | {"hidden_channels": hparams["hidden_channels"] - 1})
+    )
     assert abs(count - 2e6) <= min(abs(wider.num_parameters() - 2e6), abs(narrower.num_parameters() - 2e6))
     assert abs(count - 2e6) / 2e6 < 0.01
 
@@ -115,6 +159,7 @@ def test_every_shipped_spec_is_valid(path):
     spec = load_sweep_spec(path)
     if not spec.data_roots:  # the ones on embedded data expand into trials here too
         # each model runs every combination of the grid values of the hyperparameters it has
-        variants = sum(math.prod(len(v) for k, v in spec.grid.items() if k in model_entry(m).hparams())
-                       for m in spec.models)
+        variants = sum(
+            math.prod(len(v) for k, v in spec.grid.items() if k in model_entry(m).hparams()) for m in spec.models
+        )
         assert len(plan(path)[1]) == variants * len(spec.datasets) * len(spec.seeds)
