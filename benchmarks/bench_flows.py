@@ -35,8 +35,9 @@ def step_ours(name, args, device, precision=None, **extra):
     """The training step a flowbench trial runs (trial.train_step after trial.prepare_training).
     Returns (step, model, pixels)."""
     torch.manual_seed(0)
-    model = flowbench.build_model(name, SHAPE, depth=args.depth, levels=args.levels,
-                                  hidden_channels=args.width, lu=args.lu, **extra)
+    model = flowbench.build_model(
+        name, SHAPE, depth=args.depth, levels=args.levels, hidden_channels=args.width, lu=args.lu, **extra
+    )
     model.set_coupling_precision(precision)
     optimizer = prepare_training(model, device, lr=1e-3)
     pixels = torch.randint(0, 256, (args.batch, *SHAPE), dtype=torch.uint8, device=device)
@@ -51,14 +52,18 @@ def glow_step_normflows(args, device):
     channels, L, K = SHAPE[0], args.levels, args.depth
     q0, merges, flows = [], [], []
     for i in range(L):
-        level = [nf.flows.GlowBlock(channels * 2 ** (L + 1 - i), args.width, split_mode="channel", scale=True,
-                                    use_lu=args.lu) for _ in range(K)]
+        level = [
+            nf.flows.GlowBlock(
+                channels * 2 ** (L + 1 - i), args.width, split_mode="channel", scale=True, use_lu=args.lu
+            )
+            for _ in range(K)
+        ]
         flows.append(level + [nf.flows.Squeeze()])
         if i > 0:
             merges.append(nf.flows.Merge())
             latent = (SHAPE[0] * 2 ** (L - i), SHAPE[1] // 2 ** (L - i), SHAPE[2] // 2 ** (L - i))
         else:
-            latent = (SHAPE[0] * 2 ** (L + 1), SHAPE[1] // 2 ** L, SHAPE[2] // 2 ** L)
+            latent = (SHAPE[0] * 2 ** (L + 1), SHAPE[1] // 2**L, SHAPE[2] // 2**L)
         q0.append(nf.distributions.DiagGaussian(latent))
     torch.manual_seed(0)
     model = nf.MultiscaleFlow(q0, flows, merges).to(device)
@@ -83,8 +88,10 @@ def matmul_rates(args, device) -> dict[str, tuple[int, float]]:
         n = 256
         while n < args.matmul_size:
             a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-            if Timer("a @ b", globals={"a": a, "b": b}, num_threads=args.threads).timeit(1).median \
-                    >= args.min_run_time / 5:
+            if (
+                Timer("a @ b", globals={"a": a, "b": b}, num_threads=args.threads).timeit(1).median
+                >= args.min_run_time / 5
+            ):
                 break
             n *= 2
         a, b, c = (torch.randn(n, n, device=device).to(dtype) for _ in range(3))
@@ -100,10 +107,21 @@ def bpd_after_steps(args, precision: str, out_dir: str):
 
     settings, source = training_settings("glow", "embedded", {"batch_size": args.batch})
     config = TrialConfig(
-        model="glow", dataset="embedded", seed=args.seed, budget_kind="steps", budget=args.steps,
+        model="glow",
+        dataset="embedded",
+        seed=args.seed,
+        budget_kind="steps",
+        budget=args.steps,
         hparams={"depth": args.depth, "levels": args.levels, "hidden_channels": args.width, "lu": args.lu},
-        **settings, recipe_source=source, coupling_precision=precision, eval_every=args.steps,
-        checkpoint_every=args.steps, latency_repeats=1, device=args.device, out_dir=out_dir)
+        **settings,
+        recipe_source=source,
+        coupling_precision=precision,
+        eval_every=args.steps,
+        checkpoint_every=args.steps,
+        latency_repeats=1,
+        device=args.device,
+        out_dir=out_dir,
+    )
     return run_trial(config)
 
 
@@ -118,7 +136,9 @@ def main() -> None:
     p.add_argument("--min-run-time", type=float, default=1.0, help="seconds each candidate is timed per round")
     p.add_argument("--steps", type=int, default=300, help="training steps before bits/dim is compared")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--matmul-size", type=int, default=None, help="largest n of the n×n matmul (8192 on CUDA, else 2048)")
+    p.add_argument(
+        "--matmul-size", type=int, default=None, help="largest n of the n×n matmul (8192 on CUDA, else 2048)"
+    )
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="auto")
     p.add_argument("--lu", action="store_true", help="LU-decomposed 1×1 convs on both sides")
@@ -126,10 +146,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     args.matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"cpu ({torch.backends.cpu.get_cpu_capability()})"
-    print(f"torch {torch.__version__}, device {where}, {args.threads} threads; K={args.depth} L={args.levels} "
-          f"width={args.width} batch={args.batch} lu={args.lu}; medians over {args.repeats} interleaved rounds")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.backends.cpu.get_cpu_capability()})"
+    )
+    print(
+        f"torch {torch.__version__}, device {where}, {args.threads} threads; K={args.depth} L={args.levels} "
+        f"width={args.width} batch={args.batch} lu={args.lu}; medians over {args.repeats} interleaved rounds"
+    )
 
     fp32, glow, pixels = step_ours("glow", args, device)
     bf16, glow_bf16, _ = step_ours("glow", args, device, precision=torch.bfloat16)
@@ -141,8 +166,11 @@ def main() -> None:
         peer = None
         print("glow step vs normflows: not measured (pip install normflows)")
     steps = time_interleaved(candidates, args.repeats, args.threads, args.min_run_time, label="training step")
-    print(f"training step ({glow.num_parameters():,} params in flowbench's glow"
-          + (f", {sum(q.numel() for q in peer.parameters()):,} in normflows'" if peer else "") + "):")
+    print(
+        f"training step ({glow.num_parameters():,} params in flowbench's glow"
+        + (f", {sum(q.numel() for q in peer.parameters()):,} in normflows'" if peer else "")
+        + "):"
+    )
     for name in candidates:
         print(f"  {name:22s} {steps.line(name)}")
     if peer is not None:
@@ -156,33 +184,46 @@ def main() -> None:
     print(f"  n×n shift / 1×1 (glow): {verdict(r, 1.05, (lo, hi))}")
 
     # how close to the machine's limit: the step's counted FLOPs per second against a big matmul's
-    step_flops = {precision: measure_training_flops(model, pixels, seed=0) * args.batch
-                  for precision, model in (("float32", glow), ("bfloat16", glow_bf16))}
+    step_flops = {
+        precision: measure_training_flops(model, pixels, seed=0) * args.batch
+        for precision, model in (("float32", glow), ("bfloat16", glow_bf16))
+    }
     peak = matmul_rates(args, device)
     for precision, name in (("float32", "glow float32"), ("bfloat16", "glow bf16 couplings")):
         rate, (n, limit) = step_flops[precision] / steps.median(name), peak[precision]
-        print(f"  {precision} step: {step_flops[precision] / 1e9:.2f} GFLOP forward+backward, {rate / 1e9:.1f} GFLOP/s "
-              f"= {rate / limit:.0%} of a {n}×{n} {precision} matmul's {limit / 1e9:.1f} GFLOP/s")
+        print(
+            f"  {precision} step: {step_flops[precision] / 1e9:.2f} GFLOP forward+backward, {rate / 1e9:.1f} GFLOP/s "
+            f"= {rate / limit:.0%} of a {n}×{n} {precision} matmul's {limit / 1e9:.1f} GFLOP/s"
+        )
 
     _, emerging, _ = step_ours("emerging", args, device)
     for m in (emerging, glow):
         m.eval()
     with torch.no_grad():
-        sampling = time_interleaved({"emerging": lambda: emerging.sample(args.sample_batch),
-                                     "glow": lambda: glow.sample(args.sample_batch)},
-                                    max(3, args.repeats // 2), args.threads, args.min_run_time, label="sampling")
+        sampling = time_interleaved(
+            {"emerging": lambda: emerging.sample(args.sample_batch), "glow": lambda: glow.sample(args.sample_batch)},
+            max(3, args.repeats // 2),
+            args.threads,
+            args.min_run_time,
+            label="sampling",
+        )
     print(f"sampling {args.sample_batch} images: emerging {sampling.line('emerging')}, glow {sampling.line('glow')}")
     r, lo, hi = sampling.ratio("emerging", "glow")
     print(f"  emerging / glow: {verdict(r, 2.0, (lo, hi))}")
 
     with tempfile.TemporaryDirectory(prefix="bench-flows-") as tmp:
-        records = {precision: bpd_after_steps(args, precision, f"{tmp}/{precision}")
-                   for precision in ("float32", "bfloat16")}
-    print(f"bits/dim after {args.steps} steps on the embedded data (glow card recipe, seed {args.seed}; "
-          "validation split):")
+        records = {
+            precision: bpd_after_steps(args, precision, f"{tmp}/{precision}") for precision in ("float32", "bfloat16")
+        }
+    print(
+        f"bits/dim after {args.steps} steps on the embedded data (glow card recipe, seed {args.seed}; "
+        "validation split):"
+    )
     for precision, record in records.items():
-        print(f"  {precision:9s} val {record.val_bpd:.4f}  test {record.test_bpd:.4f}  ({record.status}, "
-              f"{record.train_seconds:.0f} s training)")
+        print(
+            f"  {precision:9s} val {record.val_bpd:.4f}  test {record.test_bpd:.4f}  ({record.status}, "
+            f"{record.train_seconds:.0f} s training)"
+        )
     gap = abs(records["bfloat16"].val_bpd - records["float32"].val_bpd)
     ok = math.isfinite(gap) and gap <= 0.02
     print(f"  |bf16 − float32| val bits/dim: {gap:.4f} (target ≤ 0.02: {'met' if ok else 'NOT met'})")

@@ -117,25 +117,37 @@ def main() -> int:
     if trials.trial_id.duplicated().any():
         problems.append(f"trial ids recorded twice: {sorted(trials.trial_id[trials.trial_id.duplicated()])[:5]}")
     if set(trials.trial_id) != planned:
-        problems.append(f"missing {sorted(planned - set(trials.trial_id))[:5]}, "
-                        f"unplanned {sorted(set(trials.trial_id) - planned)[:5]}")
+        problems.append(
+            f"missing {sorted(planned - set(trials.trial_id))[:5]}, "
+            f"unplanned {sorted(set(trials.trial_id) - planned)[:5]}"
+        )
     if not (trials.status == "ok").all():
         problems.append(f"status not ok: {trials.status[trials.status != 'ok'].value_counts().to_dict()}")
     if last_run["trials_run"] != args.trials:
         problems.append(f"sweep.json says {last_run['trials_run']} trials ran")
 
     ran, slots, busy = last_run["trials_run"] or 1, last_run["slots"], last_run["busy_seconds"]
-    print(f"load run: {args.trials} trials of {args.steps} steps (glow K=2 L=2 width 8 on digits), {slots} slots, "
-          f"{os.cpu_count()} CPUs on the machine")
-    print(f"  experiment wall {last_run['wall_seconds']:.1f} s, run_sweep wall {total_wall:.1f} s, "
-          f"trials busy {busy:.1f} s ({busy / ran:.2f} s a trial), efficiency {last_run['efficiency']:.2f}")
-    print(f"  driver overhead per trial: {(last_run['wall_seconds'] * slots - busy) / ran:.2f} s slot time "
-          f"(experiment), {(total_wall * slots - busy) / ran:.2f} s (whole run_sweep: + tables, report, MLflow)")
-    print(f"  driver process memory: peak resident (VmHWM) {hwm / 1024:.0f} MiB, peak anonymous (RssAnon) "
-          f"{peak_anon / 1024:.0f} MiB; RssAnon {rss_anon_before / 1024:.0f} MiB before the sweep, "
-          f"{rss_anon_after / 1024:.0f} MiB after")
-    print(f"  trials.parquet: {len(trials)} rows, {trials.trial_id.nunique()} unique trial ids, status "
-          f"{trials.status.value_counts().to_dict()}: " + ("; ".join(problems) if problems else "all ok, each once"))
+    print(
+        f"load run: {args.trials} trials of {args.steps} steps (glow K=2 L=2 width 8 on digits), {slots} slots, "
+        f"{os.cpu_count()} CPUs on the machine"
+    )
+    print(
+        f"  experiment wall {last_run['wall_seconds']:.1f} s, run_sweep wall {total_wall:.1f} s, "
+        f"trials busy {busy:.1f} s ({busy / ran:.2f} s a trial), efficiency {last_run['efficiency']:.2f}"
+    )
+    print(
+        f"  driver overhead per trial: {(last_run['wall_seconds'] * slots - busy) / ran:.2f} s slot time "
+        f"(experiment), {(total_wall * slots - busy) / ran:.2f} s (whole run_sweep: + tables, report, MLflow)"
+    )
+    print(
+        f"  driver process memory: peak resident (VmHWM) {hwm / 1024:.0f} MiB, peak anonymous (RssAnon) "
+        f"{peak_anon / 1024:.0f} MiB; RssAnon {rss_anon_before / 1024:.0f} MiB before the sweep, "
+        f"{rss_anon_after / 1024:.0f} MiB after"
+    )
+    print(
+        f"  trials.parquet: {len(trials)} rows, {trials.trial_id.nunique()} unique trial ids, status "
+        f"{trials.status.value_counts().to_dict()}: " + ("; ".join(problems) if problems else "all ok, each once")
+    )
     if args.keep:
         print(f"  results kept in {out}")
     else:

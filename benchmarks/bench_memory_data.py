@@ -52,8 +52,16 @@ def write_cache(folder: Path, n_images: int, seed: int) -> Path:
         for start in range(0, counts[split], 10_000):
             yield rng.integers(0, 256, (min(10_000, counts[split] - start), *IMAGE), dtype=np.uint8)
 
-    source = Source("cifar10", f"{n_images} synthetic images", [], IMAGE, 8, lambda: counts, chunks,
-                    identity=f"synthetic {n_images} seed {seed}")
+    source = Source(
+        "cifar10",
+        f"{n_images} synthetic images",
+        [],
+        IMAGE,
+        8,
+        lambda: counts,
+        chunks,
+        identity=f"synthetic {n_images} seed {seed}",
+    )
     build_cache(source, folder)
     return folder
 
@@ -93,13 +101,31 @@ def child(cache: str, steps: int, batch: int, in_ram: bool, depth: int, width: i
             else:  # the dequantised float input a model step would take
                 loss = (pixels.float() + torch.rand(pixels.shape, generator=noise)).mean()
             peak_anon = max(peak_anon, rss_mb("RssAnon"))
-    return {"images": n + len(data.validation) + len(data.test), "train": n, "peak_rss_anon_mb": peak_anon,
-            "rss_file_mb": rss_mb("RssFile"), "in_ram": in_ram, "last_loss": loss.item()}
+    return {
+        "images": n + len(data.validation) + len(data.test),
+        "train": n,
+        "peak_rss_anon_mb": peak_anon,
+        "rss_file_mb": rss_mb("RssFile"),
+        "in_ram": in_ram,
+        "last_loss": loss.item(),
+    }
 
 
 def run(cache: Path, args, in_ram: bool) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(cache), "--steps", str(args.steps), "--batch", str(args.batch),
-           "--depth", str(args.depth), "--width", str(args.width)] + (["--in-ram"] if in_ram else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(cache),
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--depth",
+        str(args.depth),
+        "--width",
+        str(args.width),
+    ] + (["--in-ram"] if in_ram else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -132,8 +158,15 @@ def main() -> None:
     small, large = SIZES
     growth = {mode: r[large]["peak_rss_anon_mb"] - r[small]["peak_rss_anon_mb"] for mode, r in results.items()}
     if args.json:
-        print(json.dumps({"results": {m: {str(n): v for n, v in r.items()} for m, r in results.items()},
-                          "growth_mb": growth, "target_mb": TARGET_MB}))
+        print(
+            json.dumps(
+                {
+                    "results": {m: {str(n): v for n, v in r.items()} for m, r in results.items()},
+                    "growth_mb": growth,
+                    "target_mb": TARGET_MB,
+                }
+            )
+        )
         return
     step = f"a Glow step (depth {args.depth}, width {args.width})" if args.depth else "the float input of a step"
     print(f"{args.steps} steps of {args.batch} shuffled images through the Prefetcher, {step} each, CPU")
@@ -141,8 +174,10 @@ def main() -> None:
     for mode, by_size in results.items():
         for n, r in by_size.items():
             print(f"{mode:10s} {n:8,d} {r['peak_rss_anon_mb']:10.1f} MB {r['rss_file_mb']:12.1f} MB")
-    print(f"peak RssAnon growth from {small:,} to {large:,} images, memory-mapped: {growth['memmap']:.1f} MB "
-          f"(target < {TARGET_MB} MB: {'met' if growth['memmap'] < TARGET_MB else 'NOT met'})")
+    print(
+        f"peak RssAnon growth from {small:,} to {large:,} images, memory-mapped: {growth['memmap']:.1f} MB "
+        f"(target < {TARGET_MB} MB: {'met' if growth['memmap'] < TARGET_MB else 'NOT met'})"
+    )
     if "in-ram" in growth:
         print(f"the same with the train split in RAM (control): {growth['in-ram']:.1f} MB")
 

@@ -53,8 +53,9 @@ def setup(args):
     device = resolve_device(args.device)
     data = load_dataset(args.dataset, args.data_root)
     torch.manual_seed(0)
-    model = flowbench.build_model("glow", data.image_shape, depth=args.depth, levels=args.levels,
-                                  hidden_channels=args.width)
+    model = flowbench.build_model(
+        "glow", data.image_shape, depth=args.depth, levels=args.levels, hidden_channels=args.width
+    )
     optimizer = prepare_training(model, device, lr=1e-4)  # no warm-up here: 1e-3 diverges at K=32
     noise = torch.Generator(device).manual_seed(1)
     resident = data.train.batch(np.arange(args.batch)).to(device)
@@ -81,8 +82,13 @@ def measure_memory(args) -> dict:
     before = peak()
     for _ in range(args.steps):
         loss = train_step(model, optimizer, pixels, noise, grad_clip=None)
-    return {"peak_mb": peak(), "before_mb": before, "last_loss": loss.item(), "params": model.num_parameters(),
-            "device": str(device)}
+    return {
+        "peak_mb": peak(),
+        "before_mb": before,
+        "last_loss": loss.item(),
+        "params": model.num_parameters(),
+        "device": str(device),
+    }
 
 
 def measure_times(args) -> dict:
@@ -101,12 +107,18 @@ def measure_times(args) -> dict:
         return train_step(model, optimizer, pixels, noise, grad_clip=None)
 
     with Prefetcher(data.train, plan, device) as batches:
-        timed = time_interleaved({
-            "resident": lambda: step("plain", resident),
-            "prefetched": lambda: step("plain", next(batches)),
-            "checkpointed": lambda: step("checkpointed", resident),
-            "bf16-couplings": lambda: step("bf16-couplings", resident),
-        }, args.repeats, args.threads, args.min_run_time, label="glow training step")
+        timed = time_interleaved(
+            {
+                "resident": lambda: step("plain", resident),
+                "prefetched": lambda: step("plain", next(batches)),
+                "checkpointed": lambda: step("checkpointed", resident),
+                "bf16-couplings": lambda: step("bf16-couplings", resident),
+            },
+            args.repeats,
+            args.threads,
+            args.min_run_time,
+            label="glow training step",
+        )
     return dataclasses.asdict(timed) | {"n_train": len(data.train), "device": str(device)}
 
 
@@ -131,22 +143,24 @@ def main() -> None:
         print(json.dumps(measure_times(args) if args.variant == "times" else measure_memory(args)))
         return
 
-    passed = ("depth", "levels", "width", "batch", "dataset", "steps", "repeats", "min_run_time", "threads",
-              "device")
+    passed = ("depth", "levels", "width", "batch", "dataset", "steps", "repeats", "min_run_time", "threads", "device")
     cmd = [sys.executable, __file__] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in passed]
     if args.data_root:
         cmd.append(f"--data-root={args.data_root}")
 
     def run(variant: str, env: dict | None = None) -> dict:
-        out = subprocess.run(cmd + ["--variant", variant], check=True, capture_output=True, text=True,
-                             env=os.environ | (env or {})).stdout
+        out = subprocess.run(
+            cmd + ["--variant", variant], check=True, capture_output=True, text=True, env=os.environ | (env or {})
+        ).stdout
         return json.loads(out.splitlines()[-1])
 
     times = run("times")
     timed = Interleaved(times["rounds"])
-    print(f"glow K={args.depth} L={args.levels} width={args.width} batch={args.batch} on {args.dataset} "
-          f"({times['n_train']:,} training images), device {times['device']}, torch {torch.__version__}, "
-          f"{args.threads} threads; median over {args.repeats} interleaved rounds of torch.utils.benchmark")
+    print(
+        f"glow K={args.depth} L={args.levels} width={args.width} batch={args.batch} on {args.dataset} "
+        f"({times['n_train']:,} training images), device {times['device']}, torch {torch.__version__}, "
+        f"{args.threads} threads; median over {args.repeats} interleaved rounds of torch.utils.benchmark"
+    )
     for name in TIMED:
         print(f"  step {name:15s} {timed.line(name)}")
     r, lo, hi = timed.ratio("prefetched", "resident")
@@ -163,16 +177,23 @@ def main() -> None:
     allocators = {"glibc default": {}, "live (mmap ≥ 64 KiB)": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
     memory = {name: {v: run(v, env) for v in MEMORY_VARIANTS} for name, env in allocators.items()}
     plain = memory["glibc default"]["plain"]
-    print(f"  {plain['params']:,} params; loss after {args.steps} steps on one batch: " + ", ".join(
-        f"{v} {memory['glibc default'][v]['last_loss']:.4f}" for v in MEMORY_VARIANTS) + " bits/dim")
+    print(
+        f"  {plain['params']:,} params; loss after {args.steps} steps on one batch: "
+        + ", ".join(f"{v} {memory['glibc default'][v]['last_loss']:.4f}" for v in MEMORY_VARIANTS)
+        + " bits/dim"
+    )
     ratios = {}
     for name, results in memory.items():
         activations = {v: r["peak_mb"] - r["before_mb"] for v, r in results.items()}
         ratios[name] = {v: activations[v] / activations["plain"] for v in MEMORY_VARIANTS}
-        print(f"  peak memory, {name}: " + ",  ".join(
-            f"{v} {r['peak_mb']:.0f} MB (activations {activations[v]:.0f} MB)" for v, r in results.items()))
-    print(f"  checkpointed: activation memory ratio live {verdict(ratios['live (mmap ≥ 64 KiB)']['checkpointed'], 0.3)}, "
-          f"{ratios['glibc default']['checkpointed']:.2f}× by default RSS")
+        print(
+            f"  peak memory, {name}: "
+            + ",  ".join(f"{v} {r['peak_mb']:.0f} MB (activations {activations[v]:.0f} MB)" for v, r in results.items())
+        )
+    print(
+        f"  checkpointed: activation memory ratio live {verdict(ratios['live (mmap ≥ 64 KiB)']['checkpointed'], 0.3)}, "
+        f"{ratios['glibc default']['checkpointed']:.2f}× by default RSS"
+    )
     print(f"  bf16 couplings: activation memory ratio {ratios['live (mmap ≥ 64 KiB)']['bf16-couplings']:.2f}× live")
 
 

@@ -39,11 +39,18 @@ class Interleaved:
         return f"{self.median(name) * 1e3:.1f} ms (rounds {min(times) * 1e3:.1f}–{max(times) * 1e3:.1f})"
 
 
-def time_interleaved(candidates: dict[str, Callable[[], object]], rounds: int, num_threads: int,
-                     min_run_time: float = 1.0, label: str = "") -> Interleaved:
+def time_interleaved(
+    candidates: dict[str, Callable[[], object]],
+    rounds: int,
+    num_threads: int,
+    min_run_time: float = 1.0,
+    label: str = "",
+) -> Interleaved:
     """Each candidate (a call with no arguments) measured ``rounds`` times, interleaved."""
-    timers = {name: Timer("fn()", globals={"fn": fn}, num_threads=num_threads, label=label, description=name)
-              for name, fn in candidates.items()}
+    timers = {
+        name: Timer("fn()", globals={"fn": fn}, num_threads=num_threads, label=label, description=name)
+        for name, fn in candidates.items()
+    }
     measured: dict[str, list[float]] = {name: [] for name in candidates}
     order = list(timers)
     for _ in range(rounds):
