@@ -23,10 +23,10 @@ import tempfile
 
 import torch
 from torch.utils.benchmark import Timer
-from timing import time_interleaved, verdict  # benchmarks/timing.py: the script's folder is on sys.path
 
 import flowbench
 from flowbench.trial import measure_training_flops, prepare_training, resolve_device, train_step
+from timing import time_interleaved, verdict  # benchmarks/timing.py: the script's folder is on sys.path
 
 SHAPE = (3, 32, 32)  # the embedded data's (and CIFAR-10's) image shape
 

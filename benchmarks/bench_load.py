@@ -100,7 +100,7 @@ def main() -> int:
     sampler.start()
     started = time.time()
     try:
-        outcome = run_sweep(spec, work / "results", num_cpus=args.slots)
+        run_sweep(spec, work / "results", num_cpus=args.slots)
     finally:
         total_wall = time.time() - started
         peak_anon = sampler.stop()

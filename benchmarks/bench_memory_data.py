@@ -92,7 +92,7 @@ def child(cache: str, steps: int, batch: int, in_ram: bool, depth: int, width: i
 
     peak_anon = rss_mb("RssAnon")
     with Prefetcher(train, shuffled_batches(), depth=2) as batches:
-        for _, pixels in zip(range(steps), batches):
+        for _, pixels in zip(range(steps), batches, strict=False):
             if depth:
                 loss = model.bits_per_dim(pixels, noise).mean()
                 optimizer.zero_grad(set_to_none=True)

@@ -32,6 +32,7 @@ import sys
 
 import numpy as np
 import torch
+
 from timing import Interleaved, time_interleaved, verdict  # benchmarks/timing.py: the script's folder is on sys.path
 
 MEMORY_VARIANTS = ("plain", "checkpointed", "bf16-couplings")

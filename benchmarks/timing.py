@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from typing import Callable
+from collections.abc import Callable
 
 from torch.utils.benchmark import Timer
 
@@ -31,7 +31,7 @@ class Interleaved:
 
     def ratio(self, a: str, b: str) -> tuple[float, float, float]:
         """a's time over b's: (median, lowest, highest) over rounds of the round's ratio."""
-        per_round = [ta / tb for ta, tb in zip(self.rounds[a], self.rounds[b])]
+        per_round = [ta / tb for ta, tb in zip(self.rounds[a], self.rounds[b], strict=True)]
         return statistics.median(per_round), min(per_round), max(per_round)
 
     def line(self, name: str) -> str:

@@ -113,7 +113,7 @@ def cmd_models(args) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print(f"image shape {'x'.join(map(str, args.image_shape))}, hyperparameters of the {args.dataset} cards")
     for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def cmd_train(args) -> None:

@@ -26,9 +26,9 @@ import math
 import resource
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import pydantic
@@ -584,7 +584,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
     ahead = (indices for indices, _, _ in batch_plan(config, n_train, dataclasses.replace(progress)))
     with Prefetcher(state.data.train, ahead, state.device) as batches:
         walked = batch_plan(config, n_train, dataclasses.replace(progress))
-        for pixels, (indices, epoch, position) in zip(batches, walked):
+        for pixels, (indices, epoch, position) in zip(batches, walked, strict=True):
             step_start = time.perf_counter()
             loss = train_step(state.model, state.optimizer, pixels, state.noise, config.grad_clip, shard, state.net)
             state.scheduler.step()

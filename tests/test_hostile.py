@@ -520,7 +520,8 @@ def test_two_drivers_of_one_sweep_the_second_is_refused_while_the_first_runs_on(
 
 
 @pytest.mark.slow
-def test_a_card_edit_reruns_exactly_the_trials_it_changes(tmp_path, local_ray, monkeypatch, caplog):
+@pytest.mark.usefixtures("local_ray")
+def test_a_card_edit_reruns_exactly_the_trials_it_changes(tmp_path, monkeypatch, caplog):
     """The issue's case: the Glow digits card's depth 4 -> 2 between two runs of one sweep."""
     import logging
 

@@ -247,7 +247,7 @@ def test_memory_saving_trial_reaches_the_plain_trials_result(tmp_path):
     plain = run_trial(config(tmp_path / "plain", budget=10))
     lean = run_trial(config(tmp_path / "lean", budget=10, memory_saving=True))
     assert plain.config_hash != lean.config_hash and len(plain.curve) == len(lean.curve) == 2
-    for p, q in zip(plain.curve, lean.curve):
+    for p, q in zip(plain.curve, lean.curve, strict=True):
         assert q["train_bpd"] == pytest.approx(p["train_bpd"], rel=1e-5)
         assert q["val_bpd"] == pytest.approx(p["val_bpd"], rel=1e-5)
 

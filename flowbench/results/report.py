@@ -72,7 +72,7 @@ def _bpd_cell(row) -> str:
 
 def paper_shaped(table2: pd.DataFrame) -> pd.DataFrame:
     """Models (and variants) × datasets of test 'mean ± CI', with the paper's figure beside each dataset."""
-    labels = [_label(m, v) for m, v in zip(table2["model"], table2["variant"])]
+    labels = [_label(m, v) for m, v in zip(table2["model"], table2["variant"], strict=True)]
     table2 = table2.assign(label=labels)
     out = pd.DataFrame(index=pd.Index(list(dict.fromkeys(labels)), name="model"))
     for dataset in table2["dataset"].unique():
@@ -85,7 +85,7 @@ def paper_shaped(table2: pd.DataFrame) -> pd.DataFrame:
 def cost_table(table2: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
-            "model": [_label(m, v) for m, v in zip(table2["model"], table2["variant"])],
+            "model": [_label(m, v) for m, v in zip(table2["model"], table2["variant"], strict=True)],
             "dataset": table2["dataset"],
             "val bpd": [_fmt(v, 3) for v in table2["val_bpd_mean"]],
             "test bpd": [_fmt(v, 3) for v in table2["test_bpd_mean"]],
@@ -114,7 +114,9 @@ def comparison_table(pairs: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
             "a": pairs["model_a"],
             "b": pairs["model_b"],
             "seeds": pairs["n_seeds"],
-            "a − b [95% CI]": [diff(*v) for v in zip(pairs["a_minus_b"], pairs["ci_low"], pairs["ci_high"])],
+            "a − b [95% CI]": [
+                diff(*v) for v in zip(pairs["a_minus_b"], pairs["ci_low"], pairs["ci_high"], strict=True)
+            ],
             "p (paired t)": [_fmt(p, 3) for p in pairs["p_value"]],
             "p_holm": [_fmt(p, 3) for p in pairs["p_holm"]],
             f"significant (p_holm ≤ {ALPHA:g})": ["yes" if p <= ALPHA else "no" for p in pairs["p_holm"]],
@@ -152,7 +154,7 @@ def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.Dat
 
     plot_dir = out / PLOTS
     plot_dir.mkdir(parents=True, exist_ok=True)
-    labels = list(dict.fromkeys(_label(m, v) for m, v in zip(table2["model"], table2["variant"])))
+    labels = list(dict.fromkeys(_label(m, v) for m, v in zip(table2["model"], table2["variant"], strict=True)))
     colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(labels)}
     written = []
 
@@ -186,7 +188,7 @@ def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.Dat
         save(fig, f"curves-{dataset}.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    markers = dict(zip(table2["dataset"].unique(), "osD^vP*"))
+    markers = dict(zip(table2["dataset"].unique(), "osD^vP*", strict=False))
     for row in table2.itertuples():
         label = _label(row.model, row.variant)
         half = (row.test_bpd_ci_high - row.test_bpd_ci_low) / 2

@@ -203,7 +203,7 @@ def paired_comparisons(trials: pd.DataFrame, metric: str = "test_bpd") -> pd.Dat
                     "p_value": p,
                 }
             )
-        for row, adjusted in zip(family, holm([r["p_value"] for r in family])):
+        for row, adjusted in zip(family, holm([r["p_value"] for r in family]), strict=True):
             row["p_holm"] = float(adjusted)
         rows += family
     return pd.DataFrame(rows, columns=PAIR_COLUMNS)

@@ -98,5 +98,7 @@ def trials_frame(rows: list[dict]) -> pd.DataFrame:
 
 def curves_frame(trials: list[dict], curves: list[list[dict]]) -> pd.DataFrame:
     """Long format: one row per (trial, evaluation), keyed by the trial's identity."""
-    rows = [{**{k: t[k] for k in CURVE_KEYS}, **point} for t, curve in zip(trials, curves) for point in curve]
+    rows = [
+        {**{k: t[k] for k in CURVE_KEYS}, **point} for t, curve in zip(trials, curves, strict=True) for point in curve
+    ]
     return pd.DataFrame(rows, columns=None if rows else REQUIRED["curves"])

@@ -154,7 +154,7 @@ def ray_log_to(path: Path):
         try:
             yield
         finally:
-            for logger, (handlers, propagate) in zip(loggers, saved):
+            for logger, (handlers, propagate) in zip(loggers, saved, strict=True):
                 logger.handlers[:], logger.propagate = handlers, propagate
 
 
@@ -589,7 +589,7 @@ def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path) 
         found[unit_id] = trials
         finals = [
             (t, r)
-            for t, r in zip(trials, unit_results)
+            for t, r in zip(trials, unit_results, strict=True)
             if t["row"]["phase"] == "final" and t["row"]["status"] != "failed"
         ]
         if len(finals) < len(unit.configs):

@@ -295,7 +295,7 @@ def variant_text(value) -> str:
 def grid_settings(spec: SweepSpec, model: str) -> list[dict]:
     """The product of the spec's grid over the hyperparameters ``model`` has ([{}]: no grid)."""
     keys = sorted(k for k in spec.grid if k in model_entry(model).hparams())
-    return [dict(zip(keys, values)) for values in itertools.product(*(spec.grid[k] for k in keys))]
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(spec.grid[k] for k in keys))]
 
 
 def expand(spec: SweepSpec, infos: dict[str, DatasetInfo]) -> list[TrialConfig]:

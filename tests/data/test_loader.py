@@ -28,7 +28,7 @@ def test_batches_are_those_of_a_plain_loop_in_order():
     with Prefetcher(data, batches, depth=2) as prefetched:
         got = list(prefetched)
     assert len(got) == len(batches)
-    for pixels, indices in zip(got, batches):
+    for pixels, indices in zip(got, batches, strict=True):
         assert pixels.dtype == torch.uint8 and pixels.device.type == "cpu"
         torch.testing.assert_close(pixels, data.batch(indices), rtol=0, atol=0)
         np.testing.assert_array_equal(pixels.numpy(), data.array[indices])
@@ -92,6 +92,6 @@ def test_cuda_batches_arrive_copied_from_pinned_memory():
     data, batches = split(), index_batches()
     with Prefetcher(data, batches, "cuda") as prefetched:
         got = [pixels * 1 for pixels in prefetched]  # consumer work on the current stream
-    for pixels, indices in zip(got, batches):
+    for pixels, indices in zip(got, batches, strict=True):
         assert pixels.is_cuda
         torch.testing.assert_close(pixels.cpu(), data.batch(indices), rtol=0, atol=0)

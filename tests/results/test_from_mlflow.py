@@ -9,7 +9,7 @@ import pytest
 from flowbench import FlowbenchError
 from flowbench.record import FINAL_PREFIX, METRIC, PARAM, RECORD_COLUMNS, TAG, TrialRecord, columns
 from flowbench.results.from_mlflow import PARENT_TAG, tables_from_mlflow
-from flowbench.results.tables import CURVE_METRICS, write_table, read_table
+from flowbench.results.tables import CURVE_METRICS, read_table, write_table
 
 
 def a_record() -> TrialRecord:

@@ -43,7 +43,11 @@ def test_means_intervals_counts_and_deltas():
 
 def test_rows_follow_the_registry_order_not_the_input_order():
     t2 = table2_frame(synthetic(), lambda m, d: None)
-    assert list(zip(t2.model, t2.dataset)) == [("glow", "embedded"), ("glow", "cifar10"), ("nxn_shift", "cifar10")]
+    assert list(zip(t2.model, t2.dataset, strict=True)) == [
+        ("glow", "embedded"),
+        ("glow", "cifar10"),
+        ("nxn_shift", "cifar10"),
+    ]
 
 
 def test_variants_are_rows_of_their_own_without_the_papers_figure():
@@ -101,7 +105,7 @@ def test_holm_is_applied_per_data_set_and_variant():
         rows += [trial(model, "cifar10", s, 3.0 + shift, variant="actnorm=false") for s in range(2)]
     pairs = paired_comparisons(pd.DataFrame(rows))
     card = pairs[pairs.variant == ""]
-    assert list(zip(card.model_a, card.model_b)) == [
+    assert list(zip(card.model_a, card.model_b, strict=True)) == [
         ("glow", "emerging"),
         ("glow", "nxn_shift"),
         ("emerging", "nxn_shift"),

@@ -193,7 +193,7 @@ def test_grid_sweep_on_two_nodes_with_s3_storage(two_node_sweeps):
 
     client, parents, children = child_runs(f"sqlite:///{out / 'results' / 'grid' / 'mlflow.db'}", "grid")
     assert sorted(c.info.run_name for c in children) == sorted(trials.trial_id)
-    node_of = dict(zip(trials.trial_id, trials.node))
+    node_of = dict(zip(trials.trial_id, trials.node, strict=True))
     on_worker = [c for c in children if node_of[c.info.run_name] == nodes["worker"]]
     assert on_worker
     for child in on_worker:  # complete: finished, full curve, final figures and its node

@@ -157,7 +157,7 @@ def test_units_hash_what_runs(tmp_path):
             overrides={"glow": "{depth: 2, levels: 2, hidden_channels: 16}", "nxn_shift": TINY},
         )
     )
-    changed = [u.id for u, w in zip(units, wider) if u.hash != w.hash]
+    changed = [u.id for u, w in zip(units, wider, strict=True) if u.hash != w.hash]
     assert changed == ["glow-digits-seed0", "glow-digits-seed1"]
 
 
@@ -288,7 +288,7 @@ def test_diverging_trial_is_recorded_while_the_sweep_goes_on(tmp_path, local_ray
         overrides={"glow": "{depth: 2, levels: 2, hidden_channels: 8, lr: 1.0e4, grad_clip: null}", "nxn_shift": TINY},
     )
     outcome = run_sweep(spec, tmp_path / "results")
-    status = dict(zip(outcome.trials.model, outcome.trials.status))
+    status = dict(zip(outcome.trials.model, outcome.trials.status, strict=True))
     assert status == {"glow": "diverged", "nxn_shift": "ok"}
     reason = outcome.trials.set_index("model").reason["glow"]
     assert "loss became nan or inf at step" in reason

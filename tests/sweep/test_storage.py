@@ -1,6 +1,7 @@
 """--storage as Tune gets it: a folder as is, an S3 URI as pyarrow's filesystem and path (moto's server)."""
 
 import pytest
+
 from flowbench.errors import FlowbenchError
 from flowbench.sweep.storage import tune_storage
 from tests.data.test_remote import s3_uri  # noqa: F401 -- the moto server fixture
