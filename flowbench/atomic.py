@@ -9,6 +9,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from flowbench.errors import FlowbenchError
 
@@ -33,7 +34,7 @@ def write_error(path: str | Path, err: OSError, kept: str = "") -> FlowbenchErro
     return FlowbenchError(f"{what} writing {path}{kept}: {advice}")
 
 
-def _raise_write_error(path: Path, err: OSError) -> None:
+def _raise_write_error(path: Path, err: OSError) -> NoReturn:
     """Raise the one-line error for ``err`` if it is a full disk or a closed folder, else ``err``."""
     translated = write_error(path, err, KEPT)
     if translated is None:
@@ -86,7 +87,7 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         _raise_write_error(path, err)
     except RuntimeError:
         if _disk_full(path.parent):
-            raise write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), KEPT) from None
+            _raise_write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
         raise
     finally:
         tmp.unlink(missing_ok=True)

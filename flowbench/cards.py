@@ -18,7 +18,7 @@ from flowbench.specfile import FieldError, error_location, load_spec
 # The valid ranges of the built-in flows' hyperparameters (their builders declare only defaults,
 # whose types give each one's type): counts are at least 1, images hold at most 8 bits, and the
 # logit preprocessing's margin alpha keeps alpha + (1 - 2 alpha) x inside (0, 1).
-HPARAM_RANGES = {
+HPARAM_RANGES: dict[str, dict[str, Any]] = {  # keyword arguments of pydantic.Field
     **{count: {"ge": 1} for count in ("depth", "levels", "hidden_channels", "n_blocks", "kernel_size")},
     "n_bits": {"ge": 1, "le": 8},
     "alpha": {"gt": 0, "lt": 0.5},
@@ -27,7 +27,7 @@ HPARAM_RANGES = {
 
 @functools.cache
 def _hparams_model(name: str) -> type[pydantic.BaseModel]:
-    fields = {
+    fields: dict[str, Any] = {
         key: (Any if default is None else type(default), pydantic.Field(default, **HPARAM_RANGES.get(key, {})))
         for key, default in model_entry(name).hparams().items()
     }

@@ -8,7 +8,7 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import pydantic
 
@@ -38,8 +38,9 @@ def _hparam(text: str) -> tuple[str, object]:
 def _number(kind: type, **bounds):
     """An argparse type: a number as a spec would read it (1e-4, 3, 1e3 for an integer), finite,
     within ``bounds`` (pydantic.Field's gt, ge, …)."""
-    finite = {"allow_inf_nan": False} if kind is float else {}
-    adapter = pydantic.TypeAdapter(Annotated[kind, pydantic.Field(**finite, **bounds)])
+    finite: dict[str, Any] = {"allow_inf_nan": False} if kind is float else {}
+    number: Any = Annotated[kind, pydantic.Field(**finite, **bounds)]  # a type made at run time
+    adapter = pydantic.TypeAdapter(number)
 
     def parse(text: str):
         value = parse_scalar(text)
@@ -175,7 +176,7 @@ def cmd_train(args) -> None:
             resume = checkpoint
             print(f"resuming from {checkpoint}", file=sys.stderr)
 
-        bars = []  # drawn from the first evaluation on, so an error before training prints alone
+        bars: list[tqdm] = []  # drawn from the first evaluation on, so an error before training prints alone
 
         def report(metrics, checkpoint_dir):
             if not bars:

@@ -8,6 +8,7 @@ from typing import TypeVar
 
 import pydantic
 import yaml
+from pydantic_core import ErrorDetails
 
 from flowbench.errors import FlowbenchError
 
@@ -86,7 +87,7 @@ def _line_of(node: yaml.Node | None, loc: tuple) -> int | None:
     return line
 
 
-def error_location(error: dict) -> tuple[tuple, str]:
+def error_location(error: ErrorDetails) -> tuple[tuple, str]:
     """(keys, message) of one pydantic error, with a FieldError's keys appended to its location."""
     loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
     cause = (error.get("ctx") or {}).get("error")

@@ -187,7 +187,8 @@ def prepare_training(model: FlowModel, device: torch.device, lr: float, optimize
     channels_last lets oneDNN/cuDNN convolve without layout conversions (~7% a step on CPU);
     Adam updates all parameters in one fused kernel, Adamax in multi-tensor (foreach) kernels.
     """
-    model.to(device, memory_format=torch.channels_last)
+    # Module.to takes memory_format at runtime (documented); torch's overloads of it leave it out
+    model.to(device, memory_format=torch.channels_last)  # type: ignore[call-overload]
     if optimizer == "adamax":
         return torch.optim.Adamax(model.parameters(), lr=lr, foreach=True)
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)

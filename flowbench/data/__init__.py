@@ -82,7 +82,10 @@ def prepare_dataset(
     source = find_source(name, root)
     cache = Path(cache) if cache is not None else default_cache_dir(name, root)
     built = build_cache(source, cache)
-    return cache, read_manifest(cache), built
+    manifest = read_manifest(cache)
+    if manifest is None:  # removed by a rebuild in another process since this one built or found it
+        raise FlowbenchError(f"{cache}: its source changed while it was prepared; run again")
+    return cache, manifest, built
 
 
 def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:

@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 
@@ -90,7 +91,7 @@ def split_sizes(source: Source, counts: dict[str, int]) -> dict[str, int]:
 def default_cache_dir(dataset: str, root: str | Path | None) -> Path:
     """``$FLOWBENCH_CACHE_DIR/<name>-<hash>``, else ``~/.cache/flowbench/<name>-<hash>`` (XDG_CACHE_HOME
     respected), the hash of the resolved data root: each copy of a data set gets its own cache."""
-    base = os.environ.get(CACHE_ENV)
+    base: str | Path | None = os.environ.get(CACHE_ENV)
     if not base:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flowbench"
     key = str(Path(root).resolve()) if root is not None else "installed packages"
@@ -121,7 +122,7 @@ def read_manifest(cache: Path) -> dict | None:
     return manifest
 
 
-def is_current(manifest: dict | None, checksum: str | None = None) -> bool:
+def is_current(manifest: dict | None, checksum: str | None = None) -> TypeGuard[dict]:
     """Whether a cache with this manifest may be read: this format version, and when the source's
     ``checksum`` is given, made from the source as it is now."""
     return (

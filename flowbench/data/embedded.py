@@ -44,7 +44,7 @@ def _patches(img: np.ndarray, size: int, stride: int, rows: range) -> list[np.nd
 
 def _embedded_splits(size: int) -> dict[str, np.ndarray]:
     stride = size // 2
-    splits = {"train": [], "validation": [], "test": []}
+    splits: dict[str, list[np.ndarray]] = {"train": [], "validation": [], "test": []}
     for name in TRAIN_IMAGES:
         img = _photo(name)
         n_rows = (img.shape[0] - size) // stride + 1
@@ -60,9 +60,11 @@ def _embedded_splits(size: int) -> dict[str, np.ndarray]:
 def embedded_source(size: int = 32) -> Source:
     import skimage
 
+    # skimage's lazy-loading stub (__init__.pyi) lists __version__ in __all__ but does not declare it
+    version = skimage.__version__  # type: ignore[attr-defined]
     splits = functools.cache(lambda: _embedded_splits(size))
     identity = (
-        f"scikit-image {skimage.__version__}; {size}x{size} patches, stride {size // 2}, std >= {MIN_PATCH_STD}; "
+        f"scikit-image {version}; {size}x{size} patches, stride {size // 2}, std >= {MIN_PATCH_STD}; "
         f"train {TRAIN_IMAGES} less their bottom {VALIDATION_ROWS:.0%} of patch rows (validation); test {TEST_IMAGES}"
     )
     return Source(

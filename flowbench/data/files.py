@@ -66,9 +66,10 @@ def cifar10_source(root: Path | None) -> Source:
                 with tarfile.open(tar_path) as tar:
                     for member in tar:
                         name = Path(member.name).name
-                        if name in names:
+                        # extractfile gives None for what holds no bytes (a folder of that name): absent below
+                        if name in names and (batch := tar.extractfile(member)) is not None:
                             found.add(name)
-                            yield name, _unpickle(tar.extractfile(member).read(), f"{tar_path}:{name}")
+                            yield name, _unpickle(batch.read(), f"{tar_path}:{name}")
             except (tarfile.TarError, EOFError, OSError) as err:
                 raise FlowbenchError(f"{tar_path}: not a readable tar.gz ({err}); re-download it") from None
             absent = [n for n in names if n not in found]

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import shutil
 from pathlib import Path
+from typing import TypeGuard
 
 from flowbench.data.cache import _locked, default_cache_dir
 from flowbench.errors import FlowbenchError
@@ -23,7 +24,7 @@ from flowbench.errors import FlowbenchError
 log = logging.getLogger(__name__)
 
 
-def is_remote(root: str | Path | None) -> bool:
+def is_remote(root: str | Path | None) -> TypeGuard[str]:
     return isinstance(root, str) and "://" in root
 
 

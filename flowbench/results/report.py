@@ -261,7 +261,7 @@ def build_report(out: str | Path, trials: pd.DataFrame, curves: pd.DataFrame, pa
     table2 = table2_frame(trials, paper_bpd)
     bpd_pairs = paired_comparisons(trials)
     latency_pairs = pd.concat([paired_comparisons(trials, m) for m in LATENCY_METRICS], ignore_index=True)
-    paths = {"table2": write_table(table2, out / "table2.parquet", "table2")}
+    paths: dict[str, Path | list[Path]] = {"table2": write_table(table2, out / "table2.parquet", "table2")}
     plots = _plots(out, trials, curves, table2)
     figures = _sample_figures(out, trials)
     name = trials["sweep"].iloc[0] if len(trials) else out.name

@@ -29,9 +29,10 @@ import pickle
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from flowbench.atomic import atomic_write
@@ -40,7 +41,7 @@ from flowbench.errors import FlowbenchError
 from flowbench.locks import exclusive_lock
 from flowbench.record import RECORD_COLUMNS, TrialRecord
 from flowbench.results.tables import CURVE_METRICS
-from flowbench.sweep.spec import TIME_ATTR, SweepSpec, check_data, expand, load_sweep_spec, trial_config
+from flowbench.sweep.spec import TIME_ATTR, Search, SweepSpec, check_data, expand, load_sweep_spec, trial_config
 from flowbench.sweep.storage import copy_from_checkpoint, tune_storage
 from flowbench.sweep.tracking import UNIT_TAG, MlflowCallback, MlflowTracker, default_tracking_uri
 from flowbench.sweep.worker import tune_trial
@@ -220,12 +221,12 @@ def sample_id(base: TrialConfig, index: int, values: dict) -> str:
 
 
 # --------------------------------------------------------------------------- Tune: search and schedule
-def _search_space(spec: SweepSpec) -> dict:
+def _search_space(search: Search) -> dict:
     from ray import tune
 
     make = {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}
     space = {}
-    for key, dist in spec.search.space.items():
+    for key, dist in search.space.items():
         ((kind, args),) = dist.items()
         space[key] = tune.choice(args) if kind == "choice" else make[kind](*args)
     return space
@@ -252,16 +253,19 @@ class SweepSearch(Searcher):
         super().__init__(metric=METRIC, mode=MODE)
         self.ahead = 2 * slots
         self.ready: list[dict] = [_tune_config(u, "final", u.configs[0].model_dump()) for u in units if not u.search]
-        self.groups = {}
+        self.groups: dict = {}  # unit id -> its search group's state; looked up with ids that may be None
         for u in units:
             if u.search:
+                assert spec.search is not None, "search units come from the spec's search section"
                 self.groups[u.id] = {
                     "unit": u,
                     "left": spec.search.num_samples,
                     "index": 0,
                     "live": {},
                     "ended": {},
-                    "optuna": OptunaSearch(_search_space(spec), metric=METRIC, mode=MODE, seed=u.configs[0].seed),
+                    "optuna": OptunaSearch(
+                        _search_space(spec.search), metric=METRIC, mode=MODE, seed=u.configs[0].seed
+                    ),
                     "finals": False,
                 }
         self.live: dict[str, str] = {}  # Tune trial id -> unit id
@@ -312,9 +316,8 @@ class SweepSearch(Searcher):
         if group is None or trial_id not in group["live"]:
             return
         values = group["live"].pop(trial_id)
-        usable = (
-            result is not None and not error and isinstance(result.get(METRIC), float) and math.isfinite(result[METRIC])
-        )
+        result = result or {}  # None: the trial ended without a result
+        usable = not error and isinstance(result.get(METRIC), float) and math.isfinite(result[METRIC])
         group["optuna"].on_trial_complete(trial_id, result if usable else None, error=error or not usable)
         if usable:
             group["ended"][trial_id] = {
@@ -355,7 +358,7 @@ class SweepScheduler(FIFOScheduler):
         super().__init__()
         asha = spec.search.asha if spec.search is not None else None
         # max_t past the budget: ASHA stops a trial that reaches max_t, before it reports its record
-        self.asha_args = (
+        self.asha_args: dict[str, Any] | None = (
             None
             if asha is None
             else dict(
@@ -367,12 +370,12 @@ class SweepScheduler(FIFOScheduler):
                 mode=MODE,
             )
         )
-        self.asha: dict[str, TrialScheduler] = {}
+        self.asha: dict[str, AsyncHyperBandScheduler] = {}
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return True
 
-    def _for(self, trial) -> TrialScheduler | None:
+    def _for(self, trial) -> AsyncHyperBandScheduler | None:
         if self.asha_args is None or trial.config.get("phase") != "search":
             return None
         from ray.tune.schedulers import ASHAScheduler
@@ -430,7 +433,7 @@ def run_experiment(spec: SweepSpec, storage: str, name: str, units: list[Unit], 
 
     # a data-parallel trial only drives its Ray Train workers, which ask for the resources
     # (Tune needs a non-empty request: a token of memory instead of a CPU the workers need)
-    own = (
+    own: dict[str, float] = (
         {"cpu": 0, "memory": 2**20}
         if spec.resources.workers > 1
         else {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
@@ -578,14 +581,16 @@ def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path) 
     in this run's tables, and runs again next time)."""
     by_unit: dict[str, list] = {}
     for result in results:
-        config = result.config or {}
-        unit = units.get(config.get("unit"))
+        config: dict = result.config or {}
+        unit = units.get(config.get("unit", ""))  # no unit: not a trial of this sweep
         if unit is not None and config.get("unit_hash") == unit.hash:
             by_unit.setdefault(unit.id, []).append(result)
     found = {}
     for unit_id, unit_results in by_unit.items():
         unit = units[unit_id]
-        trials = [{"row": record_of(r.config, r.metrics or {}, r.error), "curve": _curve_of(r)} for r in unit_results]
+        trials: list[dict] = [
+            {"row": record_of(r.config, r.metrics or {}, r.error), "curve": _curve_of(r)} for r in unit_results
+        ]
         found[unit_id] = trials
         finals = [
             (t, r)
@@ -747,7 +752,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
         meta | {"mlflow_uri": uri, "experiment": name if todo else previous, "units": {u.id: u.hash for u in units}},
     )
 
-    efficiency = {"efficiency": None, "busy_seconds": 0.0, "slots": slots, "wall_seconds": 0.0, "trials_run": 0}
+    efficiency: dict = {"efficiency": None, "busy_seconds": 0.0, "slots": slots, "wall_seconds": 0.0, "trials_run": 0}
     fresh = {}
     if todo:
         callbacks = [MlflowCallback(uri, spec.name, parent, artifacts, record_of), *callbacks]

@@ -68,7 +68,7 @@ class Asha(Strict):
 
 
 FiniteFloat = Annotated[float, pydantic.Field(allow_inf_nan=False)]
-BOUNDS = {  # [low, high] of each distribution; a log scale needs both above 0
+BOUNDS: dict[str, pydantic.TypeAdapter] = {  # [low, high] of each distribution; a log scale needs both above 0
     "loguniform": pydantic.TypeAdapter(
         tuple[Annotated[FiniteFloat, pydantic.Field(gt=0)], Annotated[FiniteFloat, pydantic.Field(gt=0)]]
     ),
@@ -123,10 +123,11 @@ def _known(kind: str, known):
             raise ValueError(unknown_name(kind, name, known))
         return name
 
-    return Annotated[str, pydantic.AfterValidator(check)]
+    return check
 
 
-ModelName, DatasetName = _known("model", MODELS), _known("data set", DATASETS)
+ModelName = Annotated[str, pydantic.AfterValidator(_known("model", MODELS))]
+DatasetName = Annotated[str, pydantic.AfterValidator(_known("data set", DATASETS))]
 
 
 class SweepSpec(Strict):

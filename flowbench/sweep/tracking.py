@@ -120,7 +120,7 @@ class MlflowCallback(tune.Callback):
     def __init__(self, uri: str, experiment: str, parent_id: str, artifact_location: str | None, record_of):
         self.uri, self.experiment, self.parent_id = uri, experiment, parent_id
         self.artifact_location, self.record_of = artifact_location, record_of
-        self._tracker = None
+        self._tracker: MlflowTracker | None = None
         self._runs: dict[str, tuple[str, int]] = {}
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment: no client inside

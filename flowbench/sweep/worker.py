@@ -100,9 +100,12 @@ def _data_parallel_trial(config: TrialConfig, tune_config: dict, final: Path) ->
             storage_filesystem=tune_storage(tune_config["storage"])[0],
             failure_config=FailureConfig(max_failures=tune_config["max_failures"]),
             checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest resumes
-            callbacks=[TuneReportCallback()],
+            # ray.train's RunConfig is Ray Train v2's at runtime (a UserCallback list); mypy follows the
+            # v1 import ray.train makes before its is_v2_enabled() branch
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]
         ),
     ).fit()
+    assert result.checkpoint is not None, "rank 0 reports the record's checkpoint last"
     result.checkpoint.to_directory(str(final))
 
 
