@@ -157,13 +157,30 @@ from flowbench.flows.glow import TINY, glow_architecture
 from flowbench.flows.registry import register_model
 
 
-@register_model("emerging", paper="Hoogeboom et al., Emerging Convolutions (ICML 2019)", year=2019,
-                code="https://github.com/ehoogeboom/emerging", tiny=TINY)
-def build_emerging(image_shape, depth=8, levels=3, hidden_channels=128, additive=False, lu=False, kernel_size=3,
-                   n_bits=8, actnorm=True, learned_prior=True):
+@register_model(
+    "emerging",
+    paper="Hoogeboom et al., Emerging Convolutions (ICML 2019)",
+    year=2019,
+    code="https://github.com/ehoogeboom/emerging",
+    tiny=TINY,
+)
+def build_emerging(
+    image_shape,
+    depth=8,
+    levels=3,
+    hidden_channels=128,
+    additive=False,
+    lu=False,
+    kernel_size=3,
+    n_bits=8,
+    actnorm=True,
+    learned_prior=True,
+):
     """Hoogeboom et al. 2019: ActNorm → emerging k×k conv → affine coupling."""
+
     def mixer(channels):
         return EmergingConv2d(channels, kernel_size=kernel_size, lu=lu)
 
-    return glow_architecture(image_shape, mixer, depth, levels, hidden_channels, additive, n_bits, actnorm,
-                             learned_prior)
+    return glow_architecture(
+        image_shape, mixer, depth, levels, hidden_channels, additive, n_bits, actnorm, learned_prior
+    )

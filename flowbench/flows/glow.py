@@ -24,8 +24,17 @@ from flowbench.flows.registry import register_model
 TINY = {"depth": 2, "levels": 2, "hidden_channels": 8}
 
 
-def glow_architecture(image_shape, make_mixer, depth: int, levels: int, hidden_channels: int, additive: bool,
-                      n_bits: int, actnorm: bool = True, learned_prior: bool = True) -> FlowModel:
+def glow_architecture(
+    image_shape,
+    make_mixer,
+    depth: int,
+    levels: int,
+    hidden_channels: int,
+    additive: bool,
+    n_bits: int,
+    actnorm: bool = True,
+    learned_prior: bool = True,
+) -> FlowModel:
     """Glow's multi-scale flow with ``make_mixer(channels)`` as each step's invertible convolution.
 
     ``actnorm=False`` drops the steps' ActNorm layers (the coupling networks keep theirs: they
@@ -36,8 +45,9 @@ def glow_architecture(image_shape, make_mixer, depth: int, levels: int, hidden_c
     def steps(level, c):
         c = 4 * c
         flow_steps = [
-            FlowStep(*([ActNorm(c)] if actnorm else []), make_mixer(c),
-                     AffineCoupling(c, hidden_channels, additive=additive))
+            FlowStep(
+                *([ActNorm(c)] if actnorm else []), make_mixer(c), AffineCoupling(c, hidden_channels, additive=additive)
+            )
             for _ in range(depth)
         ]
         return FlowSequence(Squeeze(), *flow_steps)
@@ -46,11 +56,22 @@ def glow_architecture(image_shape, make_mixer, depth: int, levels: int, hidden_c
     return FlowModel(image_shape, CenterPreprocess(), flow, n_bits)
 
 
-@register_model("glow", paper="Kingma & Dhariwal, Glow (NeurIPS 2018)", year=2018,
-                code="https://github.com/openai/glow", tiny=TINY)
-def build_glow(image_shape, depth=8, levels=3, hidden_channels=128, additive=False, lu=False, n_bits=8,
-               actnorm=True, learned_prior=True):
+@register_model(
+    "glow", paper="Kingma & Dhariwal, Glow (NeurIPS 2018)", year=2018, code="https://github.com/openai/glow", tiny=TINY
+)
+def build_glow(
+    image_shape,
+    depth=8,
+    levels=3,
+    hidden_channels=128,
+    additive=False,
+    lu=False,
+    n_bits=8,
+    actnorm=True,
+    learned_prior=True,
+):
     """Glow: ActNorm → invertible 1×1 conv (``lu``: LU-parametrised) → affine coupling."""
     mixer = partial(make_conv1x1, lu=lu)
-    return glow_architecture(image_shape, mixer, depth, levels, hidden_channels, additive, n_bits, actnorm,
-                             learned_prior)
+    return glow_architecture(
+        image_shape, mixer, depth, levels, hidden_channels, additive, n_bits, actnorm, learned_prior
+    )

@@ -50,11 +50,26 @@ class PeriodicConv2d(Flow):
         return torch.fft.ifft2(x_hat).real.to(y.dtype)
 
 
-@register_model("periodic", paper="Hoogeboom et al., Emerging Convolutions (ICML 2019), periodic", year=2019,
-                code="https://github.com/ehoogeboom/emerging", tiny={"depth": 1, "levels": 2, "hidden_channels": 8})
-def build_periodic(image_shape, depth=8, levels=3, hidden_channels=128, additive=False, kernel_size=3, n_bits=8,
-                   actnorm=True, learned_prior=True):
+@register_model(
+    "periodic",
+    paper="Hoogeboom et al., Emerging Convolutions (ICML 2019), periodic",
+    year=2019,
+    code="https://github.com/ehoogeboom/emerging",
+    tiny={"depth": 1, "levels": 2, "hidden_channels": 8},
+)
+def build_periodic(
+    image_shape,
+    depth=8,
+    levels=3,
+    hidden_channels=128,
+    additive=False,
+    kernel_size=3,
+    n_bits=8,
+    actnorm=True,
+    learned_prior=True,
+):
     """Hoogeboom et al. 2019: ActNorm → periodic (Fourier) conv → affine coupling."""
     mixer = partial(PeriodicConv2d, kernel_size=kernel_size)
-    return glow_architecture(image_shape, mixer, depth, levels, hidden_channels, additive, n_bits, actnorm,
-                             learned_prior)
+    return glow_architecture(
+        image_shape, mixer, depth, levels, hidden_channels, additive, n_bits, actnorm, learned_prior
+    )

@@ -15,8 +15,9 @@ import torch
 from flowbench.flows.base import Flow
 
 
-def dequantize(pixels: torch.Tensor, n_bits: int = 8, generator: torch.Generator | None = None,
-               dtype: torch.dtype = torch.float32):
+def dequantize(
+    pixels: torch.Tensor, n_bits: int = 8, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
+):
     """uint8 [B, C, H, W] → ``dtype`` in [0, 1) with uniform noise in each bin."""
     bins = 2**n_bits
     x = torch.div(pixels.to(torch.int64), 2 ** (8 - n_bits), rounding_mode="floor").to(dtype)

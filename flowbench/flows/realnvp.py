@@ -13,9 +13,13 @@ from flowbench.flows.preprocess import LogitPreprocess
 from flowbench.flows.registry import register_model
 
 
-@register_model("realnvp", paper="Dinh et al., Density estimation using Real NVP (ICLR 2017)", year=2017,
-                code="https://github.com/tensorflow/models/tree/archive/research/real_nvp",
-                tiny={"levels": 2, "hidden_channels": 8, "n_blocks": 1})
+@register_model(
+    "realnvp",
+    paper="Dinh et al., Density estimation using Real NVP (ICLR 2017)",
+    year=2017,
+    code="https://github.com/tensorflow/models/tree/archive/research/real_nvp",
+    tiny={"levels": 2, "hidden_channels": 8, "n_blocks": 1},
+)
 def build_realnvp(image_shape, levels=2, hidden_channels=64, n_blocks=8, alpha=0.05, n_bits=8):
     """Per scale 3 checkerboard couplings, squeeze, 3 channel couplings, then half the channels
     leave; the last scale has 4 checkerboard couplings. ActNorm after each coupling stands in for

@@ -64,8 +64,10 @@ def register_model(name: str, *, paper: str, code: str, year: int | None = None,
     def decorate(builder: Callable) -> Callable:
         existing = _entries.get(name)
         if existing is not None and existing.builder.__module__ != builder.__module__:
-            raise FlowbenchError(f"model {name!r} is registered by both {existing.builder.__module__} and "
-                                 f"{builder.__module__}: rename one of them")
+            raise FlowbenchError(
+                f"model {name!r} is registered by both {existing.builder.__module__} and "
+                f"{builder.__module__}: rename one of them"
+            )
         _entries[name] = ModelEntry(name, paper, code, builder, year, dict(tiny or {}))
         return builder
 
@@ -97,8 +99,10 @@ def _import_plugin(spec: str) -> None:
         else:
             importlib.import_module(spec)
     except (ImportError, FileNotFoundError) as err:
-        raise FlowbenchError(f"{PLUGINS_ENV}: cannot import {spec!r} ({err}); give importable module names or "
-                             ".py file paths, separated by commas") from None
+        raise FlowbenchError(
+            f"{PLUGINS_ENV}: cannot import {spec!r} ({err}); give importable module names or "
+            ".py file paths, separated by commas"
+        ) from None
 
 
 def _load() -> None:
@@ -157,8 +161,7 @@ def build_model(name: str, image_shape, **hparams):
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
         raise FlowbenchError(
-            f"model {name!r} has no hyperparameter {', '.join(map(repr, unknown))}: "
-            f"it accepts {', '.join(accepted)}"
+            f"model {name!r} has no hyperparameter {', '.join(map(repr, unknown))}: it accepts {', '.join(accepted)}"
         )
     try:
         return entry.builder(tuple(image_shape), **hparams)

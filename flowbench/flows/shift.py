@@ -71,14 +71,29 @@ class InvertibleNxNConv(Flow):
         return self.shift.inverse(self.conv.inverse(y))
 
 
-@register_model("nxn_shift", paper="Truong et al., Robust Invertible n×n Convolution (Future Internet 2021)",
-                year=2021, code="none released; Glow's architecture (https://github.com/openai/glow)", tiny=TINY)
-def build_nxn_shift(image_shape, depth=8, levels=3, hidden_channels=128, additive=False, lu=False, n_bits=8,
-                    actnorm=True, learned_prior=True):
+@register_model(
+    "nxn_shift",
+    paper="Truong et al., Robust Invertible n×n Convolution (Future Internet 2021)",
+    year=2021,
+    code="none released; Glow's architecture (https://github.com/openai/glow)",
+    tiny=TINY,
+)
+def build_nxn_shift(
+    image_shape,
+    depth=8,
+    levels=3,
+    hidden_channels=128,
+    additive=False,
+    lu=False,
+    n_bits=8,
+    actnorm=True,
+    learned_prior=True,
+):
     """Truong et al. 2021: ActNorm → invertible n×n conv (shift function + 1×1) → affine coupling."""
     mixer = partial(InvertibleNxNConv, lu=lu)
-    return glow_architecture(image_shape, mixer, depth, levels, hidden_channels, additive, n_bits, actnorm,
-                             learned_prior)
+    return glow_architecture(
+        image_shape, mixer, depth, levels, hidden_channels, additive, n_bits, actnorm, learned_prior
+    )
 
 
 @torch.no_grad()
