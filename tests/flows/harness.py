@@ -60,8 +60,9 @@ def assert_logdet_exact(module, x: torch.Tensor, atol: float = 1e-7) -> None:
     torch.testing.assert_close(logdet, brute_force_logdet(module, x), atol=atol, rtol=1e-9)
 
 
-def check_flow(make, shape=(2, 4, 4), batch: int = 2, sample=torch.randn, scale: float = 0.1, seed: int = 0,
-               device="cpu"):
+def check_flow(
+    make, shape=(2, 4, 4), batch: int = 2, sample=torch.randn, scale: float = 0.1, seed: int = 0, device="cpu"
+):
     """The whole harness: round trip in float32 and float64, exact log-det in float64.
 
     ``make()`` builds a fresh module; ``sample(shape)`` draws valid inputs (on the CPU).
@@ -80,8 +81,11 @@ def layer_inputs(module, x: torch.Tensor) -> list[tuple[Flow, torch.Tensor]]:
     """Every layer inside ``module`` with the input it sees in one forward pass of ``x``. A layer
     its parent does not call in forward (e.g. fused into the parent's own map) gets the parent's input."""
     seen = {}
-    hooks = [m.register_forward_pre_hook(lambda layer, args: seen.setdefault(layer, args[0]))
-             for m in module.modules() if isinstance(m, Flow)]
+    hooks = [
+        m.register_forward_pre_hook(lambda layer, args: seen.setdefault(layer, args[0]))
+        for m in module.modules()
+        if isinstance(m, Flow)
+    ]
     try:
         with torch.no_grad():
             if isinstance(module, FlowModel):  # x: images in [0, 1), through the preprocessing too

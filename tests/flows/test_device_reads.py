@@ -15,9 +15,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import flowbench
 from flowbench.flows import ActNorm, model_entry
 
-SYNCING = {"aten._local_scalar_dense", "aten._linalg_check_errors", "aten.nonzero", "aten.masked_select",
-           "aten.equal", "aten.is_nonzero", "aten._unique2", "aten.unique_dim", "aten.unique_consecutive",
-           "aten.repeat_interleave"}
+SYNCING = {
+    "aten._local_scalar_dense",
+    "aten._linalg_check_errors",
+    "aten.nonzero",
+    "aten.masked_select",
+    "aten.equal",
+    "aten.is_nonzero",
+    "aten._unique2",
+    "aten.unique_dim",
+    "aten.unique_consecutive",
+    "aten.repeat_interleave",
+}
 
 
 class CountDeviceReads(TorchDispatchMode):

@@ -70,7 +70,9 @@ def test_the_hand_count_reproduces_glows_published_size():
 
 
 VARIANTS = [(name, {}) for name in flowbench.list_models()] + [
-    ("glow", {"lu": True}), ("glow", {"additive": True}), ("nxn_shift", {"lu": True, "learned_prior": False}),
+    ("glow", {"lu": True}),
+    ("glow", {"additive": True}),
+    ("nxn_shift", {"lu": True, "learned_prior": False}),
 ]
 
 

@@ -35,11 +35,15 @@ def test_a_plugin_that_cannot_be_imported_is_a_one_line_error(monkeypatch, isola
 
 def test_a_name_registered_by_two_modules_is_refused(monkeypatch, isolated_registry, tmp_path):
     plugin = tmp_path / "second_glow.py"
-    plugin.write_text("from flowbench.flows import register_model\n\n"
-                      "@register_model('glow', paper='x', code='y')\ndef build(image_shape):\n    pass\n")
+    plugin.write_text(
+        "from flowbench.flows import register_model\n\n"
+        "@register_model('glow', paper='x', code='y')\ndef build(image_shape):\n    pass\n"
+    )
     monkeypatch.setenv("FLOWBENCH_PLUGINS", str(plugin))
-    with pytest.raises(FlowbenchError, match="model 'glow' is registered by both flowbench.flows.glow and "
-                                             "flowbench_plugin_second_glow: rename one"):
+    with pytest.raises(
+        FlowbenchError,
+        match="model 'glow' is registered by both flowbench.flows.glow and flowbench_plugin_second_glow: rename one",
+    ):
         flowbench.list_models()
 
 

@@ -41,8 +41,14 @@ def test_the_generic_model_tests_pass_on_the_plugin(toy_plugin):
 def test_flowbench_models_lists_the_plugin_with_its_card(tmp_path):
     env = os.environ | {"FLOWBENCH_PLUGINS": str(TOY)}
     cli = shutil.which("flowbench", path=str(Path(sys.executable).parent))
-    out = subprocess.run([cli, "models", "--dataset", "digits", "--image-shape", "1x8x8"], env=env,
-                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    out = subprocess.run(
+        [cli, "models", "--dataset", "digits", "--image-shape", "1x8x8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout
     toy_row = next(line for line in out.splitlines() if line.startswith("toy "))
     assert "depth=2 levels=2" in toy_row and "a test of flowbench's plugin registry" in toy_row  # from toy.yaml
     assert "glow" in out

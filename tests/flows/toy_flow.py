@@ -28,8 +28,12 @@ class ChannelAffine(Flow):
         return (y - self.shift) * torch.exp(-self.log_scale)
 
 
-@register_model("toy", paper="none: a test of flowbench's plugin registry", code="tests/flows/toy_flow.py",
-                tiny={"depth": 1, "levels": 2})
+@register_model(
+    "toy",
+    paper="none: a test of flowbench's plugin registry",
+    code="tests/flows/toy_flow.py",
+    tiny={"depth": 1, "levels": 2},
+)
 def build_toy(image_shape, depth=2, levels=2, n_bits=8):
     """Per level: squeeze, then ``depth`` steps of channel affine → 1×1 conv; learned priors."""
 
