@@ -28,6 +28,8 @@ from torch import nn
 
 from flowbench.flows.base import Flow, FlowSequence, exact_conv2d, spatial_size
 from flowbench.flows.conv1x1 import make_conv1x1
+from flowbench.flows.glow import TINY, glow_architecture
+from flowbench.flows.registry import register_model
 
 
 def square_ar_mask(channels: int, kernel_size: int, flipped: bool) -> torch.Tensor:
@@ -150,11 +152,6 @@ class EmergingConv2d(FlowSequence):
             MaskedAutoregressiveConv2d(channels, kernel_size, flipped=False),
             MaskedAutoregressiveConv2d(channels, kernel_size, flipped=True, bias=True),
         )
-
-
-# the registration, appended when the builders moved into their modules (imports kept beside it)
-from flowbench.flows.glow import TINY, glow_architecture
-from flowbench.flows.registry import register_model
 
 
 @register_model(

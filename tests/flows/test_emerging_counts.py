@@ -21,7 +21,9 @@ def test_emerging_at_the_cifar10_card_counts_what_can_change_the_map():
         return actnorm + emerging + coupling
 
     # squeeze: 3 → 12 → (split to 6) 24 → (split to 12) 48 channels
-    split_prior = lambda c: 9 * (c // 2) * c + 2 * c  # zero conv from the kept half to mean and log-std
+    def split_prior(c):  # zero conv from the kept half to mean and log-std
+        return 9 * (c // 2) * c + 2 * c
+
     top_prior = 2 * 48
     expected = depth * (step(12) + step(24) + step(48)) + split_prior(12) + split_prior(24) + top_prior
     model = flowbench.build_model("emerging", (3, 32, 32), **card)

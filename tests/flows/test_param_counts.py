@@ -91,6 +91,6 @@ def test_counted_entries_are_exactly_those_that_change_the_map(name, extra):
         eps, logdet = model.encode(x)
         ((eps * torch.randn_like(eps)).sum() + (logdet * torch.randn_like(logdet)).sum()).backward()
         grads = [torch.zeros_like(p, dtype=torch.bool) if p.grad is None else p.grad != 0 for p in model.parameters()]
-        moved = grads if moved is None else [a | b for a, b in zip(moved, grads)]
+        moved = grads if moved is None else [a | b for a, b in zip(moved, grads, strict=True)]
     assert model.num_parameters() == sum(int(m.count_nonzero()) for m in moved)
     assert model.num_allocated_parameters() == sum(m.numel() for m in moved)
