@@ -19,6 +19,8 @@ class ActNorm(Flow):
     the flag from it, so a loaded model is never re-initialised from whatever batch it sees first.
     """
 
+    initialized: torch.Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(self, channels: int, scale: float = 1.0):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))

@@ -21,6 +21,8 @@ parameters count whole.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -34,9 +36,13 @@ def exact_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if not x.is_cuda:
         return F.conv2d(x, weight, bias, padding=padding)
     cudnn = torch.backends.cudnn
-    if hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+    # cudnn.conv is made when torch runs (a module-class attribute): not in the source mypy reads
+    conv_settings = getattr(cudnn, "conv", None)
+    owner: object
+    exact: str | bool
+    if hasattr(conv_settings, "fp32_precision"):
         # torch ≥ 2.9 sets it per operation; its legacy flag raises once conv and rnn differ
-        owner, flag, exact = cudnn.conv, "fp32_precision", "ieee"
+        owner, flag, exact = conv_settings, "fp32_precision", "ieee"
     else:
         owner, flag, exact = cudnn, "allow_tf32", False
     previous = getattr(owner, flag)
@@ -87,7 +93,7 @@ class FlowSequence(Flow):
 
     def inverse(self, y):
         for layer in reversed(self.layers):
-            y = layer.inverse(y)
+            y = cast(Flow, layer).inverse(y)  # ModuleList yields Modules: these are the Flows given to __init__
         return y
 
 

@@ -44,6 +44,12 @@ class InvConv1x1(Flow):
 class InvConv1x1LU(Flow):
     """W = P·L·(U + diag(sign·exp(log_s))): log|det W| = Σ log_s costs nothing to compute."""
 
+    # buffers (register_buffer in __init__)
+    permutation: torch.Tensor
+    sign_s: torch.Tensor
+    lower_mask: torch.Tensor
+    eye: torch.Tensor
+
     def __init__(self, channels: int):
         super().__init__()
         p, lower, upper = torch.linalg.lu(random_rotation(channels))

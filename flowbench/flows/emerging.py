@@ -54,6 +54,8 @@ class MaskedAutoregressiveConv2d(Flow):
     to 0 (flipped: up): H+W−1 steps instead of H·W.
     """
 
+    mask: torch.Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(self, channels: int, kernel_size: int = 3, flipped: bool = False, bias: bool = False):
         super().__init__()
         if kernel_size % 2 != 1:

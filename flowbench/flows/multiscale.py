@@ -49,6 +49,7 @@ class SplitPrior(nn.Module):
         self.conv = ZeroConv2d(cond_channels, 2 * z_channels) if learned else None
 
     def _mean_log_std(self, h):
+        assert self.conv is not None, "a standard normal prior has no mean or scale to compute"
         out = self.conv(h)
         return out[:, 0::2], out[:, 1::2]
 
@@ -110,8 +111,10 @@ class Level(Flow):
         for _ in range(self.n_squeezes):
             eps = squeeze(eps)
         if self.inner is None:
+            assert isinstance(self.prior, TopPrior), "the last level ends in the top prior"
             y = self.prior.inverse(eps)
         else:
+            assert isinstance(self.prior, SplitPrior), "a level that splits has a split prior"
             keep_eps, z_eps = eps.chunk(2, dim=1)
             keep = self.inner.inverse(keep_eps)
             y = torch.cat([keep, self.prior.inverse(z_eps, keep)], dim=1)

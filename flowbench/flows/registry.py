@@ -91,7 +91,7 @@ def _import_plugin(spec: str) -> None:
             path = Path(spec).resolve()
             module_name = f"flowbench_plugin_{path.stem}"
             loader_spec = importlib.util.spec_from_file_location(module_name, path)
-            if loader_spec is None or not path.is_file():
+            if loader_spec is None or loader_spec.loader is None or not path.is_file():
                 raise FileNotFoundError(f"no file {path}")
             module = importlib.util.module_from_spec(loader_spec)
             sys.modules[module_name] = module

@@ -121,9 +121,10 @@ def fold_shift_into_actnorm(model: FlowModel) -> FlowModel:
         for i, layer in enumerate(layers):
             if not isinstance(layer, InvertibleNxNConv):
                 continue
-            if i == 0 or not isinstance(layers[i - 1], ActNorm):
+            before = layers[i - 1] if i > 0 else None
+            if not isinstance(before, ActNorm):
                 raise ValueError("the shift folds into the ActNorm before it: this model has none (actnorm=False)")
-            layers[i] = _fold_step(layers[i - 1], layer)
+            layers[i] = _fold_step(before, layer)
         step.layers = nn.ModuleList(layers)
     return glow
 
