@@ -115,6 +115,28 @@ class TrialConfig(TrainSettings):
         identity = self.model_dump(exclude=set(self.NOT_IDENTITY)) | {"identity_version": IDENTITY_VERSION}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
+    def record(self, hparams: dict | None = None, **measured) -> TrialRecord:
+        """A record of this trial: its identity and budget from the config (``hparams`` as built,
+        when known), ``measured`` for the rest."""
+        hparams = self.hparams if hparams is None else hparams
+        recipe = self.recipe() | ({"n_bits": hparams["n_bits"]} if "n_bits" in hparams else {})
+        return TrialRecord(
+            sweep=self.sweep,
+            trial_id=self.trial_id,
+            model=self.model,
+            dataset=self.dataset,
+            seed=self.seed,
+            config_hash=self.config_hash(),
+            variant=self.variant,
+            hparams=json.dumps(hparams, sort_keys=True),
+            recipe=json.dumps(recipe, sort_keys=True),
+            budget_kind=self.budget_kind,
+            budget=self.budget,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            **measured,
+        )
+
     def recipe(self) -> dict:
         """The training settings actually used and where they come from (with the model's n_bits,
         the record's ``recipe`` column)."""
@@ -637,20 +659,8 @@ def finish_record(state: TrialState, status: str, reason: str) -> TrialRecord:
     """The trial's row: the selected weights evaluated once on the whole validation and test
     splits, latency, and what was spent."""
     config, progress = state.config, state.progress
-    record = TrialRecord(
-        sweep=config.sweep,
-        trial_id=config.trial_id,
-        model=config.model,
-        dataset=config.dataset,
-        seed=config.seed,
-        config_hash=config.config_hash(),
-        variant=config.variant,
-        hparams=json.dumps(state.hparams, sort_keys=True),
-        recipe=json.dumps(config.recipe() | {"n_bits": state.hparams["n_bits"]}, sort_keys=True),
-        budget_kind=config.budget_kind,
-        budget=config.budget,
-        batch_size=config.batch_size,
-        lr=config.lr,
+    record = config.record(
+        state.hparams,
         steps=progress.step,
         epochs=progress.epochs(len(state.data.train)),
         images_seen=progress.images_seen,

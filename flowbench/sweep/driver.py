@@ -39,7 +39,7 @@ from flowbench.atomic import atomic_write
 from flowbench.data import DatasetInfo
 from flowbench.errors import FlowbenchError
 from flowbench.locks import exclusive_lock
-from flowbench.record import RECORD_COLUMNS, TrialRecord
+from flowbench.record import RECORD_COLUMNS
 from flowbench.results.tables import CURVE_METRICS
 from flowbench.sweep.spec import TIME_ATTR, Search, SweepSpec, check_data, expand, load_sweep_spec, trial_config
 from flowbench.sweep.storage import copy_from_checkpoint, tune_storage
@@ -507,20 +507,7 @@ def record_of(tune_config: dict, last: dict, error: BaseException | None) -> dic
         row = {k: last[k] for k in RECORD_COLUMNS}
     else:
         status, reason = ("failed", error_reason(error)) if error is not None else ("stopped", "stopped early by ASHA")
-        record = TrialRecord(
-            sweep=config.sweep,
-            trial_id=config.trial_id,
-            model=config.model,
-            dataset=config.dataset,
-            seed=config.seed,
-            config_hash=config.config_hash(),
-            variant=config.variant,
-            hparams=json.dumps(config.hparams, sort_keys=True),
-            recipe=json.dumps(config.recipe(), sort_keys=True),
-            budget_kind=config.budget_kind,
-            budget=config.budget,
-            batch_size=config.batch_size,
-            lr=config.lr,
+        record = config.record(
             status=status,
             reason=reason,
             node=last.get("node", ""),
