@@ -247,11 +247,10 @@ class SweepSearch(Searcher):
     and Optuna samples late enough to learn from the samples before.
     """
 
-    def __init__(self, spec: SweepSpec, units: list[Unit], slots: int):
+    def __init__(self, spec: SweepSpec, units: list[Unit]):
         from ray.tune.search.optuna import OptunaSearch
 
         super().__init__(metric=METRIC, mode=MODE)
-        self.ahead = 2 * slots
         self.ready: list[dict] = [_tune_config(u, "final", u.configs[0].model_dump()) for u in units if not u.search]
         self.groups: dict = {}  # unit id -> its search group's state; looked up with ids that may be None
         for u in units:
@@ -282,8 +281,6 @@ class SweepSearch(Searcher):
         return found
 
     def suggest(self, trial_id: str):
-        if len(self.live) >= self.ahead:
-            return None
         candidates = self._candidates()
         if not candidates:
             waiting = any(g["live"] or (g["left"] == 0 and not g["finals"]) for g in self.groups.values())
@@ -455,7 +452,12 @@ def run_experiment(spec: SweepSpec, storage: str, name: str, units: list[Unit], 
             trainable,
             param_space=shared,
             tune_config=tune.TuneConfig(
-                search_alg=SweepSearch(spec, units, slots),
+                search_alg=SweepSearch(spec, units),
+                # two trials a slot out at once: the next trial waits beside each running one (its
+                # actor is then reused), every slot of a cluster is asked for at the start (with a
+                # custom searcher Tune otherwise keeps one trial pending: one node fills first), and
+                # Optuna samples late enough to learn from the samples before
+                max_concurrent_trials=2 * slots,
                 scheduler=SweepScheduler(spec),
                 metric=METRIC,
                 mode=MODE,
