@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -448,8 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # MLflow sets its loggers' level when it is first imported (later, lazily): from this variable
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))
     for noisy in ("mlflow", "alembic", "ray"):
         logging.getLogger(noisy).setLevel(level)
+    if not args.verbose:  # it logs a database error with its traceback, then raises it: reported below
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         args.func(args)
     except FlowbenchError as err:

@@ -589,3 +589,27 @@ def test_a_driver_killed_mid_trial_leaves_its_lock_and_a_rerun_loses_and_duplica
     for child in children:  # every evaluation logged once
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_bpd")]
         assert steps == [10, 20, 30, 40, 50, 60], (child.info.run_name, steps)
+
+
+@pytest.mark.slow
+def test_a_full_tracking_store_is_one_line_and_writes_no_tables(tmp_path):
+    """The MLflow store (sqlite) on a full disk: SQLite's 'database or disk is full' inside an
+    MlflowException becomes one line naming the store; no table is written."""
+    from mlflow.tracking import MlflowClient
+
+    spec = spec_file(tmp_path, "tracked", seeds=(0,))
+    results = tmp_path / "results"
+    with mounted_tmpfs(tmp_path / "disk", size="2m") as disk:
+        uri = f"sqlite:///{disk / 'mlflow.db'}"
+        MlflowClient(uri).search_experiments()  # the store's tables exist, as after an earlier sweep
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        (disk / "filler").write_bytes(b"\0" * free)
+        cmd = flowbench_command("sweep", str(spec), "--results", str(results), "--mlflow-uri", uri, "--num-cpus", "1")
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert_one_line(
+        done.returncode,
+        done.stderr,
+        rf"^flowbench: error: MLflow tracking store {re.escape(uri)}: no space left on device "
+        r"\(database or disk is full\): free space there or pass another --mlflow-uri",
+    )
+    assert not (results / "tracked" / "trials.parquet").exists()

@@ -43,7 +43,13 @@ from flowbench.record import RECORD_COLUMNS
 from flowbench.results.tables import CURVE_METRICS
 from flowbench.sweep.spec import TIME_ATTR, Search, SweepSpec, check_data, expand, load_sweep_spec, trial_config
 from flowbench.sweep.storage import copy_from_checkpoint, tune_storage
-from flowbench.sweep.tracking import UNIT_TAG, MlflowCallback, MlflowTracker, default_tracking_uri
+from flowbench.sweep.tracking import (
+    UNIT_TAG,
+    MlflowCallback,
+    MlflowTracker,
+    default_tracking_uri,
+    store_write_error,
+)
 from flowbench.sweep.worker import tune_trial
 from flowbench.trial import TrialConfig
 
@@ -672,7 +678,13 @@ def run_sweep(
     out = Path(results_root).resolve() / spec.name
     with exclusive_lock(out, f"flowbench sweep {spec.name}"), ray_log_to(out / "sweep.log"):
         units = plan_units(spec, configs, infos)
-        return _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num_cpus, storage)
+        try:
+            return _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num_cpus, storage)
+        except Exception as err:
+            translated = store_write_error(err, mlflow_uri or default_tracking_uri(out))
+            if translated is None:
+                raise
+            raise translated from None
 
 
 def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num_cpus, storage) -> SweepOutcome:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ray import tune
 
+from flowbench.errors import FlowbenchError
 from flowbench.record import FINAL_PREFIX, METRIC, PARAM, TAG, columns
 from flowbench.results.from_mlflow import PARENT_TAG
 from flowbench.results.tables import CURVE_METRICS
@@ -36,6 +37,32 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 def default_tracking_uri(results_dir: Path) -> str:
     return f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
+
+
+# SQLite's words for a store it cannot write (MLflow passes them on inside an MlflowException)
+_STORE_FAILURES = {
+    "database or disk is full": "no space left on device",
+    "attempt to write a readonly database": "read-only or not writable for you",
+    "unable to open database file": "cannot be opened or created",
+}
+
+
+def store_write_error(err: BaseException, uri: str) -> FlowbenchError | None:
+    """The one line for a tracking store that cannot be written (an sqlite file on a full or
+    read-only disk), found anywhere in ``err``'s chain (Tune re-raises a callback's error); None
+    for any other error."""
+    seen: set[int] = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        for words, what in _STORE_FAILURES.items():
+            if words in str(cause):
+                return FlowbenchError(
+                    f"MLflow tracking store {uri}: {what} ({words}): free space there or pass another "
+                    "--mlflow-uri, then run the same command again (finished trials are kept)"
+                )
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 class MlflowTracker:

@@ -413,7 +413,8 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     results = tmp_path / "results"
     tune_dir = results / "killed" / "tune"
     cmd = [sys.executable, "-m", "flowbench.cli", "sweep", str(spec), "--results", str(results), "--num-cpus", "2"]
-    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = (tmp_path / "first.out").open("w")
+    driver = subprocess.Popen(cmd, stdout=first, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not list(tune_dir.glob("*/*/checkpoint_*/record.json")):
         time.sleep(0.5)
@@ -429,6 +430,8 @@ def test_resume_after_the_driver_is_killed(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     # the terminal shows flowbench's lines; Ray's start-up box goes to the sweep's log
     assert "Started a local Ray instance" not in rerun.stderr + rerun.stdout
+    first.close()  # nor MLflow's INFO lines (it creates the tracking database in the first run)
+    assert "INFO" not in (tmp_path / "first.out").read_text()
     assert "Started a local Ray instance" in (results / "killed" / "sweep.log").read_text()
     assert "busy" in rerun.stdout
     assert [d.name for d in tune_dir.iterdir()] == [experiment.name]  # the same experiment, resumed
