@@ -189,7 +189,9 @@ def _missing(trials: pd.DataFrame, claim: PairedClaim, dataset: str | None) -> s
     where = f" on {dataset}" if dataset else ""
     finals = trials[(trials["phase"] != "search") & (trials["variant"] == "")]
     if dataset and dataset not in set(finals["dataset"]):
-        ran = ", ".join(sorted(set(finals["dataset"]))) or "nothing"
+        ran = ", ".join(sorted(set(finals["dataset"]))) or (
+            "only grid variants of the models, none at its card" if len(trials) else "nothing"
+        )
         return f"needs {claim.better} and {claim.worse} trials on {dataset} (this sweep ran {ran})"
     scope = finals[finals["dataset"] == dataset] if dataset else finals
     ok = scope[scope["status"] == "ok"]

@@ -92,6 +92,13 @@ def test_a_data_set_the_sweep_did_not_run_is_not_tested_and_its_own_data_gets_no
     assert "nxn_shift − glow = -0.100 bits/dim" in same
 
 
+def test_a_sweep_of_variants_only_says_so():
+    rows = [row | {"variant": "actnorm=false"} for row in bpd_trials("imagenet32", {"glow": [4.0], "nxn_shift": [3.9]})]
+    [ruling] = rule(a1(), rows)
+    assert ruling.verdict == NOT_TESTED
+    assert ruling.evidence.endswith("(this sweep ran only grid variants of the models, none at its card)")
+
+
 def test_a_model_missing_or_failed_on_the_data_set_is_named():
     b2 = paper_claims().bpd[3]  # n×n worse than Emerging on CIFAR-10
     rows = bpd_trials("cifar10", {"glow": [3.3, 3.4], "nxn_shift": [3.5, 3.6]})
