@@ -331,7 +331,7 @@ def cmd_sweep(args) -> None:
         print(f"  re-ran   {len(outcome.changed)} whose configuration changed; old records in {outcome.archive}")
     eff = outcome.efficiency
     if eff["efficiency"] is None:
-        print("  ran      nothing: every trial was recorded already")
+        print("  ran      nothing: every trial had finished in an earlier run")
     else:
         print(
             f"  slots    {eff['efficiency']:.0%} busy: {eff['trials_run']} trials, {eff['busy_seconds']:.0f} s of "

@@ -757,9 +757,22 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     fresh = {}
     if todo:
         callbacks = [MlflowCallback(uri, spec.name, parent, artifacts, record_of), *callbacks]
-        results = run_experiment(spec, storage, name, todo, slots, callbacks)
-        efficiency = _efficiency(results, started, time.time(), slots)
+        resumed = stored_results(storage, name) is not None
+        results = list(run_experiment(spec, storage, name, todo, slots, callbacks))
         fresh = collect(results, {u.id: u for u in todo}, store, out / "figures")
+        left = [u for u in todo if store.load(u) is None]
+        if resumed and left:
+            # Tune syncs its experiment state to storage in the background: a driver killed mid-sync
+            # leaves a state older than the trials' checkpoints (trials missing from it, or pointing
+            # at checkpoints deleted since), so what the restored experiment left unfinished runs
+            # once more, as a new experiment (its trials logged into their MLflow runs, once)
+            name = f"{experiment_name(left)}-{stamp}"
+            log.warning("%d units unfinished after resuming; running them afresh as %s", len(left), name)
+            _write_meta(out, _read_meta(out) | {"experiment": name})
+            again = list(run_experiment(spec, storage, name, left, slots, callbacks))
+            fresh |= collect(again, {u.id: u for u in left}, store, out / "figures")
+            results += again
+        efficiency = _efficiency(results, started, time.time(), slots)
 
     rows, curves = [], []
     for unit in units:
