@@ -431,7 +431,7 @@ def experiment_name(units: list[Unit]) -> str:
 
 def run_experiment(spec: SweepSpec, storage: str, name: str, units: list[Unit], slots: int, callbacks):
     """Run (or resume: an experiment of the same name holds the same units at the same hashes)
-    the Tune experiment of ``units``; returns its ResultGrid."""
+    the Tune experiment of ``units``; returns its results and whether it was resumed."""
     from ray import tune
 
     # a data-parallel trial only drives its Ray Train workers, which ask for the resources
@@ -444,7 +444,8 @@ def run_experiment(spec: SweepSpec, storage: str, name: str, units: list[Unit], 
     trainable = tune.with_resources(tune_trial, own)
     filesystem, root = tune_storage(storage)
     path = f"{root.rstrip('/')}/{name}"
-    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+    resumed = tune.Tuner.can_restore(path, storage_filesystem=filesystem)
+    if resumed:
         log.info("resuming %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
     else:
@@ -486,7 +487,8 @@ def run_experiment(spec: SweepSpec, storage: str, name: str, units: list[Unit], 
                 verbose=0,
             ),
         )
-    return tuner.fit()
+    grid = tuner.fit()
+    return [grid[i] for i in range(len(grid))], resumed
 
 
 def stored_results(storage: str, name: str):
@@ -757,8 +759,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     fresh = {}
     if todo:
         callbacks = [MlflowCallback(uri, spec.name, parent, artifacts, record_of), *callbacks]
-        resumed = stored_results(storage, name) is not None
-        results = list(run_experiment(spec, storage, name, todo, slots, callbacks))
+        results, resumed = run_experiment(spec, storage, name, todo, slots, callbacks)
         fresh = collect(results, {u.id: u for u in todo}, store, out / "figures")
         left = [u for u in todo if store.load(u) is None]
         if resumed and left:
@@ -769,7 +770,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
             name = f"{experiment_name(left)}-{stamp}"
             log.warning("%d units unfinished after resuming; running them afresh as %s", len(left), name)
             _write_meta(out, _read_meta(out) | {"experiment": name})
-            again = list(run_experiment(spec, storage, name, left, slots, callbacks))
+            again, _ = run_experiment(spec, storage, name, left, slots, callbacks)
             fresh |= collect(again, {u.id: u for u in left}, store, out / "figures")
             results += again
         efficiency = _efficiency(results, started, time.time(), slots)
