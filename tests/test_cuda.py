@@ -139,7 +139,7 @@ def test_two_nccl_workers_reach_the_one_gpu_result(tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from flowbench.sweep.driver import start_ray
+    from flowbench.sweep.experiment import start_ray
     from flowbench.sweep.worker import ddp_worker
     from flowbench.trial import TrialConfig, run_trial
 

@@ -58,7 +58,8 @@ def test_flowbench_models_lists_the_plugin_with_its_card(tmp_path):
 def test_a_sweep_runs_the_plugin_in_ray_workers(tmp_path, monkeypatch, toy_plugin):
     import ray
 
-    from flowbench.sweep.driver import run_sweep, start_ray
+    from flowbench.sweep.driver import run_sweep
+    from flowbench.sweep.experiment import start_ray
 
     assert not ray.is_initialized(), "another test left Ray running"
     spec = tmp_path / "toy.yaml"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flowbench.sweep.driver import start_ray
+from flowbench.sweep.experiment import start_ray
 from flowbench.sweep.worker import ddp_worker
 from flowbench.trial import TrialConfig, load_checkpoint, run_trial
 

@@ -15,17 +15,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flowbench.results.tables import read_table
-from flowbench.sweep.driver import (
-    SweepSearch,
-    Unit,
-    plan,
-    plan_units,
-    run_sweep,
-    sample_id,
-    start_ray,
-    stored_results,
-)
+from flowbench.sweep.driver import run_sweep
+from flowbench.sweep.experiment import start_ray, stored_results
+from flowbench.sweep.search import SweepSearch
 from flowbench.sweep.spec import check_data, load_sweep_spec
+from flowbench.sweep.units import Unit, plan, plan_units, sample_id
 from flowbench.trial import TrialConfig
 
 TINY = "{depth: 2, levels: 2, hidden_channels: 8}"

@@ -1,0 +1,198 @@
+"""Ray and one Tune experiment: start (or join) Ray, run or resume the experiment of a set of
+units, read an earlier one back, and measure how busy its slots were. The terminal stays
+flowbench's: Ray's, Tune's and Optuna's own output goes to the sweep's log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+from flowbench.errors import FlowbenchError
+from flowbench.sweep.search import METRIC, MODE, SweepScheduler, SweepSearch
+from flowbench.sweep.spec import SweepSpec
+from flowbench.sweep.storage import tune_storage
+from flowbench.sweep.units import Unit
+from flowbench.sweep.worker import tune_trial
+
+log = logging.getLogger(__name__)
+
+
+def start_ray(address: str | None, num_cpus: int | None = None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a loopback-only local Ray needs no token
+    # checkpoint-driven state snapshots are deliberate (see run_experiment): no warning about them
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        return
+    # flows registered outside the package ($FLOWBENCH_PLUGINS) must exist in every worker too
+    from flowbench.flows.registry import plugin_env_vars
+
+    runtime_env = {"env_vars": plugin_env_vars()}
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+        else:  # an embedded local Ray that listens on loopback only
+            # address="local": a new Ray of our own, never a cluster that `ray start` left recorded in /tmp/ray
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=False,
+                runtime_env=runtime_env,
+            )
+    except ConnectionError as err:
+        raise FlowbenchError(
+            f"cannot reach the Ray cluster at {address!r} ({err}); start it with "
+            "`ray up cluster.yaml` (or `ray start --head`) first"
+        ) from None
+
+
+def _trial_demand(spec: SweepSpec) -> dict[str, float]:
+    workers = spec.resources.workers
+    return {"CPU": spec.resources.cpu * workers, "GPU": spec.resources.gpu * workers}
+
+
+def check_resources(spec: SweepSpec, address: str | None) -> None:
+    import ray
+
+    if address:  # an autoscaling cluster may add the nodes later
+        return
+    have = ray.cluster_resources()
+    for kind, need in _trial_demand(spec).items():
+        if need > have.get(kind, 0):
+            raise FlowbenchError(
+                f"resources: each trial asks {need:g} {kind} in all, this machine's Ray has "
+                f"{have.get(kind, 0):g}: lower resources.{kind.lower()} or join a cluster "
+                "with --address"
+            )
+
+
+def cluster_slots(spec: SweepSpec) -> int:
+    """How many trials the cluster runs at once (at least 1: an autoscaler may add nodes)."""
+    import ray
+
+    have = ray.cluster_resources()
+    fits = [int(have.get(kind, 0) // need) for kind, need in _trial_demand(spec).items() if need > 0]
+    return max(1, min(fits))
+
+
+@contextlib.contextmanager
+def ray_log_to(path: Path):
+    """Ray's, Tune's and Optuna's output (start-up box, experiment box, TensorBoard hints, status
+    lines, warnings) goes to ``path`` while the block runs: the terminal is flowbench's."""
+    with open(path, "a", buffering=1) as stream, contextlib.redirect_stdout(stream):  # Tune prints its boxes
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        import optuna  # noqa: F401 -- its logger gets its own terminal handler on import: swapped below
+
+        loggers = [logging.getLogger(name) for name in ("ray", "optuna")]
+        saved = [(logger.handlers[:], logger.propagate) for logger in loggers]
+        for logger in loggers:
+            logger.handlers[:], logger.propagate = [handler], False
+        try:
+            yield
+        finally:
+            for logger, (handlers, propagate) in zip(loggers, saved, strict=True):
+                logger.handlers[:], logger.propagate = handlers, propagate
+
+
+def trial_name(trial) -> str:
+    return trial.config["trial"]["trial_id"]
+
+
+def run_experiment(spec: SweepSpec, storage: str, name: str, units: list[Unit], slots: int, callbacks):
+    """Run (or resume: an experiment of the same name holds the same units at the same hashes)
+    the Tune experiment of ``units``; returns its results and whether it was resumed."""
+    from ray import tune
+
+    # a data-parallel trial only drives its Ray Train workers, which ask for the resources
+    # (Tune needs a non-empty request: a token of memory instead of a CPU the workers need)
+    own: dict[str, float] = (
+        {"cpu": 0, "memory": 2**20}
+        if spec.resources.workers > 1
+        else {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    )
+    trainable = tune.with_resources(tune_trial, own)
+    filesystem, root = tune_storage(storage)
+    path = f"{root.rstrip('/')}/{name}"
+    resumed = tune.Tuner.can_restore(path, storage_filesystem=filesystem)
+    if resumed:
+        log.info("resuming %s", path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
+    else:
+        shared = {
+            "resources": spec.resources.model_dump(),
+            "max_failures": spec.max_failures,
+            "storage": storage,
+            "train_storage": f"{root.rstrip('/')}/{name}-train",
+        }
+        tuner = tune.Tuner(
+            trainable,
+            param_space=shared,
+            tune_config=tune.TuneConfig(
+                search_alg=SweepSearch(spec, units),
+                # two trials a slot out at once: the next trial waits beside each running one (its
+                # actor is then reused), every slot of a cluster is asked for at the start (with a
+                # custom searcher Tune otherwise keeps one trial pending: one node fills first), and
+                # Optuna samples late enough to learn from the samples before
+                max_concurrent_trials=2 * slots,
+                scheduler=SweepScheduler(spec),
+                metric=METRIC,
+                mode=MODE,
+                num_samples=-1,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
+                # a reused actor saves its start-up (~2-3 s a trial); Ray then does not sync the
+                # trial's working folder, so everything the driver reads travels in checkpoints
+                reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=root,
+                storage_filesystem=filesystem,
+                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                # keeping one checkpoint makes Tune save its experiment state after every trial
+                # checkpoint, so a killed driver resumes each trial from its latest one
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=callbacks,
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    return [grid[i] for i in range(len(grid))], resumed
+
+
+def stored_results(storage: str, name: str):
+    """The ResultGrid of an earlier experiment, read from its storage without running anything."""
+    from ray import tune
+
+    filesystem, root = tune_storage(storage)
+    path = f"{root.rstrip('/')}/{name}"
+    if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        return None
+    return tune.Tuner.restore(path, trainable=tune_trial, storage_filesystem=filesystem).get_results()
+
+
+def slot_efficiency(results, started: float, ended: float, slots: int) -> dict:
+    """Sum of the busy seconds of the trials run by this invocation (each from its start in the
+    worker to its record written, or its last report if stopped or failed) over slots × wall."""
+    busy, ran = 0.0, 0
+    for result in results:
+        last = result.metrics or {}
+        if last.get("started_at", 0) >= started:
+            busy += last["reported_at"] - last["started_at"]
+            ran += 1
+    wall = ended - started
+    return {
+        "efficiency": busy / (slots * wall) if ran else None,
+        "busy_seconds": busy,
+        "slots": slots,
+        "wall_seconds": wall,
+        "trials_run": ran,
+    }

@@ -1,0 +1,149 @@
+"""What a sweep keeps of its trials: a record per Tune trial (the ``trials.parquet`` row and
+its curve), the finished units' records under ``results/NAME/records/``, and the archive
+where records of units whose configuration changed go.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from flowbench.atomic import atomic_write
+from flowbench.record import RECORD_COLUMNS
+from flowbench.results.tables import CURVE_METRICS
+from flowbench.sweep.search import METRIC
+from flowbench.sweep.storage import copy_from_checkpoint, tune_storage
+from flowbench.sweep.units import Unit
+from flowbench.trial import TrialConfig
+
+FIGURES = ("samples", "reconstructions")
+
+
+# --------------------------------------------------------------------------- records
+def error_reason(error: BaseException) -> str:
+    """A failed trial's reason: the last line of its error (the exception raised in the trial)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:500]
+
+
+def record_of(tune_config: dict, last: dict, error: BaseException | None) -> dict:
+    """The trials.parquet row of a Tune trial from its config and last result; MLflow logs the same.
+    A trial stopped by ASHA or failed gets a row too, from its last evaluation."""
+    config = TrialConfig.model_validate(tune_config["trial"])
+    if error is None and "status" in last and "config_hash" in last:
+        row = {k: last[k] for k in RECORD_COLUMNS}
+    else:
+        status, reason = ("failed", error_reason(error)) if error is not None else ("stopped", "stopped early by ASHA")
+        record = config.record(
+            status=status,
+            reason=reason,
+            node=last.get("node", ""),
+        )
+        if "step" in last:  # the last evaluation: how far the trial got
+            record.steps, record.images_seen, record.epochs = (
+                int(last["step"]),
+                int(last["images_seen"]),
+                last["epochs"],
+            )
+            record.train_seconds, record.train_flops = last["train_seconds"], last.get("train_flops", 0.0)
+            record.val_bpd, record.train_bpd = last[METRIC], last["train_bpd"]
+        row = record.row()
+    # Tune stamps its own trial_id on every result: ours comes from the config
+    return row | {"trial_id": config.trial_id, "phase": tune_config["phase"]}
+
+
+def curve_of(result) -> list[dict]:
+    history = result.metrics_dataframe
+    if history is None or "final" not in history.columns:
+        return []
+    evals = history[history["final"].notna()].drop_duplicates("step", keep="last").sort_values("step")
+    return evals[["step", *[k for k in CURVE_METRICS if k in evals.columns]]].to_dict("records")
+
+
+class RecordStore:
+    """``results/NAME/records/<unit>.json``: a finished unit's rows and curves under its hash.
+    A unit is finished when its final trials all ended without failing."""
+
+    def __init__(self, out: Path):
+        self.out, self.folder = out, out / "records"
+
+    def _path(self, unit_id: str) -> Path:
+        return self.folder / f"{unit_id}.json"
+
+    def load(self, unit: Unit) -> list[dict] | None:
+        path = self._path(unit.id)
+        if not path.is_file():
+            return None
+        stored = json.loads(path.read_text())
+        return stored["trials"] if stored["unit_hash"] == unit.hash else None
+
+    def save(self, unit: Unit, trials: list[dict]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_write(self._path(unit.id)) as tmp:
+            tmp.write_text(json.dumps({"unit_hash": unit.hash, "trials": trials}))
+
+    def stale(self, units: list[Unit]) -> list[Path]:
+        """Records of units no longer planned at their stored hash."""
+        current = {u.id: u.hash for u in units}
+        found = sorted(self.folder.glob("*.json")) if self.folder.is_dir() else []
+        return [p for p in found if current.get(p.stem) != json.loads(p.read_text())["unit_hash"]]
+
+
+def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path) -> dict[str, list[dict]]:
+    """Store every unit of ``results`` (a ResultGrid) that finished at its planned hash, with its
+    trials' figures; returns the trials of every unit found, finished or not (a failed trial is
+    in this run's tables, and runs again next time)."""
+    by_unit: dict[str, list] = {}
+    for result in results:
+        config: dict = result.config or {}
+        unit = units.get(config.get("unit", ""))  # no unit: not a trial of this sweep
+        if unit is not None and config.get("unit_hash") == unit.hash:
+            by_unit.setdefault(unit.id, []).append(result)
+    found = {}
+    for unit_id, unit_results in by_unit.items():
+        unit = units[unit_id]
+        trials: list[dict] = [
+            {"row": record_of(r.config, r.metrics or {}, r.error), "curve": curve_of(r)} for r in unit_results
+        ]
+        found[unit_id] = trials
+        finals = [
+            (t, r)
+            for t, r in zip(trials, unit_results, strict=True)
+            if t["row"]["phase"] == "final" and t["row"]["status"] != "failed"
+        ]
+        if len(finals) < len(unit.configs):
+            continue  # not finished: the unit runs (again)
+        for t, r in finals:
+            if r.checkpoint is not None:  # the report's sample figures
+                for figure in FIGURES:
+                    copy_from_checkpoint(
+                        r.checkpoint, f"{figure}.png", figures / f"{figure}-{t['row']['trial_id']}.png"
+                    )
+        store.save(unit, trials)
+    return found
+
+
+def archive_stale(out: Path, stamp: str, paths: list[Path], storage: str, experiment: str | None) -> Path:
+    """Move stale records, their figures and (local storage) the old Tune experiment under
+    ``results/NAME/archive/<stamp>/``; nothing is deleted."""
+    archive = out / "archive" / stamp
+    for path in paths:
+        trial_ids = [t["row"]["trial_id"] for t in json.loads(path.read_text())["trials"]]
+        dest = archive / path.relative_to(out)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), dest)
+        for figure in (out / "figures" / f"{kind}-{trial_id}.png" for trial_id in trial_ids for kind in FIGURES):
+            if figure.is_file():
+                (archive / "figures").mkdir(parents=True, exist_ok=True)
+                shutil.move(str(figure), archive / "figures" / figure.name)
+    filesystem, root = tune_storage(storage)
+    if experiment is not None and filesystem is None:
+        for folder in (Path(root) / experiment, Path(root) / f"{experiment}-train"):
+            if folder.exists():
+                (archive / "tune").mkdir(parents=True, exist_ok=True)
+                shutil.move(str(folder), archive / "tune" / folder.name)
+    elif experiment is not None:  # remote storage: the experiment stays where it is, named here
+        archive.mkdir(parents=True, exist_ok=True)
+        (archive / "tune-experiment.txt").write_text(f"{storage.rstrip('/')}/{experiment}\n")
+    return archive
