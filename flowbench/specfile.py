@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import TypeVar
@@ -11,6 +12,8 @@ import yaml
 from pydantic_core import ErrorDetails
 
 from flowbench.errors import FlowbenchError
+
+log = logging.getLogger(__name__)
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 
@@ -118,7 +121,7 @@ def load_spec(path: str | Path, model: type[Model], what: str) -> Model:
     if not isinstance(data, dict):
         raise FlowbenchError(f"{path}: a {what} must be a YAML mapping of keys, got {type(data).__name__}")
     try:
-        return model.model_validate(data)
+        spec = model.model_validate(data)
     except pydantic.ValidationError as err:
         first = err.errors()[0]
         loc, message = error_location(first)
@@ -128,6 +131,9 @@ def load_spec(path: str | Path, model: type[Model], what: str) -> Model:
             message = f"unknown key (allowed: {', '.join(_allowed_keys(model, loc[:-1]))})"
         more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
         raise FlowbenchError(f"{path}:{line}: {key}: {message}{more}") from None
+    for loc, message in getattr(spec, "ignored", list)():  # what the spec holds but does not use
+        log.warning("%s:%s: %s: %s", path, _line_of(root, loc), ".".join(map(str, loc)), message)
+    return spec
 
 
 def _allowed_keys(model: type[pydantic.BaseModel], loc: tuple) -> list[str]:

@@ -154,20 +154,33 @@ class SweepSpec(Strict):
             raise ValueError(f"an entry of {info.field_name} is listed twice")
         return values
 
+    # keys of a trimmed spec that name a registered model or data set the sweep does not run: not a
+    # mistake worth stopping for (``load_spec`` warns with their lines); they are dropped
+    _ignored: list[tuple[tuple, str]] = pydantic.PrivateAttr(default_factory=list)
+
+    def ignored(self) -> list[tuple[tuple, str]]:
+        return self._ignored
+
+    def _drop_unused(self, section: str, used: list[str], known, kind: str) -> None:
+        entries = getattr(self, section)
+        for name in list(entries):
+            if name not in known:
+                raise FieldError((section, name), unknown_name(kind, name, known))
+            if name not in used:
+                del entries[name]
+                self._ignored.append(((section, name), f"{name} is not one of the sweep's {kind}s {used}: ignored"))
+
     @pydantic.model_validator(mode="after")
     def _consistent(self):
+        self._drop_unused("overrides", self.models, MODELS, "model")
+        self._drop_unused("data_roots", self.datasets, DATASETS, "data set")
         for name in self.overrides:
-            if name not in self.models:
-                raise FieldError(("overrides", name), f"not one of the sweep's models {self.models}")
             accepted = [*model_entry(name).hparams(), *TRAIN_KEYS]
             unknown = sorted(set(self.overrides[name]) - set(accepted))
             if unknown:
                 raise FieldError(("overrides", name, unknown[0]), f"unknown key {unknown}; {name} accepts {accepted}")
             for key, value in self.overrides[name].items():
                 self.overrides[name][key] = _valid_value(key, value, [name], ("overrides", name, key))
-        for name in self.data_roots:
-            if name not in self.datasets:
-                raise FieldError(("data_roots", name), f"not one of the sweep's datasets {self.datasets}")
         if self.search is not None:
             for key, dist in self.search.space.items():
                 if key not in TRAIN_KEYS:

@@ -135,6 +135,39 @@ def test_bad_spec_is_one_clear_line_and_writes_nothing(tmp_path, capsys, text, m
         assert not (tmp_path / "r").exists()
 
 
+def test_a_trimmed_spec_warns_of_overrides_it_no_longer_uses_and_plans_as_without_them(tmp_path, caplog):
+    trimmed = GOOD.replace("[glow, nxn_shift]", "[glow]") + "data_roots: {cifar10: /nowhere}\n"
+    with caplog.at_level("WARNING"):
+        _, configs = plan(write(tmp_path, trimmed))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].endswith(
+        "spec.yaml:9: overrides.nxn_shift: nxn_shift is not one of the sweep's models ['glow']: ignored"
+    )
+    assert "spec.yaml:10: data_roots.cifar10: cifar10 is not one of the sweep's data sets ['digits']" in warnings[1]
+    _, plain = plan(write(tmp_path, GOOD.replace("[glow, nxn_shift]", "[glow]").replace("  nxn_shift: {d", "  # {d")))
+    assert [c.config_hash() for c in configs] == [c.config_hash() for c in plain]  # the dropped keys change nothing
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (
+            ("  nxn_shift:", "  nxn_shfit:"),
+            r"spec.yaml:9: overrides.nxn_shfit: unknown model 'nxn_shfit': did you mean",
+        ),
+        (("train:", "data_roots: {cifar-10: /x}\ntrain:"), r"spec.yaml:6: data_roots.cifar-10: unknown data set"),
+    ],
+    ids=["model", "dataset"],
+)
+def test_a_misspelt_name_in_overrides_or_data_roots_is_still_refused(tmp_path, capsys, edit, message):
+    import re
+
+    rc = main(["sweep", str(write(tmp_path, GOOD.replace(*edit))), "--dry-run", "--results", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+
+
 def test_match_params_scales_width_to_the_target():
     hparams = match_width("glow", (3, 32, 32), dict(depth=4, levels=3), 2_000_000)
     import flowbench
