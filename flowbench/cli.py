@@ -160,6 +160,7 @@ def cmd_train(args) -> None:
             checkpoint_every=args.checkpoint_every or 10 * args.eval_every,
             memory_saving=args.memory_saving,
             coupling_precision=args.coupling_precision,
+            numerics=args.numerics,
             data_root=args.data_root,
             device=args.device,
             out_dir=str(out),
@@ -402,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="compute of the coupling networks; maps and log-dets stay float32",
     )
+    p.add_argument(
+        "--numerics",
+        choices=["native", "portable"],
+        default="native",
+        help="portable: the same bits on every x86-64 CPU (one thread, baseline kernels; slower)",
+    )
     p.add_argument("--hparam", type=_hparam, action="append", help="KEY=VALUE over the model card's")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--out", help="output folder (default runs/MODEL-DATASET-seedN); re-running resumes")
@@ -455,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(level)
     if not args.verbose:  # it logs a database error with its traceback, then raises it: reported below
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+    if getattr(args, "numerics", "native") == "portable":  # before torch runs a kernel in this process
+        from flowbench.numerics import environment_for
+
+        os.environ.update(environment_for("portable"))
     try:
         args.func(args)
     except FlowbenchError as err:

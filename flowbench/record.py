@@ -87,6 +87,13 @@ class TrialRecord:
     workers: int = column(1, mlflow=TAG)  # data-parallel processes
     memory_kind: str = column("", mlflow=TAG)
     device: str = column("", mlflow=TAG)
+    # what the numbers depend on (flowbench.numerics): equal bits need these equal, or numerics portable
+    numerics: str = column("native", mlflow=TAG)
+    cpu: str = column("", mlflow=TAG)  # model name and the instruction sets that pick kernels
+    cpu_capability: str = column("", mlflow=TAG)  # ATen's kernels: DEFAULT, AVX2, AVX512
+    threads: int = column(0, mlflow=TAG)  # intra-op threads (reductions split by them)
+    math_libraries: str = column("", mlflow=TAG)  # MKL and oneDNN versions
+    gpu: str = column("", mlflow=TAG)  # name, CUDA and cuDNN versions where a GPU ran it
     node: str = column(factory=platform.node, mlflow=TAG)  # the Ray node (or host) the trial ran on
     hostname: str = column(factory=platform.node, mlflow=TAG)
     torch_version: str = column(factory=lambda: _version("torch"), mlflow=TAG)

@@ -40,6 +40,7 @@ from flowbench.data import ImageData, load_dataset
 from flowbench.data.loader import Prefetcher
 from flowbench.errors import FlowbenchError
 from flowbench.flows.models import FlowModel
+from flowbench.numerics import Numerics, check_in_effect, environment
 from flowbench.record import TrialRecord
 from flowbench.specfile import FieldError
 
@@ -102,6 +103,7 @@ class TrialConfig(TrainSettings):
     budget: float = pydantic.Field(500, gt=0)
     latency_batch_size: int = pydantic.Field(16, gt=0)
     latency_repeats: int = pydantic.Field(20, gt=0)
+    numerics: Numerics = "native"  # "portable": the same bits on every x86-64 CPU (flowbench.numerics)
     data_fingerprint: str = ""  # the data set's split sizes (and source checksum), set by whoever plans the trial
     recipe_source: str = ""  # where the training settings come from (card recipe, spec, CLI): provenance only
     # where and on what it runs: not part of the trial's identity
@@ -502,6 +504,9 @@ def setup_trial(config: TrialConfig, resume_from=None) -> TrialState:
     on the first global batch and the training FLOPs per image measured."""
     shard = Shard.current()
     device = resolve_device(config.device)
+    check_in_effect(config.numerics)
+    if config.numerics == "portable":
+        torch.set_num_threads(1)  # reductions split by threads: one thread on every machine
     data = load_dataset(config.dataset, config.data_root)
     # the hyperparameters as built (the data's bit depth unless the card says): every checkpoint
     # stores them, so sampling, evaluation and resume rebuild exactly this model (5-bit stays 5-bit)
@@ -674,6 +679,7 @@ def finish_record(state: TrialState, status: str, reason: str) -> TrialRecord:
         reason=reason,
         device=str(state.device),
         git_commit=git_commit(),
+        **environment(state.device, config.numerics),
     )
     finite = [p["train_bpd"] for p in state.curve if math.isfinite(p["train_bpd"])]
     record.train_bpd = finite[-1] if finite else math.nan  # the last evaluation interval's mean

@@ -20,7 +20,8 @@ from flowbench.record import RECORD_COLUMNS
 
 # 2: val_bpd (selection) beside test_bpd (once, on the selected checkpoint), variant, effective and
 # allocated parameter counts, FLOPs. Version 1 tables ranked trials by test bits/dim: not read.
-SCHEMA_VERSION = 2
+# 3: what the numbers depend on (numerics mode, CPU, ATen's kernels, threads, math libraries, GPU).
+SCHEMA_VERSION = 3
 # one evaluation of a trial (on the validation split): what curves.parquet and MLflow's metric
 # histories hold per step
 CURVE_METRICS = ("val_bpd", "train_bpd", "lr", "train_seconds", "train_flops", "images_seen", "epochs")
@@ -86,8 +87,8 @@ def read_table(path: str | Path, kind: str) -> pd.DataFrame:
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise FlowbenchError(
             f"{path}: {kind} table of schema version {meta.get('schema_version')}, this flowbench reads "
-            f"version {SCHEMA_VERSION} (validation-selected results, variants, FLOPs); re-run the sweep "
-            f"(flowbench sweep SPEC) or use the flowbench version that wrote it"
+            f"version {SCHEMA_VERSION} (validation-selected results, variants, FLOPs, numerics provenance); re-run "
+            f"the sweep (flowbench sweep SPEC) or use the flowbench version that wrote it"
         )
     return table.to_pandas()
 

@@ -20,6 +20,7 @@ import pandas as pd
 from flowbench.atomic import atomic_write
 from flowbench.errors import FlowbenchError
 from flowbench.locks import exclusive_lock
+from flowbench.numerics import environment_for
 from flowbench.sweep.experiment import (
     check_resources,
     cluster_slots,
@@ -102,7 +103,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     from flowbench.results.tables import curves_frame, trials_frame, write_table
 
     started = time.time()
-    start_ray(address, num_cpus)
+    start_ray(address, num_cpus, environment_for(spec.numerics))
     check_resources(spec, address)
     slots = cluster_slots(spec)
     # Tune's trial state and checkpoints; a multi-node cluster needs storage every node reaches

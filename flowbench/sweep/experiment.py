@@ -20,7 +20,9 @@ from flowbench.sweep.worker import tune_trial
 log = logging.getLogger(__name__)
 
 
-def start_ray(address: str | None, num_cpus: int | None = None) -> None:
+def start_ray(address: str | None, num_cpus: int | None = None, env: dict[str, str] | None = None) -> None:
+    """Join the cluster at ``address``, or start a local Ray on loopback; ``env`` goes to every
+    worker process of this job (a portable sweep's numerics, set before its torch starts)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -32,7 +34,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     # flows registered outside the package ($FLOWBENCH_PLUGINS) must exist in every worker too
     from flowbench.flows.registry import plugin_env_vars
 
-    runtime_env = {"env_vars": plugin_env_vars()}
+    runtime_env = {"env_vars": plugin_env_vars() | (env or {})}
     try:
         if address:
             ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)

@@ -16,6 +16,7 @@ from flowbench.data import DATASETS, NEEDS_ROOT, DatasetInfo, dataset_info
 from flowbench.data.remote import is_remote
 from flowbench.errors import FlowbenchError, unknown_name
 from flowbench.flows.registry import MODELS, model_entry
+from flowbench.numerics import Numerics
 from flowbench.specfile import FieldError, error_location, load_spec
 from flowbench.trial import TrainSettings, TrialConfig
 
@@ -146,6 +147,7 @@ class SweepSpec(Strict):
     resources: Resources = Resources()
     latency: Latency = Latency()
     max_failures: int = pydantic.Field(2, ge=0)
+    numerics: Numerics = "native"  # portable: the same bits on every x86-64 CPU (reference runs)
 
     @pydantic.field_validator("models", "datasets", "seeds")
     @classmethod
@@ -350,6 +352,7 @@ def expand(spec: SweepSpec, infos: dict[str, DatasetInfo]) -> list[TrialConfig]:
                             recipe_source=source,
                             latency_batch_size=spec.latency.batch_size,
                             latency_repeats=spec.latency.repeats,
+                            numerics=spec.numerics,
                             data_root=spec.data_roots.get(dataset),
                             sweep=spec.name,
                             trial_id=f"{stem}-seed{seed}",
