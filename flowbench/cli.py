@@ -156,8 +156,7 @@ def cmd_train(args) -> None:
             **train,
             recipe_source=source,
             data_fingerprint=data_fingerprint(info),
-            eval_every=args.eval_every,
-            checkpoint_every=args.checkpoint_every or 10 * args.eval_every,
+            evaluations=args.evaluations,
             memory_saving=args.memory_saving,
             coupling_precision=args.coupling_precision,
             data_root=args.data_root,
@@ -389,11 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=_number(int), help="linear learning-rate warm-up" + recipe)
     p.add_argument("--grad-clip", type=_number(float), help="max gradient norm" + recipe)
     p.add_argument("--no-grad-clip", action="store_true", help="no gradient clipping, whatever the card says")
-    p.add_argument("--eval-every", type=_number(int), default=50)
     p.add_argument(
-        "--checkpoint-every",
+        "--evaluations",
         type=_number(int),
-        help="steps between checkpoints, a multiple of --eval-every (default: every 10th evaluation)",
+        default=10,
+        help="validation evaluations along the budget, the k-th at k/N of it, a checkpoint at each (default 10)",
     )
     p.add_argument("--memory-saving", action="store_true", help="gradient checkpointing per flow step")
     p.add_argument(

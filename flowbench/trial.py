@@ -6,9 +6,9 @@ evaluation; ``checkpoint_dir`` is set when a checkpoint was just written there.
 
 The loop reads top to bottom like Glow-PyTorch's ``train.py``: ``setup_trial`` (data, model,
 optimiser, resume), then per step ``train_step`` (no host sync: the loss stays on the device),
-and at each evaluation interval ``evaluate_and_select`` (the one place device values are read:
-loss, divergence, validation bits/dim, the best checkpoint so far) and ``save_checkpoint``; at
-the end ``finish_record`` evaluates the selected checkpoint once on the test split.
+and at each milestone (k/N of the budget, in its own unit) ``evaluate_and_select`` (the one place
+device values are read: loss, divergence, validation bits/dim, the best checkpoint so far) and
+``write_checkpoint``; at the end ``finish_record`` evaluates the selected checkpoint once on the test split.
 
 The science: selection (search, ASHA, the reported checkpoint) uses validation bits/dim, carved
 from the training data; test bits/dim is computed once, on the selected weights. Training FLOPs
@@ -69,21 +69,23 @@ class TrainSettings(pydantic.BaseModel):
     grad_clip: float | None = pydantic.Field(50.0, gt=0)  # max gradient norm; None: no clipping
     memory_saving: bool = False  # gradient checkpointing per flow step: less memory, more compute
     coupling_precision: CouplingPrecision = "float32"  # the coupling networks' compute
-    eval_every: int = pydantic.Field(100, gt=0)
+    # evaluations along the budget, the k-th once k/N of it is spent (in the budget's own unit: at
+    # equal training FLOPs for every model under a FLOPs budget); a checkpoint is written at each
+    evaluations: int = pydantic.Field(10, gt=0)
     eval_images: int | None = pydantic.Field(None, gt=0)  # validation images per evaluation (None: all)
-    checkpoint_every: int = pydantic.Field(500, gt=0)
 
-    @pydantic.model_validator(mode="after")
-    def _checkpoints_at_evaluations(self):
-        # a checkpoint is written at an evaluation: with neither interval dividing the other the
-        # checkpoints would come at their least common multiple, far rarer than asked
-        if self.checkpoint_every % self.eval_every and self.eval_every % self.checkpoint_every:
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _no_step_intervals(cls, data):
+        # the settings of flowbench before evaluations were placed along the budget
+        old = [k for k in ("eval_every", "checkpoint_every") if isinstance(data, dict) and k in data]
+        if old:
             raise FieldError(
-                ("checkpoint_every",),
-                f"checkpoints are written at evaluations: give a multiple "
-                f"or a divisor of eval_every ({self.eval_every}), got {self.checkpoint_every}",
+                (old[0],),
+                "evaluations are placed along the budget now: give evaluations: N (the k-th at k/N of the "
+                "budget, a checkpoint at each) instead of eval_every and checkpoint_every",
             )
-        return self
+        return data
 
 
 class TrialConfig(TrainSettings):
@@ -134,6 +136,7 @@ class TrialConfig(TrainSettings):
             budget=self.budget,
             batch_size=self.batch_size,
             lr=self.lr,
+            evaluations=self.evaluations,
             **measured,
         )
 
@@ -313,6 +316,11 @@ class Progress:
             "seconds": self.train_seconds,
             "flops": self.train_flops,
         }[kind]
+
+
+def milestones(budget: float, evaluations: int) -> list[float]:
+    """The budget spent at each evaluation: k/N of it for k = 1..N, the last all of it."""
+    return [budget * k / evaluations for k in range(1, evaluations)] + [budget]
 
 
 def batch_plan(config: TrialConfig, n_train: int, start: Progress) -> Iterator[tuple[np.ndarray, int, int]]:
@@ -601,6 +609,9 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
     n_train = len(state.data.train)
     meter = LossMeter(state.device)
     status, reason, last_finite_loss = "ok", "", math.nan
+    # an evaluation at the first step that reaches each milestone (a resumed trial has passed some)
+    targets = milestones(config.budget, config.evaluations)
+    reached = sum(t <= progress.spent(config.budget_kind, n_train) for t in targets)
 
     # the batches are gathered (and copied to the GPU) ahead on a thread; the same plan, walked here,
     # says where each batch leaves the data order (what a checkpoint stores)
@@ -618,11 +629,15 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
             progress.train_seconds += time.perf_counter() - step_start
             if config.budget_kind == "seconds":  # every process stops at the same step
                 progress.train_seconds = shard.reduce([progress.train_seconds], "max")[0]
-            done = progress.spent(config.budget_kind, n_train) >= config.budget
-
-            if progress.step % config.eval_every and not done:
+            spent = progress.spent(config.budget_kind, n_train)
+            done = spent >= config.budget
+            if not done and spent < targets[reached]:
                 continue
-            point = evaluate_and_select(state, meter, done)
+            reached = sum(t <= spent for t in targets)  # one step may pass several milestones
+            point = evaluate_and_select(state, meter, done) | {
+                "milestone": reached,
+                "budget_fraction": spent / config.budget,
+            }
             if "diverged" in point:
                 status = "diverged"
                 reason = (
@@ -636,9 +651,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
                 )
                 break
             state.curve.append(point)
-            saved = None
-            if (progress.step % config.checkpoint_every == 0 or done) and shard.rank == 0:
-                saved = write_checkpoint(state)
+            saved = write_checkpoint(state) if shard.rank == 0 else None
             if reporter is not None:
                 reporter(dict(point, final=done), saved)
             if done:
@@ -691,6 +704,8 @@ def finish_record(state: TrialState, status: str, reason: str) -> TrialRecord:
             )
             for key, value in latency.items():
                 setattr(record, key, value)
+    n_validation = len(state.data.validation)
+    record.eval_images = min(config.eval_images or n_validation, n_validation)
     record.peak_memory_mb, record.memory_kind = peak_memory_mb(state.device)
     record.finished_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     record.curve = state.curve

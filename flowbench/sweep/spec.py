@@ -16,6 +16,7 @@ from flowbench.data import DATASETS, NEEDS_ROOT, DatasetInfo, dataset_info
 from flowbench.data.remote import is_remote
 from flowbench.errors import FlowbenchError, unknown_name
 from flowbench.flows.registry import MODELS, model_entry
+from flowbench.results.power import DETECT_BPD, TARGET_POWER
 from flowbench.specfile import FieldError, error_location, load_spec
 from flowbench.trial import TrainSettings, TrialConfig
 
@@ -54,12 +55,6 @@ class Budget(Strict):
     @property
     def amount(self) -> float:
         return getattr(self, self.kind)
-
-
-class Train(TrainSettings):
-    # a sweep's trials are long: rarer evaluations and checkpoints than a single trial's defaults
-    eval_every: int = pydantic.Field(500, gt=0)
-    checkpoint_every: int = pydantic.Field(1000, gt=0)
 
 
 class Asha(Strict):
@@ -112,6 +107,14 @@ class Resources(Strict):
     workers: int = pydantic.Field(1, ge=1)
 
 
+class Power(Strict):
+    """What the report's seeds-needed figures are for: the power each paired comparison had to detect
+    ``difference`` bits/dim, and the seeds that would give it ``target`` power."""
+
+    difference: float = pydantic.Field(DETECT_BPD, gt=0)
+    target: float = pydantic.Field(TARGET_POWER, gt=0, lt=1)
+
+
 class Latency(Strict):
     batch_size: int = pydantic.Field(16, gt=0)
     repeats: int = pydantic.Field(20, gt=0)
@@ -137,7 +140,7 @@ class SweepSpec(Strict):
     data_roots: dict[str, str] = {}
     seeds: list[Annotated[int, pydantic.Field(ge=0)]] = pydantic.Field([0], min_length=1)
     budget: Budget
-    train: Train = Train()
+    train: TrainSettings = TrainSettings()
     overrides: dict[str, dict] = {}  # per model: hyperparameters and/or train keys
     match_params: int | None = pydantic.Field(None, gt=0)
     # ablation variants: per hyperparameter its values, run as a product for every model that has it
@@ -145,6 +148,7 @@ class SweepSpec(Strict):
     search: Search | None = None
     resources: Resources = Resources()
     latency: Latency = Latency()
+    power: Power = Power()
     max_failures: int = pydantic.Field(2, ge=0)
 
     @pydantic.field_validator("models", "datasets", "seeds")

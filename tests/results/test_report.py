@@ -29,9 +29,11 @@ def curves_for(trials):
                 seed=t.seed,
                 config_hash="h",
                 step=step,
-                train_flops=step * 1e7,
+                train_flops=step * 5e7,
                 val_bpd=t.val_bpd + 1 / step,
                 train_bpd=t.test_bpd,
+                milestone=step // 10,
+                budget_fraction=step / 20,
             )
             for step in (10, 20)
         ]

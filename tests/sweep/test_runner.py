@@ -34,7 +34,7 @@ models: [{", ".join(models)}]
 datasets: [digits]
 seeds: [{", ".join(map(str, seeds))}]
 budget: {{steps: {steps}}}
-train: {{batch_size: 32, eval_every: 10, checkpoint_every: 10}}
+train: {{batch_size: 32, evaluations: {steps // 10}}}
 overrides:
 """
         + "\n".join(f"  {m}: {o}" for m, o in overrides.items())
