@@ -318,9 +318,23 @@ class Progress:
         }[kind]
 
 
-def milestones(budget: float, evaluations: int) -> list[float]:
-    """The budget spent at each evaluation: k/N of it for k = 1..N, the last all of it."""
-    return [budget * k / evaluations for k in range(1, evaluations)] + [budget]
+class Milestones:
+    """The evaluations along a budget: the k-th at the first step that has spent k/N of it (N
+    ``evaluations``, the last at the budget itself), in the budget's own unit. ``reached`` is how
+    many are behind; a resumed trial starts from what it had ``spent``."""
+
+    def __init__(self, budget: float, evaluations: int, spent: float = 0.0):
+        self.budget = budget
+        self.targets = [budget * k / evaluations for k in range(1, evaluations)] + [budget]
+        self.reached = sum(t <= spent for t in self.targets)
+
+    def due(self, spent: float) -> bool:
+        """Whether the step that brought the trial to ``spent`` is evaluated (one step may pass
+        several milestones: one evaluation, at the last of them)."""
+        if spent < self.budget and spent < self.targets[self.reached]:
+            return False
+        self.reached = sum(t <= spent for t in self.targets)
+        return True
 
 
 def batch_plan(config: TrialConfig, n_train: int, start: Progress) -> Iterator[tuple[np.ndarray, int, int]]:
@@ -609,9 +623,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
     n_train = len(state.data.train)
     meter = LossMeter(state.device)
     status, reason, last_finite_loss = "ok", "", math.nan
-    # an evaluation at the first step that reaches each milestone (a resumed trial has passed some)
-    targets = milestones(config.budget, config.evaluations)
-    reached = sum(t <= progress.spent(config.budget_kind, n_train) for t in targets)
+    along = Milestones(config.budget, config.evaluations, progress.spent(config.budget_kind, n_train))
 
     # the batches are gathered (and copied to the GPU) ahead on a thread; the same plan, walked here,
     # says where each batch leaves the data order (what a checkpoint stores)
@@ -631,11 +643,10 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
                 progress.train_seconds = shard.reduce([progress.train_seconds], "max")[0]
             spent = progress.spent(config.budget_kind, n_train)
             done = spent >= config.budget
-            if not done and spent < targets[reached]:
+            if not along.due(spent):
                 continue
-            reached = sum(t <= spent for t in targets)  # one step may pass several milestones
             point = evaluate_and_select(state, meter, done) | {
-                "milestone": reached,
+                "milestone": along.reached,
                 "budget_fraction": spent / config.budget,
             }
             if "diverged" in point:

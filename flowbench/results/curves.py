@@ -1,7 +1,7 @@
 """Equal budgets as a curve: validation bits/dim at the same fractions of the budget for every trial.
 
 Every trial evaluates validation bits/dim at its milestones, the k-th once k/N of its budget is spent
-(``flowbench.trial.milestones``; under a FLOPs budget every model at the same training FLOPs within
+(``flowbench.trial.Milestones``; under a FLOPs budget every model at the same training FLOPs within
 one step's). Here the final, successful trials' evaluations are matched by that fraction: the mean
 and 95% interval over seeds per model (``curve_summary``, the plot's table), the paired comparison of
 every pair of models at every milestone with Holm over all of a (data set, variant)'s comparisons
