@@ -137,7 +137,7 @@ def along_budget(comparisons: pd.DataFrame, better: str, worse: str, dataset: st
     )
     scope = f"{len(rows)} milestones, Holm over the {family} comparisons of {dataset}"
     if not parts:
-        text = f"never separated along the budget ({scope})"
+        text = f"never separated ({scope})"
     else:
         rest = "; not separated at the other milestones" if (ahead == 0).any() else ""
         text = "; ".join(parts) + f"{rest} ({scope})"

@@ -121,7 +121,7 @@ def test_noise_larger_than_the_differences_is_never_separated():
     rng = np.random.default_rng(0)
     curves = curves.assign(val_bpd=3.5 + rng.normal(0, 0.2, len(curves)))
     sentence = along_budget(milestone_comparisons(milestone_values(trials, curves)), "nxn_shift", "glow", "cifar10")
-    assert sentence.startswith("never separated along the budget (4 milestones, Holm over the 12 comparisons")
+    assert sentence.startswith("never separated (4 milestones, Holm over the 12 comparisons")
 
 
 def noncentral_t_power(difference, sd, n, alpha=0.05):
