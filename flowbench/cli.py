@@ -367,10 +367,9 @@ def print_plan(spec_path: Path, measure: bool, mfu: float | None) -> None:
         + f", at the trials' precision ({', '.join(sorted('TF32' if p == 'float32' else 'BF16' for p in precision))}):"
     )
     for gpu in ACCELERATORS:
-        print(
-            f"  {gpu.name:14s} {cost.gpu_hours(gpu, fraction):>12,.1f} GPU-hours  "
-            f"(dense peak TF32 {gpu.tf32:g}, BF16 {gpu.bf16:g} TFLOP/s: {gpu.source})"
-        )
+        hours = cost.gpu_hours(gpu, fraction)
+        spent = f"{hours:,.1f} GPU-hours" if hours >= 0.1 else f"{hours * 3600:.3g} GPU-seconds"
+        print(f"  {gpu.name:14s} {spent:>20s}  (dense peak TF32 {gpu.tf32:g}, BF16 {gpu.bf16:g} TFLOP/s: {gpu.source})")
     if measure:
         print(
             f"this machine: {cost.total('seconds_here') / 3600:,.2f} hours one trial after another "

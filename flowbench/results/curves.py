@@ -64,6 +64,8 @@ def milestone_comparisons(values: pd.DataFrame) -> pd.DataFrame:
     """``paired_comparisons``' rows for validation bits/dim at every milestone (``fraction``, ``spent``,
     ``budget_kind``), Holm over every pair at every milestone of a (data set, variant)."""
     rows = pd.DataFrame(compare_pairs(values, "val_bpd", at="fraction"), columns=[*PAIR_COLUMNS, "fraction"])
+    if rows.empty:  # tables without milestones
+        return rows.reindex(columns=[*rows.columns, "spent", "budget_kind"])
     where = values.groupby(["dataset", "variant", "fraction"])[["spent", "budget_kind"]].first().reset_index()
     return rows.merge(where, on=["dataset", "variant", "fraction"], how="left")
 

@@ -1,9 +1,13 @@
 """Seeds needed: the power of a paired comparison over seeds, and the seeds it would take.
 
 A paired comparison of two models is a one-sample t-test on the per-seed differences a − b
-(``scipy.stats.ttest_rel``), so its power is the one-sample t-test's, with the effect size the
-difference over the standard deviation of the differences: statsmodels' ``TTestPower``, two-sided,
-at ``ALPHA`` per comparison (before the multiple-comparison correction, which only asks for more).
+(``scipy.stats.ttest_rel``), so its power is the one-sample t-test's: under a true difference δ
+with standard deviation σ over seeds, the t statistic of n seeds follows scipy's noncentral t with
+n − 1 degrees of freedom and noncentrality δ/σ·√n, and the test rejects (two-sided, at ``ALPHA`` per
+comparison, before the multiple-comparison correction, which only asks for more) beyond the central
+t's quantile. Both tails are taken as upper tails (``nct.sf`` at ±δ): the lower tail's ``nct.cdf``
+is NaN for large noncentralities, as is statsmodels' ``TTestPower`` built on it (tests/results/
+test_curves.py checks against it where it is defined, and against a Monte-Carlo estimate).
 The standard deviation is the sweep's own, observed over its seeds.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+from scipy import stats
 
 from flowbench.results.table2 import ALPHA
 
@@ -23,13 +28,13 @@ MIN_SEEDS = 2  # a paired t-test needs two pairs
 def power(difference: float, sd: float, n_seeds: int, alpha: float = ALPHA) -> float:
     """The probability that ``n_seeds`` paired seeds show ``difference`` (two-sided, at ``alpha``)
     when the differences over seeds spread with standard deviation ``sd``; NaN when undefined."""
-    from statsmodels.stats.power import TTestPower
-
     if n_seeds < MIN_SEEDS or not math.isfinite(sd) or not math.isfinite(difference):
         return math.nan
     if sd == 0:  # identical differences on every seed: any non-zero difference is certain
         return 1.0 if difference else alpha
-    return float(TTestPower().power(abs(difference) / sd, n_seeds, alpha, alternative="two-sided"))
+    df, shift = n_seeds - 1, difference / sd * math.sqrt(n_seeds)
+    critical = stats.t.ppf(1 - alpha / 2, df)
+    return float(stats.nct.sf(critical, df, shift) + stats.nct.sf(critical, df, -shift))
 
 
 def seeds_for(difference: float, sd: float, target: float = TARGET_POWER, alpha: float = ALPHA) -> float:

@@ -36,6 +36,7 @@ SPLITS = (
     "everything that selects — search, ASHA, early stopping and the checkpoint reported; test bits/dim "
     "once per trial, on the selected checkpoint."
 )
+NO_MILESTONES = "none in these tables: their trials were evaluated every N steps, by a flowbench before milestones"
 NXN_GLOW = (
     "The n×n / Glow relation: an n×n model and a Glow model of the same card define the same family of "
     "densities. The shift S is a per-channel affine map directly after ActNorm, itself per-channel "
@@ -341,7 +342,8 @@ def _along_sections(trials, table2: pd.DataFrame, summary: pd.DataFrame, along: 
         Section(
             "Along the budget: validation bits/dim at equal fractions of the budget",
             [
-                f"Validation bits/dim at each milestone ({setting}): mean [95% t-interval] over seeds per model; "
+                f"Validation bits/dim at each milestone ({setting or NO_MILESTONES}): mean [95% t-interval] over "
+                "seeds per model; "
                 "the plots draw the same against the training FLOPs spent (under a FLOPs budget every model "
                 "reaches a milestone at the same FLOPs, within one training step's). Test bits/dim at the end "
                 "(Table 2) stays the headline."
@@ -419,9 +421,9 @@ def build_report(
             [
                 f"For each comparison of test bits/dim: the power it had to detect the difference it observed "
                 f"and a difference of {detect:g} bits/dim, and the seeds that would give {target_power:.0%} "
-                "power for each, from the standard deviation of a − b over this sweep's seeds (statsmodels' "
-                "TTestPower). The Holm correction asks for more seeds still. With fewer than two seeds there "
-                "is no spread to go by (—)."
+                "power for each, from the standard deviation of a − b over this sweep's seeds (the paired "
+                "t-test's noncentral t, scipy's). The Holm correction asks for more seeds still. With fewer "
+                "than two seeds there is no spread to go by (—)."
             ],
             seeds_table(bpd_pairs),
         ),

@@ -1,5 +1,5 @@
 """Along the budget and seeds needed, on synthetic curves with known values: every expected figure is
-computed here from the numbers by another route (scipy's t-test and noncentral t, statsmodels' Holm,
+computed here from the numbers by another route (scipy's t-test, statsmodels' Holm and TTestPower,
 a Monte-Carlo estimate, the crossing point solved by hand)."""
 
 import math
@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.power import TTestPower
 
 from flowbench.results.curves import along_budget, curve_summary, milestone_comparisons, milestone_values
 from flowbench.results.power import power, seeds_for, seeds_needed
@@ -125,15 +126,13 @@ def test_noise_larger_than_the_differences_is_never_separated():
 
 
 def noncentral_t_power(difference, sd, n, alpha=0.05):
-    """The paired t-test's power from scipy's noncentral t: P(|T| > t_crit) with T ~ nct(n − 1, d·√n)."""
-    df, nc = n - 1, difference / sd * math.sqrt(n)
-    critical = stats.t.ppf(1 - alpha / 2, df)
-    return stats.nct.sf(critical, df, nc) + stats.nct.cdf(-critical, df, nc)
+    """The paired t-test's power from statsmodels (a library flowbench does not use for it)."""
+    return TTestPower().power(abs(difference) / sd, n, alpha, alternative="two-sided")
 
 
 @pytest.mark.parametrize(("difference", "sd", "n"), [(0.027, 0.062, 3), (0.01, 0.031, 5), (0.05, 0.02, 3)])
-def test_power_equals_the_noncentral_t_and_a_monte_carlo_estimate(difference, sd, n):
-    assert power(difference, sd, n) == pytest.approx(noncentral_t_power(difference, sd, n), abs=1e-6)
+def test_power_equals_statsmodels_and_a_monte_carlo_estimate(difference, sd, n):
+    assert power(difference, sd, n) == pytest.approx(noncentral_t_power(difference, sd, n), abs=1e-9)
     assert power(-difference, sd, n) == power(difference, sd, n)
     rng = np.random.default_rng(1)
     samples = rng.normal(difference, sd, size=(40_000, n))
@@ -141,12 +140,21 @@ def test_power_equals_the_noncentral_t_and_a_monte_carlo_estimate(difference, sd
     assert power(difference, sd, n) == pytest.approx(rejected.mean(), abs=0.01)
 
 
-@pytest.mark.parametrize(("difference", "sd"), [(0.027, 0.062), (0.01, 0.031), (0.05, 0.02), (0.3, 0.01)])
+def test_power_stays_defined_where_statsmodels_gives_nan():
+    """statsmodels' TTestPower is NaN at an effect of 10 on 3 seeds (its nct.cdf lower tail); the
+    power there is a Monte-Carlo certainty."""
+    assert math.isnan(noncentral_t_power(0.2, 0.02, 3))
+    samples = np.random.default_rng(2).normal(0.2, 0.02, size=(20_000, 3))
+    assert power(0.2, 0.02, 3) == pytest.approx(
+        (stats.ttest_1samp(samples, 0.0, axis=1).pvalue < 0.05).mean(), abs=1e-3
+    )
+
+
+@pytest.mark.parametrize(("difference", "sd"), [(0.027, 0.062), (0.01, 0.031), (0.05, 0.02), (0.3, 0.1)])
 def test_seeds_needed_is_the_fewest_with_80_percent_power(difference, sd):
-    n = 2
-    while noncentral_t_power(difference, sd, n) < 0.8:
-        n += 1
-    assert seeds_for(difference, sd) == n
+    expected = math.ceil(TTestPower().solve_power(difference / sd, power=0.8, alpha=0.05, alternative="two-sided"))
+    assert seeds_for(difference, sd) == expected
+    assert power(difference, sd, expected) >= 0.8 > power(difference, sd, expected - 1)
     assert seeds_for(0.0, sd) == math.inf and math.isnan(seeds_for(difference, math.nan))
 
 
