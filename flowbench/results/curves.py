@@ -137,7 +137,9 @@ def along_budget(comparisons: pd.DataFrame, better: str, worse: str, dataset: st
         if len(rows) > 1
         else ""
     )
-    scope = f"{len(rows)} milestones, Holm over the {family} comparisons of {dataset}"
+    scope = f"{len(rows)} milestones, Holm over the {family} comparisons of {dataset}" + (
+        f" ({variant})" if variant else ""
+    )
     if not parts:
         text = f"never separated ({scope})"
     else:
