@@ -63,7 +63,7 @@ models: [glow]
 datasets: [digits]
 seeds: [{", ".join(str(s) for s in range(trials))}]
 budget: {{steps: {steps}}}
-train: {{batch_size: 16, eval_every: {steps}, checkpoint_every: {steps}, eval_images: 64}}
+train: {{batch_size: 16, evaluations: 1, eval_images: 64}}
 overrides:
   glow: {{depth: 2, levels: 2, hidden_channels: 8}}
 resources: {{cpu: 1}}

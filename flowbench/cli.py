@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -156,8 +157,7 @@ def cmd_train(args) -> None:
             **train,
             recipe_source=source,
             data_fingerprint=data_fingerprint(info),
-            eval_every=args.eval_every,
-            checkpoint_every=args.checkpoint_every or 10 * args.eval_every,
+            evaluations=args.evaluations,
             memory_saving=args.memory_saving,
             coupling_precision=args.coupling_precision,
             numerics=args.numerics,
@@ -308,20 +308,88 @@ def _sweep_spec(text: str) -> Path:
     )
 
 
+def _count(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:,.0f}"
+
+
+def _flops(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.3g}"
+
+
+def print_plan(spec_path: Path, measure: bool, mfu: float | None) -> None:
+    """The sweep's trials and what they will cost (``flowbench.sweep.plan``), without running them."""
+    from flowbench.sweep.plan import ACCELERATORS, DEFAULT_MFU, plan_cost
+
+    cost = plan_cost(spec_path, measure)
+    spec, trials = cost.spec, cost.trials
+    fraction = DEFAULT_MFU if mfu is None else mfu
+    print(
+        f"sweep {spec.name}: {len(trials)} trials, budget {spec.budget.amount:g} {spec.budget.kind} each, "
+        f"{spec.train.evaluations} evaluations along it"
+        + (f", {spec.search.num_samples} search samples per model and data set (not costed)" if spec.search else "")
+    )
+    for name, why in cost.absent.items():
+        info = cost.infos[name]
+        sizes = " / ".join(f"{n:,}" for n in info.sizes.values())
+        print(
+            f"  {name}: planned from its published shape {'x'.join(map(str, info.image_shape))} and sizes {sizes} "
+            f"(train / validation / test): {why}"
+        )
+    header = ["trial", "FLOPs/image", "steps", "images", "training FLOPs", "evaluation FLOPs"]
+    header += ["hours here"] if measure else []
+    rows = [
+        [
+            t.config.trial_id,
+            _flops(t.flops_per_image),
+            _count(t.steps),
+            _count(t.images),
+            _flops(t.train_flops),
+            _flops(t.eval_flops),
+            *([f"{t.seconds_here / 3600:.2f}"] if measure else []),
+        ]
+        for t in trials
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print(
+            "  "
+            + "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True)))
+        )
+    train, evaluation = cost.total("train_flops"), cost.total("eval_flops")
+    total = _flops(train + evaluation)
+    print(f"total: {_flops(train)} training FLOPs, {_flops(evaluation)} evaluation FLOPs, {total} in all")
+    if math.isnan(train):
+        print("  a seconds budget: its FLOPs are known once it runs (--measure counts them at this machine's speed)")
+        return
+    precision = {t.config.coupling_precision for t in trials}
+    print(
+        f"GPU-hours at {fraction:.0%} of the datasheet's dense peak"
+        + ("" if mfu is not None else " (an assumption, not measured: --mfu sets it)")
+        + f", at the trials' precision ({', '.join(sorted('TF32' if p == 'float32' else 'BF16' for p in precision))}):"
+    )
+    for gpu in ACCELERATORS:
+        hours = cost.gpu_hours(gpu, fraction)
+        spent = f"{hours:,.1f} GPU-hours" if hours >= 0.1 else f"{hours * 3600:.3g} GPU-seconds"
+        print(f"  {gpu.name:14s} {spent:>20s}  (dense peak TF32 {gpu.tf32:g}, BF16 {gpu.bf16:g} TFLOP/s: {gpu.source})")
+    if measure:
+        print(
+            f"this machine: {cost.total('seconds_here') / 3600:,.2f} hours one trial after another "
+            f"(each model's step and evaluation timed here)"
+        )
+    else:
+        print("this machine: --measure times a few training steps of each model here")
+
+
 def cmd_sweep(args) -> None:
     from flowbench.sweep.driver import plan, run_sweep
 
     args.spec = _sweep_spec(args.spec)
-    spec, configs = plan(args.spec)
+    if not args.dry_run and (args.measure or args.mfu is not None):
+        raise FlowbenchError("--measure and --mfu go with --dry-run (they cost a sweep, they do not run it)")
     if args.dry_run:
-        print(
-            f"sweep {spec.name}: {len(configs)} trials, budget {spec.budget.amount:g} {spec.budget.kind} each"
-            + (f", {spec.search.num_samples} search samples per model and data set" if spec.search else "")
-        )
-        for c in configs:
-            hp = " ".join(f"{k}={v}" for k, v in c.hparams.items())
-            print(f"  {c.trial_id:40s} {hp}")
+        print_plan(args.spec, args.measure, args.mfu)
         return
+    spec, _ = plan(args.spec)
     progress = SweepProgress()
     outcome = run_sweep(
         args.spec, args.results, args.address, args.mlflow_uri, (progress.callback,), args.num_cpus, args.storage
@@ -390,11 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=_number(int), help="linear learning-rate warm-up" + recipe)
     p.add_argument("--grad-clip", type=_number(float), help="max gradient norm" + recipe)
     p.add_argument("--no-grad-clip", action="store_true", help="no gradient clipping, whatever the card says")
-    p.add_argument("--eval-every", type=_number(int), default=50)
     p.add_argument(
-        "--checkpoint-every",
+        "--evaluations",
         type=_number(int),
-        help="steps between checkpoints, a multiple of --eval-every (default: every 10th evaluation)",
+        default=10,
+        help="validation evaluations along the budget, the k-th at k/N of it, a checkpoint at each (default 10)",
     )
     p.add_argument("--memory-saving", action="store_true", help="gradient checkpointing per flow step")
     p.add_argument(
@@ -416,7 +484,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run (or resume) a sweep spec as Ray Tune trials")
     p.add_argument("spec", help="sweep YAML, e.g. sweeps/table2.yaml, or the name of a shipped one (table2-cpu)")
-    p.add_argument("--dry-run", action="store_true", help="validate and print the trials, run nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, print the trials with their FLOPs and the GPU-hours they need; run nothing (no data needed)",
+    )
+    p.add_argument("--measure", action="store_true", help="with --dry-run: time a few steps of each model here")
+    p.add_argument(
+        "--mfu",
+        type=_number(float, gt=0, le=1),
+        help="with --dry-run: the fraction of an accelerator's dense peak a trial reaches (default 0.3)",
+    )
     p.add_argument("--address", help="Ray cluster to join ('auto' or HOST:PORT); default a local Ray")
     p.add_argument("--mlflow-uri", help="tracking server (default: sqlite under results/NAME/)")
     p.add_argument("--results", default="results", help="results root (default results/)")

@@ -57,6 +57,7 @@ class TrialRecord:
     budget: float = column(0.0, mlflow=PARAM)
     batch_size: int = column(0, mlflow=PARAM)
     lr: float = column(0.0, mlflow=PARAM)
+    evaluations: int = column(0, mlflow=PARAM)  # on validation along the budget, the k-th at k/N of it
     steps: int = column(0, mlflow=METRIC)
     epochs: float = column(0.0, mlflow=METRIC)
     images_seen: int = column(0, mlflow=METRIC)
@@ -70,6 +71,7 @@ class TrialRecord:
     train_bpd: float = column(
         math.nan, mlflow=METRIC
     )  # mean of the last evaluation interval; last finite loss if diverged
+    eval_images: int = column(0, mlflow=METRIC)  # validation images each evaluation along the budget used
     selected_step: int = column(0, mlflow=METRIC)  # the step of the checkpoint test_bpd was computed on
     num_params: int = column(0, mlflow=METRIC)  # effective: what can change the map
     num_params_allocated: int = column(0, mlflow=METRIC)  # every allocated entry, masked ones included

@@ -6,9 +6,9 @@ evaluation; ``checkpoint_dir`` is set when a checkpoint was just written there.
 
 The loop reads top to bottom like Glow-PyTorch's ``train.py``: ``setup_trial`` (data, model,
 optimiser, resume), then per step ``train_step`` (no host sync: the loss stays on the device),
-and at each evaluation interval ``evaluate_and_select`` (the one place device values are read:
-loss, divergence, validation bits/dim, the best checkpoint so far) and ``save_checkpoint``; at
-the end ``finish_record`` evaluates the selected checkpoint once on the test split.
+and at each milestone (k/N of the budget, in its own unit) ``evaluate_and_select`` (the one place
+device values are read: loss, divergence, validation bits/dim, the best checkpoint so far) and
+``write_checkpoint``; at the end ``finish_record`` evaluates the selected checkpoint once on the test split.
 
 The science: selection (search, ASHA, the reported checkpoint) uses validation bits/dim, carved
 from the training data; test bits/dim is computed once, on the selected weights. Training FLOPs
@@ -70,21 +70,23 @@ class TrainSettings(pydantic.BaseModel):
     grad_clip: float | None = pydantic.Field(50.0, gt=0)  # max gradient norm; None: no clipping
     memory_saving: bool = False  # gradient checkpointing per flow step: less memory, more compute
     coupling_precision: CouplingPrecision = "float32"  # the coupling networks' compute
-    eval_every: int = pydantic.Field(100, gt=0)
+    # evaluations along the budget, the k-th once k/N of it is spent (in the budget's own unit: at
+    # equal training FLOPs for every model under a FLOPs budget); a checkpoint is written at each
+    evaluations: int = pydantic.Field(10, gt=0)
     eval_images: int | None = pydantic.Field(None, gt=0)  # validation images per evaluation (None: all)
-    checkpoint_every: int = pydantic.Field(500, gt=0)
 
-    @pydantic.model_validator(mode="after")
-    def _checkpoints_at_evaluations(self):
-        # a checkpoint is written at an evaluation: with neither interval dividing the other the
-        # checkpoints would come at their least common multiple, far rarer than asked
-        if self.checkpoint_every % self.eval_every and self.eval_every % self.checkpoint_every:
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _no_step_intervals(cls, data):
+        # the settings of flowbench before evaluations were placed along the budget
+        old = [k for k in ("eval_every", "checkpoint_every") if isinstance(data, dict) and k in data]
+        if old:
             raise FieldError(
-                ("checkpoint_every",),
-                f"checkpoints are written at evaluations: give a multiple "
-                f"or a divisor of eval_every ({self.eval_every}), got {self.checkpoint_every}",
+                (old[0],),
+                "evaluations are placed along the budget now: give evaluations: N (the k-th at k/N of the "
+                "budget, a checkpoint at each) instead of eval_every and checkpoint_every",
             )
-        return self
+        return data
 
 
 class TrialConfig(TrainSettings):
@@ -136,6 +138,7 @@ class TrialConfig(TrainSettings):
             budget=self.budget,
             batch_size=self.batch_size,
             lr=self.lr,
+            evaluations=self.evaluations,
             **measured,
         )
 
@@ -315,6 +318,25 @@ class Progress:
             "seconds": self.train_seconds,
             "flops": self.train_flops,
         }[kind]
+
+
+class Milestones:
+    """The evaluations along a budget: the k-th at the first step that has spent k/N of it (N
+    ``evaluations``, the last at the budget itself), in the budget's own unit. ``reached`` is how
+    many are behind; a resumed trial starts from what it had ``spent``."""
+
+    def __init__(self, budget: float, evaluations: int, spent: float = 0.0):
+        self.budget = budget
+        self.targets = [budget * k / evaluations for k in range(1, evaluations)] + [budget]
+        self.reached = sum(t <= spent for t in self.targets)
+
+    def due(self, spent: float) -> bool:
+        """Whether the step that brought the trial to ``spent`` is evaluated (one step may pass
+        several milestones: one evaluation, at the last of them)."""
+        if spent < self.budget and spent < self.targets[self.reached]:
+            return False
+        self.reached = sum(t <= spent for t in self.targets)
+        return True
 
 
 def batch_plan(config: TrialConfig, n_train: int, start: Progress) -> Iterator[tuple[np.ndarray, int, int]]:
@@ -606,6 +628,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
     n_train = len(state.data.train)
     meter = LossMeter(state.device)
     status, reason, last_finite_loss = "ok", "", math.nan
+    along = Milestones(config.budget, config.evaluations, progress.spent(config.budget_kind, n_train))
 
     # the batches are gathered (and copied to the GPU) ahead on a thread; the same plan, walked here,
     # says where each batch leaves the data order (what a checkpoint stores)
@@ -623,11 +646,14 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
             progress.train_seconds += time.perf_counter() - step_start
             if config.budget_kind == "seconds":  # every process stops at the same step
                 progress.train_seconds = shard.reduce([progress.train_seconds], "max")[0]
-            done = progress.spent(config.budget_kind, n_train) >= config.budget
-
-            if progress.step % config.eval_every and not done:
+            spent = progress.spent(config.budget_kind, n_train)
+            done = spent >= config.budget
+            if not along.due(spent):
                 continue
-            point = evaluate_and_select(state, meter, done)
+            point = evaluate_and_select(state, meter, done) | {
+                "milestone": along.reached,
+                "budget_fraction": spent / config.budget,
+            }
             if "diverged" in point:
                 status = "diverged"
                 reason = (
@@ -641,9 +667,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
                 )
                 break
             state.curve.append(point)
-            saved = None
-            if (progress.step % config.checkpoint_every == 0 or done) and shard.rank == 0:
-                saved = write_checkpoint(state)
+            saved = write_checkpoint(state) if shard.rank == 0 else None
             if reporter is not None:
                 reporter(dict(point, final=done), saved)
             if done:
@@ -697,6 +721,8 @@ def finish_record(state: TrialState, status: str, reason: str) -> TrialRecord:
             )
             for key, value in latency.items():
                 setattr(record, key, value)
+    n_validation = len(state.data.validation)
+    record.eval_images = min(config.eval_images or n_validation, n_validation)
     record.peak_memory_mb, record.memory_kind = peak_memory_mb(state.device)
     record.finished_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     record.curve = state.curve

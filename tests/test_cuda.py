@@ -119,7 +119,7 @@ name: gpu
 models: [glow, emerging]
 datasets: [digits]
 budget: {steps: 10}
-train: {batch_size: 32, eval_every: 5, checkpoint_every: 5}
+train: {batch_size: 32, evaluations: 2}
 overrides:
   glow: {depth: 2, levels: 2, hidden_channels: 8}
   emerging: {depth: 2, levels: 2, hidden_channels: 8}
@@ -150,8 +150,7 @@ def test_two_nccl_workers_reach_the_one_gpu_result(tmp_path):
         seed=3,
         batch_size=32,
         budget=6,
-        eval_every=3,
-        checkpoint_every=3,
+        evaluations=2,
         latency_repeats=2,
     )
     single = run_trial(TrialConfig(**config, out_dir=str(tmp_path / "single"), device="cuda"))

@@ -28,7 +28,7 @@ models: [glow, nxn_shift]
 datasets: [digits]
 seeds: [0, 1]
 budget: {steps: 20}
-train: {batch_size: 32, lr: 1e-3, eval_every: 10, checkpoint_every: 10}
+train: {batch_size: 32, lr: 1e-3, evaluations: 2}
 overrides:
   glow: {depth: 2, levels: 2, hidden_channels: 8}
   nxn_shift: {depth: 2, levels: 2, hidden_channels: 8}
@@ -79,12 +79,12 @@ SPECS = {
         "train.warmup_steps",
         "greater than or equal to 0",
     ),
-    "eval-every-zero": (edited("eval_every: 10", "eval_every: 0"), "train.eval_every", "greater than 0"),
+    "evaluations-zero": (edited("evaluations: 2", "evaluations: 0"), "train.evaluations", "greater than 0"),
     "eval-images-zero": (edited("lr: 1e-3,", "lr: 1e-3, eval_images: 0,"), "train.eval_images", "greater than 0"),
-    "checkpoint-off-evaluations": (
-        edited("checkpoint_every: 10", "checkpoint_every: 15"),
-        "train.checkpoint_every",
-        r"multiple or a divisor of eval_every \(10\), got 15",
+    "step-intervals-of-old-specs": (
+        edited("evaluations: 2", "eval_every: 10, checkpoint_every: 10"),
+        "train.eval_every",
+        r"evaluations are placed along the budget now: give evaluations: N \(the k-th at k/N of the budget",
     ),
     "steps-zero": (edited("{steps: 20}", "{steps: 0}"), "budget.steps", "greater than 0"),
     "steps-inf": (edited("{steps: 20}", "{steps: .inf}"), "budget.steps", "finite number"),
@@ -227,7 +227,7 @@ def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path, capsys):
     assert_one_line(rc, err, r"spec.yaml:8: search.space.a0: neither a train key")
 
 
-TRAIN = ["train", "--model", "glow", "--dataset", "digits", "--budget-steps", "4", "--eval-every", "2", *TINY]
+TRAIN = ["train", "--model", "glow", "--dataset", "digits", "--budget-steps", "4", "--evaluations", "2", *TINY]
 CLI = {
     "lr-negative": (["--lr", "-1e-3"], r"^flowbench: error: --lr: Input should be greater than 0"),
     "lr-not-a-number": (["--lr", "1e-3x"], r"argument --lr: input should be a valid number.*got '1e-3x'"),
@@ -241,8 +241,8 @@ CLI = {
     "batch-zero": (["--batch-size", "0"], r"--batch-size: Input should be greater than 0"),
     "batch-yes": (["--batch-size", "yes"], r"argument --batch-size: not a number, got 'yes'"),
     "warmup-negative": (["--warmup-steps", "-1"], r"--warmup-steps: Input should be greater than or equal to 0"),
-    "eval-zero": (["--eval-every", "0", "--checkpoint-every", "4"], r"--eval-every: Input should be greater than 0"),
-    "checkpoint-off-evaluations": (["--checkpoint-every", "3"], r"--checkpoint-every: .*multiple or a divisor"),
+    "evaluations-zero": (["--evaluations", "0"], r"--evaluations: Input should be greater than 0"),
+    "step-interval-of-old": (["--eval-every", "2"], r"unrecognized arguments: --eval-every 2"),
     "hparam-zero": (["--hparam", "depth=0"], r"--hparam depth=0: Input should be greater than or equal to 1"),
     "hparam-words": (["--hparam", "depth=two"], r"--hparam depth=two: Input should be a valid integer"),
     "hparam-unknown": (["--hparam", "width=3"], r"--hparam width=3: glow has no such hyperparameter"),
@@ -411,7 +411,7 @@ def lock_holder(folder: Path, timeout: float = 120) -> dict:
 
 def test_two_trains_into_one_out_the_second_is_refused_naming_the_first(tmp_path):
     out = tmp_path / "out"
-    argv = [*TRAIN, "--budget-steps", "100000", "--eval-every", "1000", "--out", str(out)]
+    argv = [*TRAIN, "--budget-steps", "100000", "--evaluations", "100", "--out", str(out)]
     first = subprocess.Popen(
         flowbench_command(*argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -443,7 +443,7 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_resumes(tmp_path, c
     command resumes from it."""
     from flowbench.trial import CHECKPOINT_FILE, load_checkpoint
 
-    argv = [*TRAIN, "--budget-steps", "4", "--eval-every", "2", "--checkpoint-every", "2"]
+    argv = [*TRAIN, "--budget-steps", "4", "--evaluations", "2"]
     assert run_cli([*argv, "--budget-steps", "2", "--out", str(tmp_path / "probe")], capsys)[0] == 0
     one = checkpoint_sizes(tmp_path / "probe")  # what one checkpoint (state and selected weights) takes
     with mounted_tmpfs(tmp_path / "disk", size="4m") as disk:
@@ -467,7 +467,7 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_resumes(tmp_path, c
 
 
 def test_a_read_only_output_folder_is_one_line_and_keeps_what_it_holds(tmp_path, capsys):
-    argv = [*TRAIN, "--budget-steps", "2", "--eval-every", "2"]
+    argv = [*TRAIN, "--budget-steps", "2", "--evaluations", "1"]
     with mounted_tmpfs(tmp_path / "disk", size="8m") as disk:
         out = disk / "out"
         assert run_cli([*argv, "--out", str(out)], capsys)[0] == 0

@@ -17,7 +17,7 @@ TINY_CLI = ["--hparam", "depth=2", "--hparam", "levels=2", "--hparam", "hidden_c
 
 
 def test_a_record_names_what_its_numbers_depend_on(tmp_path):
-    record = run_trial(TrialConfig(**TINY, budget=2, eval_every=2, latency_repeats=1, out_dir=str(tmp_path)))
+    record = run_trial(TrialConfig(**TINY, budget=2, evaluations=1, latency_repeats=1, out_dir=str(tmp_path)))
     assert record.numerics == "native"
     assert record.cpu_capability == torch.backends.cpu.get_cpu_capability()
     assert record.threads == torch.get_num_threads()
@@ -38,7 +38,7 @@ def test_portable_numerics_in_a_process_started_without_them_is_one_line(tmp_pat
 def test_flowbench_train_in_portable_numerics_runs_the_portable_kernels_on_one_thread(tmp_path):
     """The CLI sets the environment before torch computes anything: the record shows it in effect."""
     out = tmp_path / "run"
-    argv = ["train", "--model", "glow", "--dataset", "digits", "--budget-steps", "2", "--eval-every", "2"]
+    argv = ["train", "--model", "glow", "--dataset", "digits", "--budget-steps", "2", "--evaluations", "1"]
     done = subprocess.run(
         [sys.executable, "-m", "flowbench.cli", *argv, *TINY_CLI, "--numerics", "portable", "--out", str(out)],
         capture_output=True,

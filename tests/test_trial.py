@@ -14,8 +14,7 @@ TINY = dict(
     dataset="digits",
     hparams=dict(depth=2, levels=2, hidden_channels=8),
     batch_size=32,
-    eval_every=5,
-    checkpoint_every=10,
+    evaluations=2,
     latency_repeats=2,
 )
 
@@ -38,7 +37,7 @@ def test_budget_is_spent_exactly(tmp_path, kind, budget, steps, images):
 
 
 def test_seconds_budget_stops_at_the_first_step_past_it(tmp_path):
-    record = run_trial(config(tmp_path, budget_kind="seconds", budget=1.0, eval_every=1000))
+    record = run_trial(config(tmp_path, budget_kind="seconds", budget=1.0, evaluations=1))
     assert record.status == "ok"
     step_time = record.train_seconds / record.steps
     assert 1.0 <= record.train_seconds < 1.0 + 5 * step_time + 0.5  # overshoot: the last step only
@@ -64,7 +63,7 @@ def test_record_measures_what_it_says(tmp_path):
 
 
 def test_training_lowers_validation_bits_per_dim(tmp_path):
-    record = run_trial(config(tmp_path, budget=60, eval_every=20))
+    record = run_trial(config(tmp_path, budget=60, evaluations=3))
     curve = [p["val_bpd"] for p in record.curve]
     assert curve[-1] < curve[1] < curve[0] - 0.2, curve
 
@@ -86,17 +85,17 @@ class Interrupt(Exception):
 
 
 def test_resumed_trial_reaches_the_same_result(tmp_path):
-    straight = run_trial(config(tmp_path / "straight", budget=30))
+    straight = run_trial(config(tmp_path / "straight", budget=30, evaluations=3))
 
     def crash_after_first_checkpoint(metrics, checkpoint_dir):
         if checkpoint_dir is not None:
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        run_trial(config(tmp_path / "resumed", budget=30), crash_after_first_checkpoint)
+        run_trial(config(tmp_path / "resumed", budget=30, evaluations=3), crash_after_first_checkpoint)
     ckpt = tmp_path / "resumed" / "checkpoint" / CHECKPOINT_FILE
     assert load_checkpoint(ckpt)["progress"]["step"] == 10
-    resumed = run_trial(config(tmp_path / "resumed", budget=30), resume_from=ckpt)
+    resumed = run_trial(config(tmp_path / "resumed", budget=30, evaluations=3), resume_from=ckpt)
     assert resumed.steps == 30 and without_timings(resumed.curve) == without_timings(straight.curve)
     a = load_checkpoint(tmp_path / "straight" / "checkpoint")["model"]
     b = load_checkpoint(ckpt)["model"]
@@ -140,7 +139,7 @@ def nan_from_the_first_training_step(monkeypatch):
 
 def test_divergence_at_step_one_is_a_record_not_a_crash(tmp_path, monkeypatch):
     nan_from_the_first_training_step(monkeypatch)
-    record = run_trial(config(tmp_path, budget=30, eval_every=5))
+    record = run_trial(config(tmp_path, budget=30, evaluations=6))
     assert record.status == "diverged" and record.steps == 1
     assert "at step 1 " in record.reason and math.isnan(record.test_bpd)
     assert not (tmp_path / "checkpoint").exists()  # nothing worth resuming was written
@@ -179,14 +178,28 @@ def test_cli_train_that_diverges_at_step_one_exits_non_zero_with_one_line(tmp_pa
     assert row["status"] == "diverged" and row["steps"] == 1
 
 
-def test_flops_budget_is_met_within_one_step(tmp_path):
+def test_flops_budget_is_met_within_one_step_and_evaluated_at_its_fifths(tmp_path):
     probe = run_trial(config(tmp_path / "probe", budget=1))
     per_step = probe.flops_per_image * 32
     budget = 7.5 * per_step
-    record = run_trial(config(tmp_path / "run", budget_kind="flops", budget=budget))
+    record = run_trial(config(tmp_path / "run", budget_kind="flops", budget=budget, evaluations=5))
     assert record.status == "ok" and record.steps == 8
     assert budget <= record.train_flops < budget + per_step
     assert record.flops_per_image == probe.flops_per_image  # measured, and the same at the same shape
+    # the k-th evaluation at the first step that has spent k/5 of the budget: 1.5, 3, 4.5, 6, 7.5 steps' FLOPs
+    assert [p["step"] for p in record.curve] == [2, 3, 5, 6, 8]
+    assert [p["milestone"] for p in record.curve] == [1, 2, 3, 4, 5] and record.evaluations == 5
+    for k, point in enumerate(record.curve, 1):
+        assert k / 5 * budget <= point["train_flops"] < k / 5 * budget + per_step
+        assert point["budget_fraction"] == point["train_flops"] / budget
+    assert record.eval_images == 150  # digits' whole validation split (eval_images unset)
+    # evaluations draw on no training random stream: one evaluation or five, the same training
+    once = run_trial(config(tmp_path / "once", budget_kind="flops", budget=budget, evaluations=1))
+    assert [p["step"] for p in once.curve] == [8] and once.curve[0]["val_bpd"] == record.curve[-1]["val_bpd"]
+    assert once.curve[0]["train_flops"] == record.train_flops
+    a, b = (load_checkpoint(tmp_path / run / "checkpoint")["model"] for run in ("run", "once"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
 
 
 def test_flops_are_measured_by_the_counter_not_a_formula(tmp_path):
@@ -199,7 +212,7 @@ def test_flops_are_measured_by_the_counter_not_a_formula(tmp_path):
 
 
 def test_selected_weights_are_the_best_validation_step(tmp_path):
-    record = run_trial(config(tmp_path, budget=40, eval_every=5, checkpoint_every=5))
+    record = run_trial(config(tmp_path, budget=40, evaluations=8))
     selected = load_checkpoint(tmp_path / "checkpoint" / "selected.pt")
     assert selected["best"]["step"] == record.selected_step
     assert selected["best"]["val_bpd"] == min(p["val_bpd"] for p in record.curve)

@@ -89,7 +89,7 @@ def test_installed_wheel_lists_models_and_trains_outside_the_checkout(wheel, tmp
             "digits",
             "--budget-steps",
             "4",
-            "--eval-every",
+            "--evaluations",
             "2",
             "--batch-size",
             "16",

@@ -21,6 +21,7 @@ from flowbench.data.cache import (
     open_cache,
     read_manifest,
     split_sizes,
+    validation_size,
 )
 from flowbench.data.embedded import digits_source, embedded_source
 from flowbench.data.files import celeba_hq_source, cifar10_source, imagenet_source
@@ -38,6 +39,16 @@ DATASETS = {  # name -> the Source of its files under a root (None: data shipped
     "celeba-hq": celeba_hq_source,
 }
 NEEDS_ROOT = {"cifar10", "imagenet32", "imagenet64", "celeba-hq"}
+# What the downloaded data sets are, as published: (image shape, n_bits, images per published split).
+# Planning a sweep (flowbench sweep --dry-run) needs shapes and sizes, not pixels, and may run where
+# the files are not. CIFAR-10: cs.toronto.edu/~kriz/cifar.html; ImageNet 32×32 and 64×64: ILSVRC-2012's
+# training and validation images, as Chrabaszcz et al. (2017)'s npz batches hold them (Oord et al.'s PNG
+# folders differ by a few dozen). CelebA-HQ's size is whatever its files were made at: not listed.
+PUBLISHED = {
+    "cifar10": ((3, 32, 32), 8, {"train": 50_000, "test": 10_000}),
+    "imagenet32": ((3, 32, 32), 8, {"train": 1_281_167, "test": 50_000}),
+    "imagenet64": ((3, 64, 64), 8, {"train": 1_281_167, "test": 50_000}),
+}
 
 
 def find_source(name: str, root: str | Path | None) -> Source:
@@ -115,6 +126,17 @@ def dataset_info(name: str, root: str | Path | None = None) -> DatasetInfo:
     return DatasetInfo(name, source.image_shape, source.n_bits, split_sizes(source, source.sizes()), None)
 
 
+def published_info(name: str) -> DatasetInfo | None:
+    """What a downloaded data set is by its publication (``PUBLISHED``), validation carved as from its
+    files; None for one whose shape depends on its files."""
+    if name not in PUBLISHED:
+        return None
+    shape, n_bits, counts = PUBLISHED[name]
+    n_validation = validation_size(name, counts["train"])
+    sizes = {"train": counts["train"] - n_validation, "validation": n_validation, "test": counts["test"]}
+    return DatasetInfo(name, shape, n_bits, sizes, None)
+
+
 def _given_cache(name: str, root: str | Path | None) -> Path | None:
     """``root`` when it is a prepared cache; refuses a cache folder whose manifest is missing."""
     if root is None:
@@ -136,10 +158,12 @@ __all__ = [
     "DatasetInfo",
     "ImageData",
     "NEEDS_ROOT",
+    "PUBLISHED",
     "Prefetcher",
     "dataset_info",
     "default_cache_dir",
     "find_source",
     "load_dataset",
     "prepare_dataset",
+    "published_info",
 ]

@@ -27,6 +27,7 @@ import math
 
 import pandas as pd
 
+from flowbench.results.curves import along_budget
 from flowbench.results.table2 import ALPHA
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
@@ -60,6 +61,7 @@ class Ruling:
     verdict: str
     evidence: str  # the figures the verdict follows from, or what would test the claim
     same_comparison: tuple[str, ...] = ()  # the comparison on the sweep's own data sets, no verdict
+    budgets: str = ""  # over which budgets the ordering holds (validation bits/dim along the budget)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,8 +162,34 @@ def _figures(row, claim: PairedClaim) -> str:
     p = f"p_holm {row.p_holm:.3g}" if not math.isnan(row.p_holm) else "p_holm undefined"
     return (
         f"{METRIC_NAMES[claim.metric]} {claim.better} − {claim.worse} = {diff:+.3f} {unit}{interval} "
-        f"(95% CI), {p}, {row.n_seeds} seeds"
+        f"(95% CI), {p}, {row.n_seeds} seeds{_power(row)}"
     )
+
+
+def seeds_text(seeds: float) -> str:
+    return "—" if math.isnan(seeds) else "never (no difference)" if math.isinf(seeds) else f"{seeds:,.0f}"
+
+
+def _power(row) -> str:
+    """The power the comparison had and the seeds it would need (rows with ``seeds_needed``'s columns)."""
+    if math.isnan(getattr(row, "power_observed", math.nan)):
+        return ""
+    return (
+        f"; power {row.power_observed:.2f} to detect this difference and {row.power_detect:.2f} to detect "
+        f"{row.detect:g} bits/dim, {row.target_power:.0%} power needs {seeds_text(row.seeds_observed)} and "
+        f"{seeds_text(row.seeds_detect)} seeds"
+    )
+
+
+def _along(along: pd.DataFrame | None, claim: PairedClaim, dataset: str) -> str:
+    """The claim's ordering along the budget on ``dataset`` ('' for a measure without curves)."""
+    if along is None or claim.metric != "test_bpd":
+        return ""
+    return along_budget(along, claim.better, claim.worse, dataset)
+
+
+def _with_along(text: str, along: str) -> str:
+    return f"{text}; along the budget (validation bits/dim): {along}" if along else text
 
 
 def _paired_verdict(row, claim: PairedClaim) -> str:
@@ -201,8 +229,11 @@ def _missing(trials: pd.DataFrame, claim: PairedClaim, dataset: str | None) -> s
     return f"needs {METRIC_NAMES[claim.metric]} measured for {claim.better} and {claim.worse}{where} on the same seeds"
 
 
-def rule_paired(claim: PairedClaim, pairs: pd.DataFrame, trials: pd.DataFrame) -> list[Ruling]:
-    """One ruling for a claim about one data set; one per data set the sweep ran for a claim about any."""
+def rule_paired(
+    claim: PairedClaim, pairs: pd.DataFrame, trials: pd.DataFrame, along: pd.DataFrame | None = None
+) -> list[Ruling]:
+    """One ruling for a claim about one data set; one per data set the sweep ran for a claim about any.
+    ``along`` (``milestone_comparisons``) says over which budgets a bits/dim ordering holds."""
     rows = _pair_rows(pairs, claim)
     if claim.dataset is None:
         if rows.empty:
@@ -212,19 +243,24 @@ def rule_paired(claim: PairedClaim, pairs: pd.DataFrame, trials: pd.DataFrame) -
                 dataclasses.replace(claim.claim, statement=f"{claim.claim.statement}, on {dataset}"),
                 _paired_verdict(row, claim),
                 _figures(row, claim),
+                budgets=_along(along, claim, dataset),
             )
             for dataset, row in rows.iterrows()
         ]
     others = tuple(
-        f"the same comparison on {dataset} (not {claim.dataset}: no verdict on the paper's claim): "
-        f"{_figures(row, claim)}"
+        _with_along(
+            f"the same comparison on {dataset} (not {claim.dataset}: no verdict on the paper's claim): "
+            f"{_figures(row, claim)}",
+            _along(along, claim, dataset),
+        )
         for dataset, row in rows.iterrows()
         if dataset != claim.dataset
     )
     if claim.dataset not in rows.index:
         return [Ruling(claim.claim, NOT_TESTED, _missing(trials, claim, claim.dataset), others)]
     row = rows.loc[claim.dataset]
-    return [Ruling(claim.claim, _paired_verdict(row, claim), _figures(row, claim), others)]
+    budgets = _along(along, claim, claim.dataset)
+    return [Ruling(claim.claim, _paired_verdict(row, claim), _figures(row, claim), others, budgets)]
 
 
 def mixing_counts(dataset: str, kernel_size: int = STANDARD_KERNEL) -> MixingCounts | None:
@@ -303,7 +339,7 @@ def fold_gap(seed: int = 0) -> float:
     return float(((nxn_logp - glow_logp).abs() / nxn_logp.abs()).max())
 
 
-def rule_flexibility(claim: Claim, gap: float, pairs: pd.DataFrame) -> Ruling:
+def rule_flexibility(claim: Claim, gap: float, pairs: pd.DataFrame, along: pd.DataFrame | None = None) -> Ruling:
     """Contradicted (as a statement about expressiveness) when the fold reproduces the density;
     a failed fold check leaves the claim inconclusive. The measured n×n − Glow differences are
     shown beside it: under the fold they are differences of optimisation."""
@@ -320,19 +356,24 @@ def rule_flexibility(claim: Claim, gap: float, pairs: pd.DataFrame) -> Ruling:
         evidence = f"the fold check failed: relative log-density gap {gap:.1e} > {FOLD_TOLERANCE:.0e}"
     bpd = PairedClaim(claim, "test_bpd", "nxn_shift", "glow")
     optimisation = tuple(
-        f"optimisation, not expressiveness, on {dataset}: {_figures(row, bpd)}"
+        _with_along(
+            f"optimisation, not expressiveness, on {dataset}: {_figures(row, bpd)}", _along(along, bpd, dataset)
+        )
         for dataset, row in _pair_rows(pairs, bpd).iterrows()
     )
     return Ruling(claim, verdict, evidence, optimisation)
 
 
-def rule_claims(trials: pd.DataFrame, table2: pd.DataFrame, pairs: pd.DataFrame) -> list[Ruling]:
-    """Every claim's ruling. ``pairs`` holds paired comparisons of test_bpd, density_latency_ms and
-    sample_latency_ms (``paired_comparisons`` per metric, concatenated)."""
+def rule_claims(
+    trials: pd.DataFrame, table2: pd.DataFrame, pairs: pd.DataFrame, along: pd.DataFrame | None = None
+) -> list[Ruling]:
+    """Every claim's ruling. ``pairs`` holds paired comparisons of test_bpd (with ``seeds_needed``'s
+    power columns where known), density_latency_ms and sample_latency_ms (``paired_comparisons`` per
+    metric, concatenated); ``along`` the comparisons along the budget (``milestone_comparisons``)."""
     claims = paper_claims()
-    rulings = [r for claim in claims.bpd for r in rule_paired(claim, pairs, trials)]
+    rulings = [r for claim in claims.bpd for r in rule_paired(claim, pairs, trials, along)]
     counts = [c for dataset in PAPER_IMAGE_SHAPES if (c := mixing_counts(dataset)) is not None]
     rulings.append(rule_parameters(claims.parameters, counts, table2))
     rulings += [r for claim in claims.latency for r in rule_paired(claim, pairs, trials)]
-    rulings.append(rule_flexibility(claims.flexibility, fold_gap(), pairs))
+    rulings.append(rule_flexibility(claims.flexibility, fold_gap(), pairs, along))
     return rulings

@@ -13,7 +13,7 @@ import pandas as pd
 
 from flowbench.errors import FlowbenchError
 from flowbench.record import RECORD_COLUMNS, row_from_mlflow
-from flowbench.results.tables import CURVE_KEYS, CURVE_METRICS, REQUIRED
+from flowbench.results.tables import CURVE_KEYS, CURVE_METRICS
 
 PARENT_TAG = "mlflow.parentRunId"  # trial runs are the sweep run's children
 
@@ -47,4 +47,4 @@ def tables_from_mlflow(uri: str, experiment: str) -> tuple[pd.DataFrame, pd.Data
         ]
     trials_frame = pd.DataFrame(trials, columns=RECORD_COLUMNS)
     trials_frame = trials_frame.sort_values(["model", "variant", "dataset", "seed"], kind="stable")
-    return trials_frame.reset_index(drop=True), pd.DataFrame(curves, columns=None if curves else REQUIRED["curves"])
+    return trials_frame.reset_index(drop=True), pd.DataFrame(curves, columns=[*CURVE_KEYS, "step", *CURVE_METRICS])

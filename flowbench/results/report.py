@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import json
 import math
 import re
 from pathlib import Path
@@ -14,7 +15,16 @@ import numpy as np
 import pandas as pd
 
 from flowbench.atomic import atomic_write
-from flowbench.results.claims import METRIC_NAMES, PAPER, PAPER_IMAGE_SHAPES, rule_claims
+from flowbench.results.claims import METRIC_NAMES, PAPER, PAPER_IMAGE_SHAPES, rule_claims, seeds_text
+from flowbench.results.curves import (
+    along_budget,
+    amount,
+    curve_summary,
+    evaluation_setting,
+    milestone_comparisons,
+    milestone_values,
+)
+from flowbench.results.power import DETECT_BPD, TARGET_POWER, seeds_needed
 from flowbench.results.table2 import ALPHA, final_trials, paired_comparisons, table2_frame
 from flowbench.results.tables import read_table, write_table
 
@@ -26,6 +36,7 @@ SPLITS = (
     "everything that selects — search, ASHA, early stopping and the checkpoint reported; test bits/dim "
     "once per trial, on the selected checkpoint."
 )
+NO_MILESTONES = "none in these tables: their trials were evaluated every N steps, by a flowbench before milestones"
 NXN_GLOW = (
     "The n×n / Glow relation: an n×n model and a Glow model of the same card define the same family of "
     "densities. The shift S is a per-channel affine map directly after ActNorm, itself per-channel "
@@ -40,6 +51,7 @@ class Section:
     paragraphs: list[str] = dataclasses.field(default_factory=list)
     table: pd.DataFrame | None = None
     bullets: list[str] = dataclasses.field(default_factory=list)
+    plots: list[Path] = dataclasses.field(default_factory=list)  # shown in the section, not under Plots
 
 
 def paper_bpd_from_cards(model: str, dataset: str):
@@ -131,6 +143,69 @@ def claims_table(rulings) -> pd.DataFrame:
             "source": [r.claim.source for r in rulings],
             "verdict": [r.verdict for r in rulings],
             "evidence": [r.evidence for r in rulings],
+            "along the budget (validation bits/dim)": [r.budgets or "—" for r in rulings],
+        }
+    )
+
+
+def _milestone(fraction: float, at: float, kind: str) -> str:
+    return f"{fraction:.0%} ({amount(at, kind)})"
+
+
+def along_table(summary: pd.DataFrame, table2: pd.DataFrame) -> pd.DataFrame:
+    """The along-the-budget plot's numbers: per data set and milestone, each model's mean validation
+    bits/dim [95% interval] over seeds (models in Table 2's order)."""
+    found = {_label(m, v) for m, v in zip(summary["model"], summary["variant"], strict=True)}
+    labels = [x for x in dict.fromkeys(map(_label, table2["model"], table2["variant"])) if x in found]
+    rows = []
+    for (dataset, fraction), group in summary.groupby(["dataset", "fraction"], sort=True):
+        cells = {
+            _label(r.model, r.variant): _fmt(r.val_bpd_mean, 3)
+            + ("" if math.isnan(r.val_bpd_ci_low) else f" [{r.val_bpd_ci_low:.3f}, {r.val_bpd_ci_high:.3f}]")
+            for r in group.itertuples()
+        }
+        first = group.iloc[0]
+        rows.append(
+            {"dataset": dataset, "budget spent": _milestone(fraction, first["spent"], first["budget_kind"])}
+            | {label: cells.get(label, "—") for label in labels}
+        )
+    return pd.DataFrame(rows, columns=["dataset", "budget spent", *labels])
+
+
+def along_comparison_table(along: pd.DataFrame) -> pd.DataFrame:
+    """Every pair at every milestone: a − b in validation bits/dim (Holm-adjusted p), * where p_holm ≤ ALPHA."""
+    fractions = sorted(along["fraction"].unique())
+    rows = []
+    for (dataset, variant, a, b), group in along.groupby(["dataset", "variant", "model_a", "model_b"], sort=False):
+        cells = {
+            f"{r.fraction:.0%}": "—"
+            if not r.n_seeds
+            else f"{r.a_minus_b:+.3f} ({_fmt(r.p_holm, 3)})" + ("*" if r.p_holm <= ALPHA else "")
+            for r in group.itertuples()
+        }
+        rows.append(
+            {"dataset": dataset, "variant": variant, "a": a, "b": b}
+            | {f"{f:.0%}": cells.get(f"{f:.0%}", "—") for f in fractions}
+        )
+    return pd.DataFrame(rows, columns=["dataset", "variant", "a", "b", *[f"{f:.0%}" for f in fractions]])
+
+
+def seeds_table(pairs: pd.DataFrame) -> pd.DataFrame:
+    detect = f"{pairs['detect'].iloc[0]:g} bits/dim" if len(pairs) else "the set difference"
+    target = f"{pairs['target_power'].iloc[0]:.0%}" if len(pairs) else "target"
+    return pd.DataFrame(
+        {
+            "dataset": pairs["dataset"],
+            "variant": pairs["variant"],
+            "a": pairs["model_a"],
+            "b": pairs["model_b"],
+            "seeds": pairs["n_seeds"],
+            "a − b": [_fmt(v, 3) for v in pairs["a_minus_b"]],
+            "sd of a − b": [_fmt(v, 3) for v in pairs["sd_diff"]],
+            "power (observed a − b)": [_fmt(v, 2) for v in pairs["power_observed"]],
+            f"power ({detect})": [_fmt(v, 2) for v in pairs["power_detect"]],
+            f"seeds for {target} (observed)": [seeds_text(v) for v in pairs["seeds_observed"]],
+            f"seeds for {target} ({detect})": [seeds_text(v) for v in pairs["seeds_detect"]],
         }
     )
 
@@ -146,7 +221,7 @@ def _budgets(finals: pd.DataFrame) -> str:
     return f"equal budget of {text} per trial{flops}" if len(kinds) == 1 else f"budgets {text}{flops}"
 
 
-def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.DataFrame) -> list[Path]:
+def _plots(out: Path, summary: pd.DataFrame, table2: pd.DataFrame) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,26 +240,24 @@ def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.Dat
         plt.close(fig)
         written.append(path)
 
-    finals = final_trials(trials)
-    kinds = set(finals["budget_kind"])
-    x_axis = {"seconds": "train_seconds", "flops": "train_flops"}.get(kinds.pop() if len(kinds) == 1 else "", "step")
-    x_axis = x_axis if x_axis in curves.columns else "step"
-    x_label = {"train_seconds": "training seconds", "train_flops": "training FLOPs", "step": "step"}[x_axis]
     for dataset in table2["dataset"].unique():
         fig, ax = plt.subplots(figsize=(6, 4))
-        ids = set(finals.loc[finals["dataset"] == dataset, "trial_id"])
-        part = curves[curves["trial_id"].isin(ids) & (curves["dataset"] == dataset)]
-        for (model, variant, _), c in part.groupby(["model", "variant", "trial_id"], sort=False):
+        part = summary[summary["dataset"] == dataset]
+        for (model, variant), c in part.groupby(["model", "variant"], sort=False):
+            c = c.sort_values("train_flops_mean")
             label = _label(model, variant)
-            shown = label if label not in ax.get_legend_handles_labels()[1] else None
-            ax.plot(c[x_axis], c["val_bpd"], color=colours.get(label), alpha=0.8, label=shown, marker=".")
+            ax.plot(c["train_flops_mean"], c["val_bpd_mean"], color=colours.get(label), label=label, marker=".")
+            ax.fill_between(
+                c["train_flops_mean"], c["val_bpd_ci_low"], c["val_bpd_ci_high"], color=colours.get(label), alpha=0.2
+            )
         ax.set(
-            xlabel=x_label,
+            xlabel="training FLOPs",
             ylabel="validation bits/dim",
-            title=f"{dataset}: validation bits/dim during training (one line per seed)",
+            title=f"{dataset}: along the budget (mean, 95% interval over seeds)",
         )
         ax.grid(alpha=0.3)
-        ax.legend()
+        if len(part):
+            ax.legend()
         save(fig, f"curves-{dataset}.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -235,8 +308,8 @@ def _sample_figures(out: Path, trials: pd.DataFrame) -> list[tuple[str, Path, Pa
     return figures
 
 
-def _claims_section(trials: pd.DataFrame, table2: pd.DataFrame, pairs: pd.DataFrame) -> Section:
-    rulings = rule_claims(trials, table2, pairs)
+def _claims_section(trials: pd.DataFrame, table2: pd.DataFrame, pairs: pd.DataFrame, along: pd.DataFrame) -> Section:
+    rulings = rule_claims(trials, table2, pairs, along)
     ran = sorted(set(final_trials(trials)["dataset"]))
     other = [d for d in ran if d not in PAPER_IMAGE_SHAPES]
     return Section(
@@ -245,7 +318,10 @@ def _claims_section(trials: pd.DataFrame, table2: pd.DataFrame, pairs: pd.DataFr
             f"{PAPER}. Each claim is paraphrased with where the paper makes it. Its verdict is computed from this "
             f"sweep's tables — paired over seeds (scipy's ttest_rel, 95% t-interval of the difference), supported or "
             f"contradicted when the Holm-adjusted p-value (over the data set's pairs) is at most {ALPHA:g} — or, for "
-            f"(c) and (e), from the models' structure, as the evidence says. This sweep ran on: {', '.join(ran)}. "
+            f"(c) and (e), from the models' structure, as the evidence says. For bits/dim the evidence gives the "
+            "power the comparison had and the seeds it would need; the last column says over which budgets the "
+            "ordering holds in validation bits/dim along the budget (Holm over every pair at every milestone). "
+            f"This sweep ran on: {', '.join(ran)}. "
             "A claim about a data set it did not run is not tested by it; results on other data are shown as the "
             "same comparison, without a verdict on the paper's claim"
             + (f" ({', '.join(other)} is not one of the paper's data sets)." if other else ".")
@@ -255,14 +331,58 @@ def _claims_section(trials: pd.DataFrame, table2: pd.DataFrame, pairs: pd.DataFr
     )
 
 
-def build_report(out: str | Path, trials: pd.DataFrame, curves: pd.DataFrame, paper_bpd=paper_bpd_from_cards) -> dict:
-    """Write table2.parquet, plots, report.md and report.html under ``out``; return their paths."""
+def _along_sections(trials, table2: pd.DataFrame, summary: pd.DataFrame, along: pd.DataFrame, plots: list[Path]):
+    setting = evaluation_setting(trials)
+    pairs = along[["dataset", "variant", "model_a", "model_b"]].drop_duplicates()
+    sentences = [
+        f"{dataset}{f' ({variant})' if variant else ''}, {a} vs {b}: {along_budget(along, a, b, dataset, variant)}"
+        for dataset, variant, a, b in pairs.itertuples(index=False)
+    ]
+    return [
+        Section(
+            "Along the budget: validation bits/dim at equal fractions of the budget",
+            [
+                f"Validation bits/dim at each milestone ({setting or NO_MILESTONES}): mean [95% t-interval] over "
+                "seeds per model; "
+                "the plots draw the same against the training FLOPs spent (under a FLOPs budget every model "
+                "reaches a milestone at the same FLOPs, within one training step's). Test bits/dim at the end "
+                "(Table 2) stays the headline."
+            ],
+            along_table(summary, table2),
+            plots=[p for p in plots if p.name.startswith("curves-")],
+        ),
+        Section(
+            "Paired comparisons along the budget",
+            [
+                f"Validation bits/dim a − b over the seeds both have at each milestone (scipy's ttest_rel), with the "
+                f"Holm-adjusted p-value over every pair at every milestone of a data set (and variant); * where it "
+                f"is at most {ALPHA:g}. Below, for each pair, the budgets over which one is ahead."
+            ],
+            along_comparison_table(along),
+            sentences,
+        ),
+    ]
+
+
+def build_report(
+    out: str | Path,
+    trials: pd.DataFrame,
+    curves: pd.DataFrame,
+    paper_bpd=paper_bpd_from_cards,
+    detect: float = DETECT_BPD,
+    target_power: float = TARGET_POWER,
+) -> dict:
+    """Write table2.parquet, plots, report.md and report.html under ``out``; return their paths.
+    ``detect`` (bits/dim) and ``target_power``: the difference each comparison's power is stated for,
+    and the power the seeds needed are counted for."""
     out = Path(out)
     table2 = table2_frame(trials, paper_bpd)
-    bpd_pairs = paired_comparisons(trials)
+    bpd_pairs = seeds_needed(paired_comparisons(trials), detect, target_power)
     latency_pairs = pd.concat([paired_comparisons(trials, m) for m in LATENCY_METRICS], ignore_index=True)
+    values = milestone_values(trials, curves)
+    summary, along = curve_summary(values), milestone_comparisons(values)
     paths: dict[str, Path | list[Path]] = {"table2": write_table(table2, out / "table2.parquet", "table2")}
-    plots = _plots(out, trials, curves, table2)
+    plots = _plots(out, summary, table2)
     figures = _sample_figures(out, trials)
     name = trials["sweep"].iloc[0] if len(trials) else out.name
     finals = final_trials(trials)
@@ -297,13 +417,27 @@ def build_report(out: str | Path, trials: pd.DataFrame, curves: pd.DataFrame, pa
         ),
         Section("Paired comparisons of test bits/dim over seeds", table=comparison_table(bpd_pairs)),
         Section(
+            f"Seeds needed (power of the paired t-test, two-sided, α = {ALPHA:g} per comparison)",
+            [
+                f"For each comparison of test bits/dim: the power it had to detect the difference it observed "
+                f"and a difference of {detect:g} bits/dim, and the seeds that would give {target_power:.0%} "
+                "power for each, from the standard deviation of a − b over this sweep's seeds (the paired "
+                "t-test's noncentral t, scipy's). The Holm correction asks for more seeds still. With fewer "
+                "than two seeds there is no spread to go by (—)."
+            ],
+            seeds_table(bpd_pairs),
+        ),
+        *_along_sections(trials, table2, summary, along, plots),
+        Section(
             "Paired comparisons of inference latency over seeds (ms per batch)",
             table=comparison_table(latency_pairs, digits=1),
         ),
-        _claims_section(trials, table2, pd.concat([bpd_pairs, latency_pairs], ignore_index=True)),
+        _claims_section(trials, table2, pd.concat([bpd_pairs, latency_pairs], ignore_index=True), along),
     ]
-    paths["md"] = _write_atomic(out / "report.md", _markdown(name, intro, sections, plots, figures, out))
-    paths["html"] = _write_atomic(out / "report.html", _html(name, intro, sections, plots, figures))
+    shown = {p for s in sections for p in s.plots}
+    rest = [p for p in plots if p not in shown]
+    paths["md"] = _write_atomic(out / "report.md", _markdown(name, intro, sections, rest, figures, out))
+    paths["html"] = _write_atomic(out / "report.html", _html(name, intro, sections, rest, figures))
     paths["plots"] = plots
     return paths
 
@@ -318,6 +452,7 @@ def _markdown(name, intro, sections, plots, figures, out: Path) -> str:
             lines += [paragraph, ""]
         if s.table is not None:
             lines += [s.table.to_markdown(index=False, disable_numparse=True) if len(s.table) else "(none)", ""]
+        lines += [f"![{p.stem}]({p.relative_to(out)})" for p in s.plots] + ([""] if s.plots else [])
         if s.bullets:
             lines += [f"- {b}" for b in s.bullets] + [""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots] + [""]
@@ -348,6 +483,8 @@ def _html(name, intro, sections, plots, figures) -> str:
         body += [f"<p>{_inline(p)}</p>" for p in s.paragraphs]
         if s.table is not None:
             body.append(s.table.to_html(index=False, border=0, na_rep="—") if len(s.table) else "<p>(none)</p>")
+        if s.plots:
+            body += ['<div class="row">'] + [_img(p, p.stem) for p in s.plots] + ["</div>"]
         if s.bullets:
             body.append("<ul>" + "".join(f"<li>{html.escape(b)}</li>" for b in s.bullets) + "</ul>")
     body += ["<h2>Plots</h2>", '<div class="row">'] + [_img(p, p.stem) for p in plots] + ["</div>"]
@@ -379,7 +516,16 @@ def _write_atomic(path: Path, text: str) -> Path:
 
 
 def report_from_dir(results_dir: str | Path) -> dict:
+    """The report again from a sweep's tables, with the power settings its last run used (sweep.json)."""
     results_dir = Path(results_dir)
     trials = read_table(results_dir / "trials.parquet", "trials")
     curves = read_table(results_dir / "curves.parquet", "curves")
-    return build_report(results_dir, trials, curves)
+    meta = results_dir / "sweep.json"
+    power = json.loads(meta.read_text()).get("power", {}) if meta.is_file() else {}
+    return build_report(
+        results_dir,
+        trials,
+        curves,
+        detect=power.get("difference", DETECT_BPD),
+        target_power=power.get("target", TARGET_POWER),
+    )

@@ -49,6 +49,7 @@ PAIR_COLUMNS = [
     "model_b",
     "n_seeds",
     "a_minus_b",
+    "sd_diff",
     "ci_low",
     "ci_high",
     "p_value",
@@ -174,36 +175,48 @@ def paired_comparisons(trials: pd.DataFrame, metric: str = "test_bpd") -> pd.Dat
     """Per (data set, variant) and pair of models: ``metric`` of a − b over the seeds both have a
     finite value for, ``scipy.stats.ttest_rel`` with its 95% interval, and Holm-adjusted p-values
     (``p_holm``) over the family of that (data set, variant)'s pairs. ``a_minus_b`` < 0: a is lower
-    (better for bits/dim and latency)."""
+    (better for bits/dim and latency); ``sd_diff`` is the standard deviation of a − b over seeds."""
     finals = final_trials(trials)
     ok = finals[(finals["status"] == "ok") & np.isfinite(finals[metric].astype(float))]
+    return pd.DataFrame(compare_pairs(ok, metric), columns=PAIR_COLUMNS)
+
+
+def compare_pairs(values: pd.DataFrame, metric: str, at: str | None = None) -> list[dict]:
+    """The rows of ``paired_comparisons`` from ``values`` (one row per model, variant, data set, seed
+    and, when ``at`` names a column, each of its values): every pair of models of a (data set,
+    variant) compared at each value of ``at`` (e.g. a milestone along the budget), with Holm over all
+    of that family's comparisons, every pair at every ``at``."""
     rows = []
-    families = sorted(ok.groupby(["dataset", "variant"]), key=lambda kv: (_order("", kv[0][0]), kv[0][1]))
+    families = sorted(values.groupby(["dataset", "variant"]), key=lambda kv: (_order("", kv[0][0]), kv[0][1]))
     for (dataset, variant), group in families:
-        by_model = {
-            m: g.set_index("seed")[metric].astype(float)
-            for m, g in sorted(group.groupby("model"), key=lambda kv: _order(kv[0], dataset))
-        }
+        models = sorted(group["model"].unique(), key=lambda m: _order(m, dataset))
+        points = sorted(group[at].unique()) if at else [None]
         family = []
-        for a, b in itertools.combinations(by_model, 2):
-            seeds = by_model[a].index.intersection(by_model[b].index).sort_values()
-            xa, xb = by_model[a][seeds].to_numpy(), by_model[b][seeds].to_numpy()
-            p, low, high = paired_test(xa, xb)
-            family.append(
-                {
-                    "metric": metric,
-                    "dataset": dataset,
-                    "variant": variant,
-                    "model_a": a,
-                    "model_b": b,
-                    "n_seeds": len(seeds),
-                    "a_minus_b": float(np.mean(xa - xb)) if len(seeds) else math.nan,
-                    "ci_low": low,
-                    "ci_high": high,
-                    "p_value": p,
-                }
-            )
+        for a, b in itertools.combinations(models, 2):
+            for point in points:
+                part = group if at is None else group[group[at] == point]
+                xa = part[part["model"] == a].set_index("seed")[metric].astype(float)
+                xb = part[part["model"] == b].set_index("seed")[metric].astype(float)
+                seeds = xa.index.intersection(xb.index).sort_values()
+                diff = xa[seeds].to_numpy() - xb[seeds].to_numpy()
+                p, low, high = paired_test(xa[seeds].to_numpy(), xb[seeds].to_numpy())
+                family.append(
+                    {
+                        "metric": metric,
+                        "dataset": dataset,
+                        "variant": variant,
+                        "model_a": a,
+                        "model_b": b,
+                        "n_seeds": len(seeds),
+                        "a_minus_b": float(np.mean(diff)) if len(seeds) else math.nan,
+                        "sd_diff": float(np.std(diff, ddof=1)) if len(seeds) > 1 else math.nan,
+                        "ci_low": low,
+                        "ci_high": high,
+                        "p_value": p,
+                    }
+                    | ({at: point} if at else {})
+                )
         for row, adjusted in zip(family, holm([r["p_value"] for r in family]), strict=True):
             row["p_holm"] = float(adjusted)
         rows += family
-    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+    return rows

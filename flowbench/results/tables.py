@@ -20,17 +20,29 @@ from flowbench.record import RECORD_COLUMNS
 
 # 2: val_bpd (selection) beside test_bpd (once, on the selected checkpoint), variant, effective and
 # allocated parameter counts, FLOPs. Version 1 tables ranked trials by test bits/dim: not read.
-# 3: what the numbers depend on (numerics mode, CPU, ATen's kernels, threads, math libraries, GPU).
+# 3: evaluations at milestones along the budget (curves: milestone, budget_fraction; trials:
+# evaluations, eval_images); version 2 curves were evaluated every N steps, at unequal compute. Trials
+# name what their numbers depend on (numerics mode, CPU, ATen's kernels, threads, math libraries, GPU)
 SCHEMA_VERSION = 3
 # one evaluation of a trial (on the validation split): what curves.parquet and MLflow's metric
 # histories hold per step
-CURVE_METRICS = ("val_bpd", "train_bpd", "lr", "train_seconds", "train_flops", "images_seen", "epochs")
+CURVE_METRICS = (
+    "val_bpd",
+    "train_bpd",
+    "lr",
+    "train_seconds",
+    "train_flops",
+    "images_seen",
+    "epochs",
+    "milestone",  # k: the evaluation at k/N of the budget (N: the trial's evaluations)
+    "budget_fraction",  # what of the budget was spent, in its own unit
+)
 # what identifies a trial's rows in curves.parquet
 CURVE_KEYS = ("sweep", "trial_id", "model", "variant", "dataset", "seed", "config_hash")
 METADATA_KEY = b"flowbench"
 REQUIRED = {
     "trials": RECORD_COLUMNS,
-    "curves": [*CURVE_KEYS, "step", "val_bpd", "train_bpd"],
+    "curves": [*CURVE_KEYS, "step", "val_bpd", "train_bpd", "train_flops", "milestone", "budget_fraction"],
     "table2": [
         "model",
         "variant",
@@ -87,7 +99,7 @@ def read_table(path: str | Path, kind: str) -> pd.DataFrame:
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise FlowbenchError(
             f"{path}: {kind} table of schema version {meta.get('schema_version')}, this flowbench reads "
-            f"version {SCHEMA_VERSION} (validation-selected results, variants, FLOPs, numerics provenance); re-run "
+            f"version {SCHEMA_VERSION} (evaluations at equal fractions of the budget, numerics provenance); re-run "
             f"the sweep (flowbench sweep SPEC) or use the flowbench version that wrote it"
         )
     return table.to_pandas()

@@ -193,8 +193,8 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     write_table(trials, out / "trials.parquet", "trials")
     curve_table = curves_frame(rows, curves)
     write_table(curve_table, out / "curves.parquet", "curves")
-    report = build_report(out, trials, curve_table)
-    _write_meta(out, _read_meta(out) | {"last_run": efficiency})
+    report = build_report(out, trials, curve_table, detect=spec.power.difference, target_power=spec.power.target)
+    _write_meta(out, _read_meta(out) | {"last_run": efficiency, "power": spec.power.model_dump()})
     client = tracker.client
     if efficiency["efficiency"] is not None:
         client.log_metric(parent, "efficiency", efficiency["efficiency"])

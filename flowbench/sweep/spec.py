@@ -3,20 +3,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from pathlib import Path
 from typing import Annotated, Literal
 
 import pydantic
+import torch
 
 import flowbench
 from flowbench.cards import check_hparams, load_card, training_settings
-from flowbench.data import DATASETS, NEEDS_ROOT, DatasetInfo, dataset_info
+from flowbench.data import DATASETS, NEEDS_ROOT, DatasetInfo, dataset_info, published_info
 from flowbench.data.remote import is_remote
 from flowbench.errors import FlowbenchError, unknown_name
 from flowbench.flows.registry import MODELS, model_entry
 from flowbench.numerics import Numerics
+from flowbench.results.power import DETECT_BPD, TARGET_POWER
 from flowbench.specfile import FieldError, error_location, load_spec
 from flowbench.trial import TrainSettings, TrialConfig
 
@@ -55,12 +58,6 @@ class Budget(Strict):
     @property
     def amount(self) -> float:
         return getattr(self, self.kind)
-
-
-class Train(TrainSettings):
-    # a sweep's trials are long: rarer evaluations and checkpoints than a single trial's defaults
-    eval_every: int = pydantic.Field(500, gt=0)
-    checkpoint_every: int = pydantic.Field(1000, gt=0)
 
 
 class Asha(Strict):
@@ -113,6 +110,14 @@ class Resources(Strict):
     workers: int = pydantic.Field(1, ge=1)
 
 
+class Power(Strict):
+    """What the report's seeds-needed figures are for: the power each paired comparison had to detect
+    ``difference`` bits/dim, and the seeds that would give it ``target`` power."""
+
+    difference: float = pydantic.Field(DETECT_BPD, gt=0)
+    target: float = pydantic.Field(TARGET_POWER, gt=0, lt=1)
+
+
 class Latency(Strict):
     batch_size: int = pydantic.Field(16, gt=0)
     repeats: int = pydantic.Field(20, gt=0)
@@ -138,7 +143,7 @@ class SweepSpec(Strict):
     data_roots: dict[str, str] = {}
     seeds: list[Annotated[int, pydantic.Field(ge=0)]] = pydantic.Field([0], min_length=1)
     budget: Budget
-    train: Train = Train()
+    train: TrainSettings = TrainSettings()
     overrides: dict[str, dict] = {}  # per model: hyperparameters and/or train keys
     match_params: int | None = pydantic.Field(None, gt=0)
     # ablation variants: per hyperparameter its values, run as a product for every model that has it
@@ -146,6 +151,7 @@ class SweepSpec(Strict):
     search: Search | None = None
     resources: Resources = Resources()
     latency: Latency = Latency()
+    power: Power = Power()
     max_failures: int = pydantic.Field(2, ge=0)
     numerics: Numerics = "native"  # portable: the same bits on every x86-64 CPU (reference runs)
 
@@ -256,6 +262,18 @@ def load_sweep_spec(path: str | Path) -> SweepSpec:
     return load_spec(path, SweepSpec, "sweep spec")
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Build models on one thread: their orthogonal initialisations (many small QRs) crawl when
+    threads contend on a busy machine, and nothing built for planning is large enough to share."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def match_width(model: str, image_shape, hparams: dict, target: int) -> dict:
     """hparams with ``hidden_channels`` chosen so the model has about ``target`` parameters.
 
@@ -279,13 +297,19 @@ def match_width(model: str, image_shape, hparams: dict, target: int) -> dict:
     return hparams | {"hidden_channels": best}
 
 
-def check_data(spec: SweepSpec, spec_path: str | Path) -> dict[str, DatasetInfo]:
+def check_data(spec: SweepSpec, spec_path: str | Path, absent: dict[str, str] | None = None) -> dict[str, DatasetInfo]:
     """Each data set's shape and split sizes, read without loading pixels (the driver's check
-    that every one is there)."""
+    that every one is there). With ``absent`` (planning, where the files need not be), a data set
+    whose files are not found is described by its published shape and sizes (``published_info``),
+    and why in ``absent[name]``."""
     infos = {}
     for dataset in spec.datasets:
         root = spec.data_roots.get(dataset)
+        published = published_info(dataset) if absent is not None else None
         if dataset in NEEDS_ROOT and root is None:
+            if published is not None and absent is not None:
+                infos[dataset], absent[dataset] = published, f"no data_roots.{dataset} given"
+                continue
             raise FlowbenchError(f"{spec_path}: datasets: {dataset} needs data_roots.{dataset} (a local folder)")
         if root is not None and not is_remote(root) and not Path(root).is_absolute():
             root = str((Path(spec_path).parent / root).resolve())
@@ -293,7 +317,9 @@ def check_data(spec: SweepSpec, spec_path: str | Path) -> dict[str, DatasetInfo]
         try:
             infos[dataset] = dataset_info(dataset, root)
         except FlowbenchError as err:
-            raise FlowbenchError(f"{spec_path}: datasets: {err}") from None
+            if published is None or absent is None:
+                raise FlowbenchError(f"{spec_path}: datasets: {err}") from None
+            infos[dataset], absent[dataset] = published, str(err)
     return infos
 
 
@@ -332,10 +358,11 @@ def expand(spec: SweepSpec, infos: dict[str, DatasetInfo]) -> list[TrialConfig]:
             for setting in grid_settings(spec, model):
                 variant = ",".join(f"{k}={variant_text(v)}" for k, v in setting.items())
                 hparams = card | setting
-                if spec.match_params:
-                    hparams = match_width(model, infos[dataset].image_shape, hparams, spec.match_params)
-                else:  # build once: a model that cannot exist for this data fails here, not in a trial
-                    flowbench.build_model(model, infos[dataset].image_shape, **hparams)
+                with one_thread():
+                    if spec.match_params:
+                        hparams = match_width(model, infos[dataset].image_shape, hparams, spec.match_params)
+                    else:  # build once: a model that cannot exist for this data fails here, not in a trial
+                        flowbench.build_model(model, infos[dataset].image_shape, **hparams)
                 stem = "-".join(part for part in (model, dataset, variant) if part)
                 for seed in spec.seeds:
                     configs.append(

@@ -69,7 +69,7 @@ models: [toy]
 datasets: [digits]
 seeds: [0]
 budget: {steps: 4}
-train: {batch_size: 32, eval_every: 2, checkpoint_every: 2}
+train: {batch_size: 32, evaluations: 2}
 latency: {batch_size: 8, repeats: 2}
 """)
     monkeypatch.chdir(tmp_path)  # the plugin path reaches the workers made absolute

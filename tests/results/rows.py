@@ -26,6 +26,8 @@ def trial(model, dataset, seed, bpd, status="ok", phase="final", params=1000, va
         budget=1e9,
         budget_kind="flops",
         flops_per_image=2e6,
+        evaluations=2,
+        eval_images=100,
         train_flops=1e9,
         images_seen=500,
         flowbench_version="0.1.0",

@@ -95,6 +95,8 @@ def test_a_logged_record_reads_back_to_the_identical_row(tmp_path):
             "train_flops": s * 1.28e10,
             "images_seen": 64 * s,
             "epochs": s / 96,
+            "milestone": s // 50,
+            "budget_fraction": s / 100,
         }
         for s in (50, 100)
     ]
@@ -108,6 +110,7 @@ def test_a_logged_record_reads_back_to_the_identical_row(tmp_path):
     pd.testing.assert_frame_equal(read_table(tmp_path / "trials.parquet", "trials"), expected)
     assert curves.step.tolist() == [50, 100] and curves.val_bpd.tolist() == [3.5, 3.0]
     assert curves.images_seen.tolist() == [3200, 6400] and set(curves.variant) == {record.variant}
+    assert curves.milestone.tolist() == [1, 2] and curves.budget_fraction.tolist() == [0.5, 1.0]
 
     # in the same store (one store per test keeps it fast): what a user can get wrong
     client.create_experiment("empty", artifact_location=(tmp_path / "artifacts").as_uri())

@@ -29,9 +29,11 @@ def curves_for(trials):
                 seed=t.seed,
                 config_hash="h",
                 step=step,
-                train_flops=step * 1e7,
+                train_flops=step * 5e7,
                 val_bpd=t.val_bpd + 1 / step,
                 train_bpd=t.test_bpd,
+                milestone=step // 10,
+                budget_fraction=step / 20,
             )
             for step in (10, 20)
         ]
@@ -156,3 +158,14 @@ def test_build_report_without_sample_figures_still_writes(tmp_path):
     trials = synthetic()
     paths = build_report(tmp_path, trials, curves_for(trials))
     assert paths["md"].exists() and "Samples" not in paths["md"].read_text()
+
+
+def test_curves_without_milestones_report_that_they_have_none(tmp_path):
+    """Runs of a flowbench before milestones read back from MLflow: no milestone, no evaluation count."""
+    from flowbench.results.report import NO_MILESTONES
+
+    trials = synthetic().assign(evaluations=0, eval_images=0)
+    paths = build_report(tmp_path, trials, curves_for(trials).assign(milestone=float("nan")))
+    md = paths["md"].read_text()
+    assert f"Validation bits/dim at each milestone ({NO_MILESTONES})" in md
+    assert "## Paired comparisons along the budget" in md and "## The paper's claims" in md

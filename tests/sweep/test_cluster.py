@@ -233,11 +233,7 @@ def test_a_lost_worker_node_costs_no_trial(tmp_path):
         max_failures: 2
         """,
     )
-    text = (
-        (tmp_path / "lost.yaml")
-        .read_text()
-        .replace("eval_every: 10, checkpoint_every: 10", "eval_every: 20, checkpoint_every: 20")
-    )
+    text = (tmp_path / "lost.yaml").read_text().replace("evaluations: 20", "evaluations: 10")
     (tmp_path / "lost.yaml").write_text(text)
     nodes = run_in_cluster(
         tmp_path,

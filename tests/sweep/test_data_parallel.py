@@ -22,8 +22,7 @@ def test_two_gloo_workers_reach_the_one_worker_parameters(tmp_path):
         seed=3,
         batch_size=32,
         budget=6,
-        eval_every=3,
-        checkpoint_every=3,
+        evaluations=2,
         latency_repeats=2,
     )
     single = run_trial(TrialConfig(**config, out_dir=str(tmp_path / "single")))
@@ -58,7 +57,7 @@ name: ddp
 models: [glow]
 datasets: [digits]
 budget: {steps: 10}
-train: {batch_size: 32, eval_every: 5, checkpoint_every: 5}
+train: {batch_size: 32, evaluations: 2}
 overrides: {glow: {depth: 2, levels: 2, hidden_channels: 8}}
 resources: {cpu: 1, workers: 2}
 latency: {batch_size: 8, repeats: 2}
@@ -110,8 +109,7 @@ def test_an_interrupted_two_process_memory_lean_trial_resumes_to_the_one_process
         seed=1,
         batch_size=32,
         budget=6,
-        eval_every=3,
-        checkpoint_every=3,
+        evaluations=2,
         latency_repeats=2,
         memory_saving=True,
     )
@@ -233,8 +231,7 @@ def test_a_data_parallel_trial_run_again_continues_from_its_run_storage(tmp_path
         seed=3,
         batch_size=32,
         budget=6,
-        eval_every=3,
-        checkpoint_every=3,
+        evaluations=2,
         latency_repeats=2,
     )
     start_ray(None, num_cpus=2)

@@ -10,6 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -25,7 +26,10 @@ from flowbench.trial import TrialConfig
 TINY = "{depth: 2, levels: 2, hidden_channels: 8}"
 
 
-def spec_file(tmp_path, name, models=("glow", "nxn_shift"), seeds=(0,), steps=20, extra="", overrides=None):
+def spec_file(
+    tmp_path, name, models=("glow", "nxn_shift"), seeds=(0,), steps=20, extra="", overrides=None, budget=None
+):
+    """A sweep of tiny flows on the digits, ``steps`` steps (an evaluation every 10) or ``budget``."""
     overrides = overrides or {m: TINY for m in models}
     text = (
         f"""\
@@ -33,8 +37,8 @@ name: {name}
 models: [{", ".join(models)}]
 datasets: [digits]
 seeds: [{", ".join(map(str, seeds))}]
-budget: {{steps: {steps}}}
-train: {{batch_size: 32, eval_every: 10, checkpoint_every: 10}}
+budget: {budget or f"{{steps: {steps}}}"}
+train: {{batch_size: 32, evaluations: {4 if budget else steps // 10}}}
 overrides:
 """
         + "\n".join(f"  {m}: {o}" for m, o in overrides.items())
@@ -201,9 +205,18 @@ def attempts(checkpoint: Path, with_time: bool = False) -> list:
     return [(a["how"], a["at"]) if with_time else a["how"] for a in lines]
 
 
+WIDER = "{depth: 2, levels: 2, hidden_channels: 12}"
+
+
 @pytest.mark.slow
 def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray):
-    spec = spec_file(tmp_path, "e2e", seeds=(0, 1))
+    """Equal training FLOPs for two models of unequal cost (n×n 1.5x Glow's FLOPs per image), two
+    seeds, evaluated at the same four fractions of the budget; then the same command again, then a
+    card change."""
+    budget = 1.0e8
+    spec = spec_file(
+        tmp_path, "e2e", seeds=(0, 1), budget=f"{{flops: {budget}}}", overrides={"glow": TINY, "nxn_shift": WIDER}
+    )
     outcome = run_sweep(spec, tmp_path / "results")
     out = tmp_path / "results" / "e2e"
     trials = read_table(out / "trials.parquet", "trials")
@@ -213,11 +226,52 @@ def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray):
         "nxn_shift-digits-seed0",
         "nxn_shift-digits-seed1",
     ]
-    assert (trials.status == "ok").all() and (trials.steps == 20).all() and (trials.phase == "final").all()
+    assert (trials.status == "ok").all() and (trials.phase == "final").all()
     assert trials.val_bpd.between(0, 16).all() and trials.test_bpd.between(0, 16).all()
     assert (trials.num_params > 0).all() and (trials.density_latency_ms > 0).all()
+    step_flops = trials.set_index("trial_id").flops_per_image * 32
+    assert step_flops["nxn_shift-digits-seed0"] > 1.4 * step_flops["glow-digits-seed0"]
+    for row in trials.itertuples():  # the budget met within the trial's last step
+        assert budget <= row.train_flops < budget + step_flops[row.trial_id]
+    # every trial evaluated at the same training FLOPs, k/4 of the budget, within one of its steps
     curves = read_table(out / "curves.parquet", "curves")
-    assert sorted(curves.groupby("trial_id").step.apply(list).iloc[0]) == [10, 20]
+    assert curves.groupby("trial_id").milestone.apply(list).tolist() == [[1, 2, 3, 4]] * 4
+    for k, at in curves.groupby("milestone"):
+        target = k / 4 * budget
+        assert ((at.train_flops >= target) & (at.train_flops < target + at.trial_id.map(step_flops))).all()
+        assert at.train_flops.max() - at.train_flops.min() < step_flops.max()
+        assert (at.budget_fraction == at.train_flops / budget).all()
+    assert curves.groupby("trial_id").step.max().to_dict() == trials.set_index("trial_id").steps.to_dict()
+
+    # the report along the budget: each pair at each milestone, Holm over them (by scipy and statsmodels here)
+    from scipy import stats
+    from statsmodels.stats.multitest import multipletests
+
+    md = (out / "report.md").read_text()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if line.startswith("|")]
+    by = curves.set_index(["milestone", "model", "seed"]).val_bpd
+    tests = [stats.ttest_rel(by[k, "glow"].sort_index(), by[k, "nxn_shift"].sort_index()) for k in (1, 2, 3, 4)]
+    holm = multipletests([t.pvalue for t in tests], method="holm")[1]
+    along = next(r for r in rows if r[:4] == ["digits", "", "glow", "nxn_shift"] and len(r) == 8)
+    for k, (cell, p) in enumerate(zip(along[4:], holm, strict=True), 1):
+        diff = (by[k, "glow"].sort_index() - by[k, "nxn_shift"].sort_index()).mean()
+        assert cell.startswith(f"{diff:+.3f} ({p:.3f})"), (cell, diff, p)
+    # each bits/dim claim's comparison says over which budgets it holds
+    claims = [line for line in md.splitlines() if line.startswith("- (a1) the same comparison on digits")]
+    assert len(claims) == 1 and "along the budget (validation bits/dim): " in claims[0]
+    assert "(4 milestones, Holm over the 4 comparisons of digits)" in claims[0]
+    # seeds needed: the power two seeds had to detect 0.01 bits/dim, by statsmodels here (NaN where its
+    # noncentral t's lower tail fails: then a Monte-Carlo estimate)
+    from statsmodels.stats.power import TTestPower
+
+    final = trials.pivot(index="seed", columns="model", values="test_bpd")
+    sd = (final["glow"] - final["nxn_shift"]).to_numpy().std(ddof=1)
+    expected = TTestPower().power(0.01 / sd, 2, 0.05, alternative="two-sided")
+    if np.isnan(expected):
+        samples = np.random.default_rng(0).normal(0.01, sd, size=(40_000, 2))
+        expected = (stats.ttest_1samp(samples, 0.0, axis=1).pvalue < 0.05).mean()
+    seeds = next(r for r in rows if r[:5] == ["digits", "", "glow", "nxn_shift", "2"])
+    assert seeds[6] == f"{sd:.3f}" and float(seeds[8]) == pytest.approx(expected, abs=0.015)
     eff = outcome.efficiency
     assert eff["trials_run"] == 4 and eff["slots"] == 2 and 0 < eff["efficiency"] <= 1
     assert json.loads((out / "sweep.json").read_text())["last_run"] == eff
@@ -232,7 +286,8 @@ def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray):
     assert {"e2e.yaml", "sweep.json", "report.md", "trials.parquet"} <= parent_files
     assert sorted(c.info.run_name for c in children) == sorted(trials.trial_id)
     child = children[0]
-    assert [m.step for m in client.get_metric_history(child.info.run_id, "val_bpd")] == [10, 20]
+    logged = [m.step for m in client.get_metric_history(child.info.run_id, "val_bpd")]
+    assert logged == curves[curves.trial_id == child.info.run_name].step.tolist()
     assert "samples.png" in [a.path for a in client.list_artifacts(child.info.run_id)]
 
     # the table from MLflow alone has exactly the Parquet table's columns and values
@@ -256,10 +311,7 @@ def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray):
 
     # glow's configuration changes: exactly its two trials run again, the old records archived
     wider = spec_file(
-        tmp_path,
-        "e2e",
-        seeds=(0, 1),
-        overrides={"glow": "{depth: 2, levels: 2, hidden_channels: 12}", "nxn_shift": TINY},
+        tmp_path, "e2e", seeds=(0, 1), budget=f"{{flops: {budget}}}", overrides={"glow": WIDER, "nxn_shift": WIDER}
     )
     changed = run_sweep(wider, tmp_path / "results")
     assert changed.changed == ["glow-digits-seed0", "glow-digits-seed1"] and changed.efficiency["trials_run"] == 2
