@@ -27,10 +27,16 @@ SIZES = {  # train (less the carved validation), validation, test
 SHAPES = {"cifar10": (3, 32, 32), "imagenet32": (3, 32, 32), "imagenet64": (3, 64, 64)}
 
 
-def counted(model_name, dataset, batch):
+TINY = {"realnvp": {"levels": 2, "n_blocks": 1, "hidden_channels": 8}} | {
+    m: {"depth": 2, "levels": 2, "hidden_channels": 8} for m in ("glow", "emerging", "nxn_shift")
+}
+
+
+def counted(model_name, dataset, batch, hparams=None):
     """FLOPs per image of a training step at ``batch``, and of its forward alone, counted here."""
     torch.set_num_threads(1)
-    model = build_model(model_name, SHAPES[dataset], **load_card(model_name).hparams_for(dataset))
+    hparams = load_card(model_name).hparams_for(dataset) | (hparams or {})
+    model = build_model(model_name, SHAPES[dataset], **hparams)
     for layer in model.modules():
         if isinstance(layer, ActNorm):
             layer.mark_initialized()
@@ -44,17 +50,30 @@ def counted(model_name, dataset, batch):
     return step.get_total_flops() / batch, forward.get_total_flops() / batch
 
 
-def test_the_paper_scale_plan_prints_its_flops_and_gpu_hours_without_any_data(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "scale",
+    [
+        # the paper's cards: counting 12 models of up to 44M parameters twice takes minutes of CPU
+        pytest.param("paper", marks=pytest.mark.paper_scale),
+        "tiny",  # table2.yaml with tiny models: the same plan, data-free, in seconds
+    ],
+)
+def test_the_table2_plan_prints_its_flops_and_gpu_hours_without_any_data(tmp_path, capsys, monkeypatch, scale):
     monkeypatch.setenv("FLOWBENCH_CACHE_DIR", str(tmp_path / "no-cache"))  # nothing prepared either
     assert not Path("/data/cifar10").exists()  # table2.yaml's data roots: not on this machine
-    assert main(["sweep", str(SPECS / "table2.yaml"), "--dry-run"]) == 0
+    spec = SPECS / "table2.yaml"
+    if scale == "tiny":
+        spec = tmp_path / "table2.yaml"
+        overrides = "".join(f"  {m}: {{{', '.join(f'{k}: {v}' for k, v in h.items())}}}\n" for m, h in TINY.items())
+        spec.write_text((SPECS / "table2.yaml").read_text() + "overrides:\n" + overrides)
+    assert main(["sweep", str(spec), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "cifar10: planned from its published shape 3x32x32 and sizes 45,000 / 5,000 / 10,000" in out
     # table2.yaml: 100,000 steps of 64, 20 evaluations on at most 10,000 validation images, three seeds
     train_total = eval_total = 0.0
     for model in ("realnvp", "glow", "emerging", "nxn_shift"):
         for dataset, (n_train, n_val, n_test) in SIZES.items():
-            per_image, forward = counted(model, dataset, 64)
+            per_image, forward = counted(model, dataset, 64, TINY[model] if scale == "tiny" else None)
             per_epoch = math.ceil(n_train / 64)  # an epoch ends with what is left of it
             epochs, rest = divmod(100_000, per_epoch)
             images = epochs * n_train + rest * 64
@@ -70,8 +89,11 @@ def test_the_paper_scale_plan_prints_its_flops_and_gpu_hours_without_any_data(tm
     )
     assert f"GPU-hours at {DEFAULT_MFU:.0%} of the datasheet's dense peak (an assumption" in out
     for gpu in ACCELERATORS:  # float32 couplings: TF32 tensor cores
-        hours = float(re.search(rf"{re.escape(gpu.name)} +([\d,.]+) GPU-hours", out).group(1).replace(",", ""))
-        assert hours == pytest.approx((train_total + eval_total) / (gpu.tf32 * 1e12 * DEFAULT_MFU) / 3600, abs=0.051)
+        value, unit = re.search(rf"{re.escape(gpu.name)} +([\d,.e+-]+) GPU-(hours|seconds)", out).groups()
+        seconds = float(value.replace(",", "")) * (3600 if unit == "hours" else 1)
+        expected = (train_total + eval_total) / (gpu.tf32 * 1e12 * DEFAULT_MFU)
+        printed = pytest.approx(expected, abs=0.051 * 3600) if unit == "hours" else pytest.approx(expected, rel=5e-3)
+        assert seconds == printed
         assert gpu.source.startswith("https://www.nvidia.com/")
 
 
