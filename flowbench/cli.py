@@ -160,6 +160,7 @@ def cmd_train(args) -> None:
             checkpoint_every=args.checkpoint_every or 10 * args.eval_every,
             memory_saving=args.memory_saving,
             coupling_precision=args.coupling_precision,
+            compile=args.compile,
             data_root=args.data_root,
             device=args.device,
             out_dir=str(out),
@@ -218,6 +219,7 @@ def cmd_train(args) -> None:
         f"  spent           {record.steps} steps, {record.images_seen} images, {record.epochs:.2f} epochs, "
         f"{record.train_flops:.3g} FLOPs ({record.flops_per_image:.3g} per image), "
         f"{record.train_seconds:.1f} s training ({record.throughput_images_per_s:.1f} images/s)"
+        + (f", {record.compile_seconds:.1f} s compiling" if record.compile_seconds else "")
     )
     print(f"  recipe          {record.recipe}")
     print(f"  parameters      {record.num_params:,} effective ({record.num_params_allocated:,} allocated)")
@@ -401,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16"],
         default="float32",
         help="compute of the coupling networks; maps and log-dets stay float32",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training step (needs a C++ compiler on CPU; its time is recorded apart)",
     )
     p.add_argument("--hparam", type=_hparam, action="append", help="KEY=VALUE over the model card's")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
