@@ -168,6 +168,13 @@ def cmd_train(args) -> None:
         )
     except pydantic.ValidationError as err:
         raise _option_error(err, kind) from None
+    if args.dry_run:
+        settings = config.model_dump(exclude={"hparams", "data_fingerprint", "recipe_source"})
+        shape = "x".join(map(str, info.image_shape))
+        print(f"trial {config.trial_id} ({config.config_hash()}): {config.model} on {config.dataset} {shape}")
+        print(f"  hparams  {' '.join(f'{k}={v}' for k, v in hparams.items())}")
+        print(f"  settings {' '.join(f'{k}={v}' for k, v in settings.items() if k not in ('model', 'dataset'))}")
+        return
     # one owner per output folder: a second train into it is refused, naming the first
     with exclusive_lock(out, "flowbench train"):
         checkpoint = out / "checkpoint" / CHECKPOINT_FILE
@@ -310,7 +317,7 @@ def _sweep_spec(text: str) -> Path:
 
 
 def cmd_sweep(args) -> None:
-    from flowbench.sweep.driver import plan, run_sweep
+    from flowbench.sweep.units import plan  # no Ray: a dry run validates a spec where Ray is not installed
 
     args.spec = _sweep_spec(args.spec)
     spec, configs = plan(args.spec)
@@ -323,6 +330,8 @@ def cmd_sweep(args) -> None:
             hp = " ".join(f"{k}={v}" for k, v in c.hparams.items())
             print(f"  {c.trial_id:40s} {hp}")
         return
+    from flowbench.sweep.driver import run_sweep
+
     progress = SweepProgress()
     outcome = run_sweep(
         args.spec, args.results, args.address, args.mlflow_uri, (progress.callback,), args.num_cpus, args.storage
@@ -412,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hparam", type=_hparam, action="append", help="KEY=VALUE over the model card's")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--out", help="output folder (default runs/MODEL-DATASET-seedN); re-running resumes")
+    p.add_argument("--dry-run", action="store_true", help="validate the options, card and data set; train nothing")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="run (or resume) a sweep spec as Ray Tune trials")
