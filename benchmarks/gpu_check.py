@@ -12,10 +12,11 @@ Optuna, pydantic or PyYAML. ``flowbench train`` needs pydantic and PyYAML, and t
 is normflows: their wheels travel with the working tree in ``wheels/`` (ignored by git), fetched
 on a machine with a registry by
 
-    pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux2014_x86_64 \\
-        -d wheels pydantic pydantic-core annotated-types typing-inspection typing-extensions pyyaml normflows
+    pip download --only-binary=:all: --no-deps --python-version 3.12 --platform manylinux2014_x86_64 -d wheels \\
+        pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection typing-extensions pyyaml
+    pip wheel --no-deps -w wheels normflows     # PyPI has only its sdist: built here, pure Python
 
-(pydantic-core at the version the pydantic release pins; ~3 MB in all). Nothing is installed:
+(pydantic-core at the version its pydantic pins; 3.7 MB in all). Nothing is installed:
 a wheel is a zip archive, so the script unpacks each into ``OUT/site-packages`` and puts that folder
 first on the PYTHONPATH of every command it runs, with the checkout itself (flowbench runs from
 source: ``python -m flowbench.cli``). A machine that has these packages needs no wheels.
