@@ -83,9 +83,10 @@ def first_call_seconds(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def break_even(compile_s: float, eager_s: float, compiled_s: float) -> float:
-    saving = eager_s - compiled_s
-    return compile_s / saving if saving > 0 else math.inf
+def break_even(compile_s: float, eager_s: float, ratio: float) -> float:
+    """Steps (calls) after which the compile has paid for itself: its seconds over the saving a step,
+    the eager median times (1 − the compiled/eager ratio of interleaved rounds); never when ratio ≥ 1."""
+    return compile_s / (eager_s * (1 - ratio)) if ratio < 1 else math.inf
 
 
 def bench_model(name, shape, args, device, peak, with_peer) -> list[dict]:
@@ -126,7 +127,7 @@ def bench_model(name, shape, args, device, peak, with_peer) -> list[dict]:
             "rounds_low": lo,
             "rounds_high": hi,
             "compile_seconds": compile_s[precision],
-            "break_even_steps": break_even(compile_s[precision], eager_s, compiled_s),
+            "break_even_steps": break_even(compile_s[precision], eager_s, r),
             "step_gflop": flops / 1e9,
             "eager_of_matmul_rate": flops / eager_s / limit,
             "compiled_of_matmul_rate": flops / compiled_s / limit,
@@ -187,7 +188,7 @@ def bench_inference(args, device) -> dict:
     for kind in ("density", "sampling"):
         r, lo, hi = timed.ratio(f"compiled {kind}", f"eager {kind}")
         eager_s, compiled_s = timed.median(f"eager {kind}"), timed.median(f"compiled {kind}")
-        calls = break_even(compile_s[kind], eager_s, compiled_s)
+        calls = break_even(compile_s[kind], eager_s, r)
         figures[kind] = {
             "eager_ms": eager_s * 1e3,
             "compiled_ms": compiled_s * 1e3,
