@@ -22,6 +22,9 @@ from tests.flows.harness import assert_logdet_exact, prepare
 from tests.flows.test_models import TINY as TINY_MODELS
 from tests.test_trial import config
 
+# one flow step a level: half the tiny model's graph, so half its compile time
+SMALL = dict(hparams=dict(depth=1, levels=2, hidden_channels=8))
+
 
 def compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
@@ -41,7 +44,7 @@ def run(path, resume_from=None, stop_at_checkpoint=False, **settings):
         if stop_at_checkpoint and checkpoint_dir is not None:
             raise Interrupt
 
-    trial = config(path, budget=10, checkpoint_every=5, **settings)
+    trial = config(path, **(SMALL | dict(budget=10, checkpoint_every=5) | settings))
     if stop_at_checkpoint:
         with pytest.raises(Interrupt):
             run_trial(trial, report, resume_from=resume_from)
@@ -148,10 +151,14 @@ def test_compiled_models_pass_the_harness(name):
     check_compiled_flow(name)
 
 
+def short_compiled(path):
+    return config(path, **SMALL, budget=6, eval_every=3, checkpoint_every=3, compile=True)
+
+
 def data_parallel_worker(rank: int, store: str, out: str, results: dict) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        record = run_trial(config(f"{out}/rank{rank}", budget=6, eval_every=3, checkpoint_every=3, compile=True))
+        record = run_trial(short_compiled(f"{out}/rank{rank}"))
         results[rank] = (record.workers, record.test_bpd, record.compile_seconds)
     finally:
         torch.distributed.destroy_process_group()
@@ -160,7 +167,7 @@ def data_parallel_worker(rank: int, store: str, out: str, results: dict) -> None
 def test_compiled_data_parallel_trial_reaches_the_one_process_result(tmp_path):
     """Two gloo processes (as Ray Train starts them in a sweep, here without Ray), each compiling
     the DDP-wrapped step, reach the compiled one-process trial's bits/dim."""
-    single = run_trial(config(tmp_path / "single", budget=6, eval_every=3, checkpoint_every=3, compile=True))
+    single = run_trial(short_compiled(tmp_path / "single"))
     results = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.spawn(
         data_parallel_worker, args=(str(tmp_path / "store"), str(tmp_path), results), nprocs=2, join=True
