@@ -187,8 +187,8 @@ def step_figures(step: Step, out: Path) -> list[str]:
         figures = json.loads(step.figures.read_text())
         rates = figures.get("matmul_gflops", {})
         lines.append(
-            f"  - matmul rates on this device: float32 {rates.get('float32', 0) / 1e3:.0f} TFLOP/s, "
-            f"bfloat16 {rates.get('bfloat16', 0) / 1e3:.0f} TFLOP/s"
+            f"  - matmul rates on this device: float32 {rates.get('float32', 0) / 1e3:.3g} TFLOP/s, "
+            f"bfloat16 {rates.get('bfloat16', 0) / 1e3:.3g} TFLOP/s"
         )
         for row in figures.get("steps", []):
             peer = row.get("eager_over_normflows_float32")
