@@ -161,6 +161,7 @@ def cmd_train(args) -> None:
             memory_saving=args.memory_saving,
             coupling_precision=args.coupling_precision,
             numerics=args.numerics,
+            compile=args.compile,
             data_root=args.data_root,
             device=args.device,
             out_dir=str(out),
@@ -168,6 +169,13 @@ def cmd_train(args) -> None:
         )
     except pydantic.ValidationError as err:
         raise _option_error(err, kind) from None
+    if args.dry_run:
+        settings = config.model_dump(exclude={"hparams", "data_fingerprint", "recipe_source"})
+        shape = "x".join(map(str, info.image_shape))
+        print(f"trial {config.trial_id} ({config.config_hash()}): {config.model} on {config.dataset} {shape}")
+        print(f"  hparams  {' '.join(f'{k}={v}' for k, v in hparams.items())}")
+        print(f"  settings {' '.join(f'{k}={v}' for k, v in settings.items() if k not in ('model', 'dataset'))}")
+        return
     # one owner per output folder: a second train into it is refused, naming the first
     with exclusive_lock(out, "flowbench train"):
         checkpoint = out / "checkpoint" / CHECKPOINT_FILE
@@ -219,6 +227,7 @@ def cmd_train(args) -> None:
         f"  spent           {record.steps} steps, {record.images_seen} images, {record.epochs:.2f} epochs, "
         f"{record.train_flops:.3g} FLOPs ({record.flops_per_image:.3g} per image), "
         f"{record.train_seconds:.1f} s training ({record.throughput_images_per_s:.1f} images/s)"
+        + (f", {record.compile_seconds:.1f} s compiling" if record.compile_seconds else "")
     )
     print(f"  recipe          {record.recipe}")
     print(f"  parameters      {record.num_params:,} effective ({record.num_params_allocated:,} allocated)")
@@ -381,7 +390,7 @@ def print_plan(spec_path: Path, measure: bool, mfu: float | None) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from flowbench.sweep.driver import plan, run_sweep
+    from flowbench.sweep.units import plan  # no Ray: a dry run validates a spec where Ray is not installed
 
     args.spec = _sweep_spec(args.spec)
     if not args.dry_run and (args.measure or args.mfu is not None):
@@ -389,6 +398,8 @@ def cmd_sweep(args) -> None:
     if args.dry_run:
         print_plan(args.spec, args.measure, args.mfu)
         return
+    from flowbench.sweep.driver import run_sweep
+
     spec, _ = plan(args.spec)
     progress = SweepProgress()
     outcome = run_sweep(
@@ -477,9 +488,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="native",
         help="portable: the same bits on every x86-64 CPU (one thread, baseline kernels; slower)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training step (needs a C++ compiler on CPU; its time is recorded apart)",
+    )
     p.add_argument("--hparam", type=_hparam, action="append", help="KEY=VALUE over the model card's")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     p.add_argument("--out", help="output folder (default runs/MODEL-DATASET-seedN); re-running resumes")
+    p.add_argument("--dry-run", action="store_true", help="validate the options, card and data set; train nothing")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="run (or resume) a sweep spec as Ray Tune trials")

@@ -63,6 +63,7 @@ class TrialRecord:
     images_seen: int = column(0, mlflow=METRIC)
     train_seconds: float = column(0.0, mlflow=METRIC)
     wall_seconds: float = column(0.0, mlflow=METRIC)
+    compile_seconds: float = column(0.0, mlflow=METRIC)  # torch.compile (train: compile); not in train_seconds
     flops_per_image: float = column(math.nan, mlflow=METRIC)  # training (forward + backward), measured
     train_flops: float = column(0.0, mlflow=METRIC)  # spent: flops_per_image × images_seen
     # results: selection uses val_bpd; test_bpd is computed once, on the selected checkpoint

@@ -23,7 +23,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import resource
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -70,6 +72,9 @@ class TrainSettings(pydantic.BaseModel):
     grad_clip: float | None = pydantic.Field(50.0, gt=0)  # max gradient norm; None: no clipping
     memory_saving: bool = False  # gradient checkpointing per flow step: less memory, more compute
     coupling_precision: CouplingPrecision = "float32"  # the coupling networks' compute
+    # torch.compile the training step's forward and backward; how a trial runs, not what it is
+    # (like its device): not part of its identity, so a checkpoint resumes compiled or eager
+    compile: bool = False
     # evaluations along the budget, the k-th once k/N of it is spent (in the budget's own unit: at
     # equal training FLOPs for every model under a FLOPs budget); a checkpoint is written at each
     evaluations: int = pydantic.Field(10, gt=0)
@@ -93,7 +98,7 @@ class TrialConfig(TrainSettings):
     """Everything that defines a trial; all but the fields in ``NOT_IDENTITY`` feed ``config_hash``."""
 
     NOT_IDENTITY: ClassVar[frozenset] = frozenset(
-        {"recipe_source", "data_root", "device", "out_dir", "sweep", "trial_id"}
+        {"recipe_source", "data_root", "device", "compile", "out_dir", "sweep", "trial_id"}
     )
 
     model: str
@@ -228,14 +233,15 @@ def train_step(
     noise,
     grad_clip: float | None,
     shard: Shard = Shard(),
-    net: torch.nn.Module | None = None,
+    net: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One optimisation step on a global batch of uint8 pixels. Returns this process's share of
     the batch's mean bits/dim as a device tensor: nothing here reads a device value, so the host
     never waits for the device (a non-finite loss is found by ``LossMeter`` at the next
-    evaluation). In a data-parallel trial ``net`` is the DDP-wrapped model."""
+    evaluation). ``net`` runs the forward: the model, its DDP wrapper in a data-parallel trial, or
+    either compiled."""
     x, logdet = model.preprocess_pixels(pixels.contiguous(memory_format=torch.channels_last), noise)
-    bpd = model.bits_per_dim_of((net or model)(shard.take(x)), shard.take(logdet))
+    bpd = model.bits_per_dim_of((model if net is None else net)(shard.take(x)), shard.take(logdet))
     share = bpd.sum() / len(pixels)
     optimizer.zero_grad(set_to_none=True)
     # DDP averages gradients over processes: scaled so that makes the global batch's mean
@@ -302,6 +308,7 @@ class Progress:
     epoch: int = 0
     position: int = 0
     flops_per_image: float = math.nan
+    compile_seconds: float = 0.0  # torch.compile's, every (re)start of the trial together; not in train_seconds
 
     @property
     def train_flops(self) -> float:
@@ -488,6 +495,7 @@ class TrialState:
     curve: list[dict]
     best: dict  # {"step", "val_bpd"} of the selected weights so far ({} before the first evaluation)
     best_weights: dict | None = None  # on the CPU, so every process can evaluate them at the end
+    compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # ``net`` compiled for the batch size
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -529,6 +537,8 @@ def setup_trial(config: TrialConfig, resume_from=None) -> TrialState:
     check_in_effect(config.numerics)
     if config.numerics == "portable":
         torch.set_num_threads(1)  # reductions split by threads: one thread on every machine
+    if config.compile and (missing := missing_compiler(device)):
+        raise FlowbenchError(f"compile: torch.compile needs {missing}; install it or train without compile")
     data = load_dataset(config.dataset, config.data_root)
     # the hyperparameters as built (the data's bit depth unless the card says): every checkpoint
     # stores them, so sampling, evaluation and resume rebuild exactly this model (5-bit stays 5-bit)
@@ -560,11 +570,12 @@ def setup_trial(config: TrialConfig, resume_from=None) -> TrialState:
         if state.best and (folder / SELECTED_FILE).is_file():
             state.best_weights = load_checkpoint(folder / SELECTED_FILE)["model"]
         log.info("resumed %s at step %d", config.trial_id or config.model, state.progress.step)
-    else:
-        # ActNorm's data-dependent initialisation on the first global batch, with noise of its
-        # own: every process of a data-parallel trial starts from the same parameters
-        first_indices = np.random.default_rng([config.seed, 0]).permutation(len(data.train))[: config.batch_size]
-        first = data.train.batch(first_indices).to(device)
+    # the first global batch: ActNorm's data-dependent initialisation and the compile's warm-up
+    first_indices = np.random.default_rng([config.seed, 0]).permutation(len(data.train))[: config.batch_size]
+    first = data.train.batch(first_indices).to(device)
+    if resume_from is None:
+        # ActNorm's initialisation with noise of its own: every process of a data-parallel trial
+        # starts from the same parameters
         model.train()
         with torch.no_grad():
             model.log_prob(model.preprocess_pixels(first, torch.Generator(device).manual_seed(config.seed + 2))[0])
@@ -572,7 +583,57 @@ def setup_trial(config: TrialConfig, resume_from=None) -> TrialState:
     model.train()
     if shard.world > 1:
         state.net = torch.nn.parallel.DistributedDataParallel(model)
+    if config.compile:
+        compile_training_step(state, first)
     return state
+
+
+def missing_compiler(device: torch.device) -> str | None:
+    """What torch.compile lacks here to build its kernels, or None: Inductor compiles C++ for the
+    CPU (the compilers of ``torch._inductor.config.cpp.cxx``: $CXX, else g++) and Triton a C
+    launcher for CUDA ($CC, else gcc, clang or cc). Asked before anything runs, so a machine
+    without one fails in one line, not minutes later inside the first step."""
+    if device.type == "cuda":
+        names: list[str] = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang", "cc"]
+        kind = "a C compiler for Triton"
+    else:
+        import torch._inductor.config as inductor
+
+        cxx = inductor.cpp.cxx
+        names = [c for c in (cxx if isinstance(cxx, (list, tuple)) else (cxx,)) if c]
+        kind = "a C++ compiler for Inductor"
+    if any(shutil.which(name) for name in names):
+        return None
+    return f"{kind} ({' or '.join(names)}, none found)"
+
+
+def compile_training_step(state: TrialState, first: torch.Tensor) -> None:
+    """``state.compiled``: the training forward (the DDP wrapper in a data-parallel trial, so
+    dynamo's DDP optimiser splits the graph at its gradient buckets) compiled by torch.compile
+    for the trial's batch shape, and compiled now, by one forward and backward of the first batch
+    whose gradients are dropped: the compile time goes to ``compile_seconds``, not to the steps.
+    Only the training step is compiled: evaluation, latency and sampling stay eager (their compile
+    time does not pay back; README, Performance)."""
+    model, shard, device = state.model, state.shard, state.device
+    # a fresh dynamo cache for each trial: a sweep's actor runs trial after trial, and past dynamo's
+    # recompile limit a model would silently run eager (Inductor's on-disk caches stay)
+    torch._dynamo.reset()
+    state.compiled = compiled = torch.compile(state.net, dynamic=False)
+    start = time.perf_counter()
+    x, logdet = model.preprocess_pixels(first, torch.Generator(device).manual_seed(state.config.seed + 4))
+    try:
+        share = model.bits_per_dim_of(compiled(shard.take(x)), shard.take(logdet)).sum() / len(first)
+        (share * shard.world).backward()
+    except torch._dynamo.exc.BackendCompilerFailed as err:
+        cause = str(err.__cause__ or err).strip().splitlines()
+        raise FlowbenchError(
+            f"compile: torch.compile failed on {state.config.model} ({cause[0] if cause else type(err).__name__}); "
+            "train without compile"
+        ) from None
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    state.progress.compile_seconds += time.perf_counter() - start
 
 
 def evaluate_and_select(state: TrialState, meter: LossMeter, done: bool) -> dict:
@@ -637,7 +698,9 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
         walked = batch_plan(config, n_train, dataclasses.replace(progress))
         for pixels, (indices, epoch, position) in zip(batches, walked, strict=True):
             step_start = time.perf_counter()
-            loss = train_step(state.model, state.optimizer, pixels, state.noise, config.grad_clip, shard, state.net)
+            # the compiled step is for the trial's batch shape; a shorter last batch runs eager, not a recompile
+            net = state.compiled if state.compiled is not None and len(pixels) == config.batch_size else state.net
+            loss = train_step(state.model, state.optimizer, pixels, state.noise, config.grad_clip, shard, net)
             state.scheduler.step()
             progress.step += 1
             progress.images_seen += len(indices)
@@ -694,6 +757,7 @@ def finish_record(state: TrialState, status: str, reason: str) -> TrialRecord:
         epochs=progress.epochs(len(state.data.train)),
         images_seen=progress.images_seen,
         train_seconds=progress.train_seconds,
+        compile_seconds=progress.compile_seconds,
         flops_per_image=progress.flops_per_image,
         train_flops=progress.train_flops,
         num_params=state.model.num_parameters(),

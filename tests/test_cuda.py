@@ -109,7 +109,7 @@ def test_trial_on_cuda_matches_cpu(tmp_path):
 
 
 def test_a_sweep_schedules_its_trials_on_the_gpu(tmp_path):
-    import ray
+    ray = pytest.importorskip("ray", reason="the with-Ray tier: a bare GPU machine has no Ray")
 
     from flowbench.sweep.driver import run_sweep
 
@@ -135,7 +135,7 @@ latency: {batch_size: 8, repeats: 2}
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_nccl_workers_reach_the_one_gpu_result(tmp_path):
-    import ray
+    ray = pytest.importorskip("ray", reason="the with-Ray tier: a bare GPU machine has no Ray")
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -166,3 +166,21 @@ def test_two_nccl_workers_reach_the_one_gpu_result(tmp_path):
         ray.shutdown()
     assert result.metrics["workers"] == 2 and result.metrics["device"].startswith("cuda")
     assert result.metrics["test_bpd"] == pytest.approx(single.test_bpd, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_compiled_models_pass_the_harness_on_cuda(name):
+    from tests.test_compile import check_compiled_flow
+
+    check_compiled_flow(name, CUDA)
+
+
+def test_compiled_trial_on_cuda_trains_as_eager(tmp_path):
+    """cuDNN may pick other convolution algorithms for the compiled graph (and TF32 in the coupling
+    networks, as the user's setting allows): bits/dim agree to 1e-3, not to float32's round-off."""
+    from tests.test_compile import assert_same_training, run
+
+    eager, _ = run(tmp_path / "eager", device="cuda")
+    compiled, graphs = run(tmp_path / "compiled", device="cuda", compile=True)
+    assert compiled.compile_seconds > 0 and graphs[0] == graphs[-1]
+    assert_same_training(eager, compiled, rel=1e-3)

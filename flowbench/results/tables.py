@@ -22,7 +22,8 @@ from flowbench.record import RECORD_COLUMNS
 # allocated parameter counts, FLOPs. Version 1 tables ranked trials by test bits/dim: not read.
 # 3: evaluations at milestones along the budget (curves: milestone, budget_fraction; trials:
 # evaluations, eval_images); version 2 curves were evaluated every N steps, at unequal compute. Trials
-# name what their numbers depend on (numerics mode, CPU, ATen's kernels, threads, math libraries, GPU)
+# name what their numbers depend on (numerics mode, CPU, ATen's kernels, threads, math libraries, GPU) and
+# their compile_seconds
 SCHEMA_VERSION = 3
 # one evaluation of a trial (on the validation split): what curves.parquet and MLflow's metric
 # histories hold per step

@@ -43,6 +43,15 @@ def test_good_spec_expands_one_trial_per_model_dataset_seed(tmp_path):
     assert configs[0].budget_kind == "steps" and configs[0].budget == 20
 
 
+def test_train_compile_reaches_every_trial_and_leaves_its_identity(tmp_path):
+    _, eager = plan(write(tmp_path, GOOD))
+    compiling = GOOD.replace("train: {batch_size: 32}", "train: {batch_size: 32, compile: true}")
+    _, compiled = plan(write(tmp_path, compiling))
+    assert all(c.compile for c in compiled) and not any(c.compile for c in eager)
+    # how a trial runs, like its device: a sweep switched to compiling re-runs nothing
+    assert [c.config_hash() for c in compiled] == [c.config_hash() for c in eager]
+
+
 def test_dry_run_lists_trials(tmp_path, capsys):
     assert main(["sweep", str(write(tmp_path, GOOD)), "--dry-run", "--results", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
