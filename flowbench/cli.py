@@ -186,23 +186,31 @@ def cmd_train(args) -> None:
             resume = checkpoint
             print(f"resuming from {checkpoint}", file=sys.stderr)
 
-        bars: list[tqdm] = []  # drawn from the first evaluation on, so an error before training prints alone
+        # drawn from the first step on (an error before training prints alone) and moved every step;
+        # its rate is the average since then (smoothing=0): wall time, evaluations included, so never
+        # above the steps' own rate
+        bars: list[tqdm] = []
+
+        def step(spent: float) -> None:
+            if not bars:
+                bars.append(
+                    tqdm(
+                        total=amount,
+                        initial=spent,
+                        desc=f"{args.model} on {args.dataset}",
+                        unit=kind,
+                        smoothing=0,
+                        file=sys.stderr,
+                    )
+                )
+            else:
+                bars[0].update(spent - bars[0].n)
 
         def report(metrics, checkpoint_dir):
-            if not bars:
-                bars.append(tqdm(total=amount, desc=f"{args.model} on {args.dataset}", unit=kind, file=sys.stderr))
-            done = {
-                "steps": metrics["step"],
-                "epochs": metrics["epochs"],
-                "images": metrics["images_seen"],
-                "seconds": metrics["train_seconds"],
-                "flops": metrics["train_flops"],
-            }[kind]
-            bars[0].update(done - bars[0].n)
             bars[0].set_postfix(train_bpd=f"{metrics['train_bpd']:.3f}", val_bpd=f"{metrics['val_bpd']:.3f}")
 
         try:
-            record = run_trial(config, report, resume_from=resume)
+            record = run_trial(config, report, resume_from=resume, on_step=step)
         finally:
             for bar in bars:
                 bar.close()

@@ -676,8 +676,14 @@ def write_checkpoint(state: TrialState) -> Path:
     return state.checkpoint_dir
 
 
-def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resume_from=None) -> TrialRecord:
-    """Train ``config`` to its budget, select on validation, test once, measure.
+def run_trial(
+    config: TrialConfig | dict,
+    reporter: Reporter | None = None,
+    resume_from=None,
+    on_step: Callable[[float], None] | None = None,
+) -> TrialRecord:
+    """Train ``config`` to its budget, select on validation, test once, measure. ``reporter`` gets
+    each evaluation; ``on_step`` the budget spent after every step (counted on the host: no device read).
 
     Data-set and model errors raise FlowbenchError before training; a loss that becomes
     NaN/inf (at any step, the first included) ends the trial with status ``diverged``.
@@ -711,6 +717,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
                 progress.train_seconds = shard.reduce([progress.train_seconds], "max")[0]
             spent = progress.spent(config.budget_kind, n_train)
             done = spent >= config.budget
+            if on_step is not None:
+                on_step(spent)
             if not along.due(spent):
                 continue
             point = evaluate_and_select(state, meter, done) | {

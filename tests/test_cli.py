@@ -72,3 +72,41 @@ def test_models_lists_the_registry_with_parameter_counts(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "glow       44.05M" in out and "nxn_shift" in out and "3.35" in out
+
+
+def test_the_progress_bar_moves_every_step_and_never_shows_a_rate_above_the_steps_own(tmp_path, monkeypatch):
+    """tqdm's own state at every update: the bar counts each step (it used to move only at the
+    evaluations, jumping 0 -> 50 and showing ~250,000 steps/s), and the rate it shows, (n - initial) /
+    elapsed, is at most the rate of the training steps it counts, timed here around each step."""
+    import time
+
+    import tqdm
+
+    import flowbench.trial
+
+    step_seconds: list[float] = []
+    real_step = flowbench.trial.train_step
+
+    def timed_step(*args, **kwargs):
+        start = time.perf_counter()
+        loss = real_step(*args, **kwargs)
+        step_seconds.append(time.perf_counter() - start)
+        return loss
+
+    frames = []
+
+    class Watched(tqdm.tqdm):
+        def update(self, n=1):
+            shown = super().update(n)
+            frame = self.format_dict
+            frames.append((frame["n"], frame["n"] - frame["initial"], frame["elapsed"], len(step_seconds)))
+            return shown
+
+    monkeypatch.setattr(flowbench.trial, "train_step", timed_step)
+    monkeypatch.setattr(tqdm, "tqdm", Watched)
+    argv = ["train", "--model", "glow", "--dataset", "digits", "--budget-steps", "30", "--evaluations", "2"]
+    assert main([*argv, "--batch-size", "16", "--out", str(tmp_path / "run"), *TINY]) == 0
+    assert [n for n, *_ in frames] == list(range(2, 31))  # created at step 1, then every step
+    for _, counted, elapsed, steps in frames:
+        own = sum(step_seconds[1:steps])  # the steps inside the bar's average (after its first)
+        assert counted / elapsed <= counted / own
