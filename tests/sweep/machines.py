@@ -3,8 +3,9 @@
 A session is one bash script run as PID 1 of private network, PID, mount and UTS namespaces (``unshare``, as
 root: CI is): nothing listens outside it, and every process it starts ends with it. Its machines are servers
 (sshd, slurmd) in namespaces of their own inside it: each has its own process table (`ray stop` on one machine
-sees only its own Ray), its own host name resolving to its own loopback address, and its own home folder;
-they share the file system (as an NFS mount would) and the loopback network. Ray takes a head address of
+sees only its own Ray), its own host name resolving to its own loopback address, its own home folder and its own
+/tmp/ray (Ray's temp folder, whose path a worker takes from its head); they share the rest of the file system
+(as an NFS mount would) and the loopback network. Ray takes a head address of
 127.0.0.1 to mean "this machine", so the machines are 127.0.0.2 (the head) and 127.0.0.3. A session types the
 README's commands; what it saw lands in files that the tests read.
 """
@@ -42,18 +43,20 @@ def unavailable(tools: dict[str, str]) -> str | None:
 
 # `machine NAME IP COMMAND...`: COMMAND in PID, mount and UTS namespaces of its own, the child of a bash that
 # stays PID 1 and reaps orphans (as an init does), with host name NAME resolving to IP, root's home $OUT/NAME/home
+# and /tmp/ray in $OUT/NAME/ray
 PREAMBLE = f"""\
 set -euo pipefail
 ip link set lo up
+mkdir -p /tmp/ray  # where each machine mounts its own
 machine() {{
     local name=$1 ip=$2 dir=$OUT/$1
     shift 2
-    mkdir -p "$dir/home"
+    mkdir -p "$dir/home" "$dir/ray"
     {{ echo "$ip $name"; cat /etc/hosts; }} > "$dir/hosts"
     awk -F: -v OFS=: -v home="$dir/home" '$1 == "root" {{$6 = home}} 1' /etc/passwd > "$dir/passwd"
     unshare --pid --fork --mount-proc --uts bash -c 'hostname "$1" && mount --bind "$2/hosts" /etc/hosts &&
-        mount --bind "$2/passwd" /etc/passwd && shift 2 && "$@"; true' machine "$name" "$dir" "$@" \\
-        > "$dir/machine.log" 2>&1 &
+        mount --bind "$2/passwd" /etc/passwd && mount --bind "$2/ray" /tmp/ray && shift 2 && "$@"; true' \\
+        machine "$name" "$dir" "$@" > "$dir/machine.log" 2>&1 &
 }}
 seconds() {{ echo "$1 $SECONDS" >> "$OUT/seconds.txt"; }}  # when each step ended
 ray_processes() {{ ps -eo pid,stat,args | grep -E '{RAY_PROCESS}' | grep -v grep || true; }}

@@ -1,7 +1,8 @@
 """Ray's cluster launcher with cluster-onprem.yaml, for real: two OpenSSH servers on one machine are the
 head (127.0.0.2) and the worker (127.0.0.3) (tests/sweep/machines.py), and one session types the README's
-operator path: `ray up`, `ray up` again, a sweep through `ray job submit` over `ray dashboard`'s tunnel,
-`ray rsync-down`, `flowbench report`, `ray exec … 'ray status'`, `ray down`.
+operator path: `ray up`, `ray up` again, a sweep of the user's own spec through `ray job submit
+--working-dir` over `ray dashboard`'s tunnel, `ray rsync-down`, `flowbench report`, `ray exec … 'ray
+status'`, `ray down`.
 """
 
 import contextlib
@@ -42,19 +43,19 @@ def onprem_config(key: Path) -> str:
 # environment already exists, as after a first `ray up`: ~/flowbench-env, a venv that reuses this environment's
 # packages (a .pth line, as tests/test_wheel.py does: offline and fast) with Ray's command; the config's setup
 # then installs the synced checkout into it, offline (SetEnv: PIP_NO_INDEX, and PIP_NO_BUILD_ISOLATION=0, which
-# means no isolation: setuptools from those packages). RAY_TMPDIR keeps each machine's Ray files apart.
-# RAY_gcs_rpc_server_reconnect_timeout_s: a worker that lost its head ends its Ray after 15 s, not Ray's 60.
+# means no isolation: setuptools from those packages).
+# RAY_gcs_rpc_server_reconnect_timeout_s: a worker that lost its head ends its raylet after 10 s, not Ray's 60.
 MACHINES = """\
 mkdir -p /run/sshd "$OUT/keys"  # sshd's privilege separation folder, as its Debian service makes it
 ssh-keygen -q -t ed25519 -N '' -f "$OUT/keys/host"
 ssh-keygen -q -t ed25519 -N '' -f "$OUT/keys/user"
 cp "$OUT/keys/user.pub" "$OUT/keys/authorized_keys"
 machine_env="PIP_NO_INDEX=1 PIP_NO_BUILD_ISOLATION=0 RAY_USAGE_STATS_ENABLED=0"
-machine_env+=" RAY_gcs_rpc_server_reconnect_timeout_s=15"
+machine_env+=" RAY_gcs_rpc_server_reconnect_timeout_s=10"
 for node in head:127.0.0.2 worker:127.0.0.3; do
     name=${node%%:*} ip=${node#*:}
     env=$OUT/$name/home/flowbench-env
-    mkdir -p "$OUT/$name/home" "$OUT/$name/tmp"
+    mkdir -p "$OUT/$name/home"
     python -m venv --without-pip "$env"
     echo "$SITE_PACKAGES" > "$env/lib/python$PYTHON_VERSION/site-packages/reuse.pth"
     printf '#!%s\\nimport sys\\nfrom ray.scripts.scripts import main\\nsys.exit(main())\\n' "$env/bin/python" \\
@@ -70,7 +71,7 @@ PasswordAuthentication no
 KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
-SetEnv RAY_TMPDIR=$OUT/$name/tmp $machine_env
+SetEnv $machine_env
 EOF
     machine "$name" "$ip" /usr/sbin/sshd -D -f "$OUT/$name/sshd_config" -E "$OUT/$name/sshd.log"
 done
@@ -93,6 +94,23 @@ while time.time() < deadline:
 sys.exit(f"not {sys.argv[1]} alive nodes within 300 s: {nodes}")
 EOF
 }
+"""
+
+# Four trials on the cluster's four slots (two CPUs a machine), each training for 25 s: longer than a cold
+# worker machine takes to start its trial actors, so that Tune does not hand the worker's trials to actors
+# freed on the head (it reuses actors) and both machines train.
+SPEC = """\
+name: onprem
+models: [glow, nxn_shift]
+datasets: [digits]
+seeds: [0, 1]
+budget: {seconds: 25}
+train: {batch_size: 32, eval_every: 200, checkpoint_every: 200}
+overrides:
+  glow: {depth: 2, levels: 2, hidden_channels: 8}
+  nxn_shift: {depth: 2, levels: 2, hidden_channels: 8}
+resources: {cpu: 1}
+latency: {batch_size: 8, repeats: 2}
 """
 
 # the README's operator path
@@ -119,18 +137,18 @@ for _ in range(240):
     except OSError:
         time.sleep(0.5)'
 mkdir "$OUT/shared" "$OUT/local"
-ray job submit --address http://127.0.0.1:8266 -- flowbench sweep smoke --address auto \\
-    --storage "$OUT/shared" --results '~/results' > "$OUT/job.log" 2>&1
+ray job submit --address http://127.0.0.1:8266 --working-dir "$OUT/job" -- flowbench sweep onprem.yaml \\
+    --address auto --storage "$OUT/shared" --results '~/results' > "$OUT/job.log" 2>&1
 seconds job
-ray rsync-down "$CONFIG" '~/results/smoke/' "$OUT/local/smoke" > "$OUT/rsync.log" 2>&1
-flowbench report "$OUT/local/smoke" > "$OUT/report.log" 2>&1
-seconds rsync-down-report
+ray rsync-down "$CONFIG" '~/results/onprem/' "$OUT/local/onprem" > "$OUT/rsync.log" 2>&1
+seconds rsync-down
 ray exec "$CONFIG" 'ray status' > "$OUT/status.log" 2>&1
 kill -- -$tunnel
 
 ray down -y "$CONFIG" > "$OUT/down.log" 2>&1
 seconds down
-for _ in $(seq 150); do  # the head's Ray stops at once; the worker's ends itself once it has lost the head
+flowbench report "$OUT/local/onprem" > "$OUT/report.log" 2>&1  # while the worker's Ray ends itself
+for _ in $(seq 150); do  # the head's Ray stops at once; the worker's once it has lost the head
     [ -z "$(ray_processes)" ] && break
     sleep 1
 done
@@ -154,6 +172,8 @@ def onprem():
     try:
         with session_folder("fbup-") as out:
             (out / "cluster.yaml").write_text(onprem_config(out / "keys" / "user"))
+            (out / "job").mkdir()
+            (out / "job" / "onprem.yaml").write_text(SPEC)
             env = {
                 "CONFIG": str(out / "cluster.yaml"),
                 "SITE_PACKAGES": sysconfig.get_paths()["purelib"],
@@ -190,22 +210,22 @@ def test_ray_up_starts_the_head_and_the_worker_and_again(onprem):
 @needs_ssh
 def test_a_job_through_the_dashboards_tunnel_trains_on_both_machines(onprem):
     log = (onprem / "job.log").read_text()
-    assert "sweep smoke: 4 trials (4 ok)" in log and "succeeded" in log, log[-3000:]
-    trials = read_table(onprem / "local" / "smoke" / "trials.parquet", "trials")
+    assert "sweep onprem: 4 trials (4 ok)" in log and "succeeded" in log, log[-3000:]
+    trials = read_table(onprem / "local" / "onprem" / "trials.parquet", "trials")
     assert len(trials) == 4 and (trials.status == "ok").all()
     assert set(trials.node) == {n["id"] for n in json.loads((onprem / "nodes-up-again.json").read_text())}
     # '~/results' is the head's home: the driver runs there, not where the command was typed
-    assert (onprem / "head" / "home" / "results" / "smoke" / "trials.parquet").exists()
+    assert (onprem / "head" / "home" / "results" / "onprem" / "trials.parquet").exists()
 
 
 @needs_ssh
 def test_rsync_down_brings_back_what_flowbench_report_reads(onprem):
-    local = onprem / "local" / "smoke"
+    local = onprem / "local" / "onprem"
     for name in ("trials.parquet", "curves.parquet", "table2.parquet", "report.md", "report.html", "mlflow.db"):
         assert (local / name).stat().st_size > 0, name
     assert "report" in (onprem / "report.log").read_text()  # `flowbench report LOCAL` ran and said where
     trials = read_table(local / "trials.parquet", "trials")
-    _, parents, children = child_runs(f"sqlite:///{local / 'mlflow.db'}", "smoke")
+    _, parents, children = child_runs(f"sqlite:///{local / 'mlflow.db'}", "onprem")
     assert len(parents) == 1 and sorted(c.info.run_name for c in children) == sorted(trials.trial_id)
 
 
