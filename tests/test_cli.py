@@ -5,7 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from flowbench.cli import main
+from flowbench.cli import build_parser, main
 from flowbench.results.tables import read_table
 
 TINY = ["--hparam", "depth=2", "--hparam", "levels=2", "--hparam", "hidden_channels=8"]
@@ -72,3 +72,11 @@ def test_models_lists_the_registry_with_parameter_counts(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "glow       44.05M" in out and "nxn_shift" in out and "3.35" in out
+
+
+def test_sweep_folders_expand_the_home_of_the_machine_the_driver_runs_on(tmp_path, monkeypatch):
+    # `ray job submit -- flowbench sweep … --results '~/results'` passes ~ to the head, where it means the head's home
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser().parse_args(["sweep", "smoke", "--results", "~/results", "--storage", "~/tune"])
+    assert (args.results, args.storage) == (str(tmp_path / "results"), str(tmp_path / "tune"))
+    assert build_parser().parse_args(["sweep", "smoke", "--storage", "s3://bucket/tune"]).storage == "s3://bucket/tune"
