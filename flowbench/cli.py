@@ -522,9 +522,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", help="Ray cluster to join ('auto' or HOST:PORT); default a local Ray")
     p.add_argument("--mlflow-uri", help="tracking server (default: sqlite under results/NAME/)")
-    p.add_argument("--results", default="results", help="results root (default results/)")
+    # ~ expands here, where the driver runs: `ray job submit -- … --results '~/results'` is the head's home
+    p.add_argument("--results", type=os.path.expanduser, default="results", help="results root (default results/)")
     p.add_argument("--num-cpus", type=_number(int, ge=1), help="CPUs of the local Ray (default: all)")
-    p.add_argument("--storage", help="Tune storage every node reaches (s3://…, NFS); default results/NAME/tune")
+    p.add_argument(
+        "--storage",
+        type=os.path.expanduser,
+        help="Tune storage every node reaches (s3://…, NFS); default results/NAME/tune",
+    )
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="regenerate Table 2, plots and the report from a sweep's tables")

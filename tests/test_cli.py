@@ -5,7 +5,7 @@ import json
 import numpy as np
 from PIL import Image
 
-from flowbench.cli import main
+from flowbench.cli import build_parser, main
 from flowbench.results.tables import read_table
 
 TINY = ["--hparam", "depth=2", "--hparam", "levels=2", "--hparam", "hidden_channels=8"]
@@ -110,3 +110,11 @@ def test_the_progress_bar_moves_every_step_and_never_shows_a_rate_above_the_step
     for _, counted, elapsed, steps in frames:
         own = sum(step_seconds[1:steps])  # the steps inside the bar's average (after its first)
         assert counted / elapsed <= counted / own
+
+
+def test_sweep_folders_expand_the_home_of_the_machine_the_driver_runs_on(tmp_path, monkeypatch):
+    # `ray job submit -- flowbench sweep … --results '~/results'` passes ~ to the head, where it means the head's home
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser().parse_args(["sweep", "smoke", "--results", "~/results", "--storage", "~/tune"])
+    assert (args.results, args.storage) == (str(tmp_path / "results"), str(tmp_path / "tune"))
+    assert build_parser().parse_args(["sweep", "smoke", "--storage", "s3://bucket/tune"]).storage == "s3://bucket/tune"

@@ -1,4 +1,6 @@
-"""cluster.yaml as `ray up` reads it: Ray's defaults filled in, then Ray's own autoscaler schema."""
+"""The cluster configs as `ray up` reads them (Ray's defaults filled in, then Ray's own autoscaler schema), the
+SLURM batch script's directives, and the README's cluster section. tests/sweep/test_ray_up.py and
+tests/sweep/test_slurm.py run the on-prem config and the batch script for real."""
 
 import copy
 import re
@@ -13,14 +15,23 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+CONFIGS = ["cluster.yaml", "cluster-onprem.yaml"]
+
+
+def prepared(name: str) -> dict:
+    """What `ray up NAME` works from: the file merged with the provider's defaults.yaml, setup commands
+    merged, per-node-type worker bounds filled (Ray's prepare_config)."""
+    return prepare_config(yaml.safe_load((ROOT / name).read_text()))
+
+
 @pytest.fixture(scope="module")
 def cluster() -> dict:
-    """What `ray up cluster.yaml` works from: the file merged with the provider's defaults.yaml,
-    setup commands merged, per-node-type worker bounds filled (Ray's prepare_config)."""
-    return prepare_config(yaml.safe_load((ROOT / "cluster.yaml").read_text()))
+    return prepared("cluster.yaml")
 
 
-def test_cluster_yaml_passes_rays_autoscaler_schema(cluster):
+@pytest.mark.parametrize("name", CONFIGS)
+def test_cluster_configs_pass_rays_autoscaler_schema(name):
+    cluster = prepared(name)
     validate_config(cluster)  # ray/autoscaler/ray-schema.json, as `ray up` checks it
     broken = copy.deepcopy(cluster)
     broken["head_start_ray_command"] = broken.pop("head_start_ray_commands")  # a typo Ray must refuse
@@ -33,7 +44,9 @@ def _ray_start_options(command: str) -> dict[str, str]:
     return dict(w.removeprefix("--").split("=", 1) for w in words if w.startswith("--") and "=" in w)
 
 
-def test_dashboard_and_jobs_api_stay_on_the_heads_loopback(cluster):
+@pytest.mark.parametrize("name", CONFIGS)
+def test_dashboard_and_jobs_api_stay_on_the_heads_loopback(name):
+    cluster = prepared(name)
     (start,) = [c for c in cluster["head_start_ray_commands"] if "ray start" in c]
     assert _ray_start_options(start)["dashboard-host"] == "127.0.0.1"
     # Ray's own default head command binds 0.0.0.0: nothing of it may survive the merge
@@ -50,22 +63,47 @@ def test_no_ami_id_that_cannot_be_checked(cluster):
     assert "aws ssm get-parameter" in text and image.removeprefix("resolve:ssm:") in text
 
 
-def test_every_node_installs_the_checkout_with_the_readmes_torch_pin(cluster):
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_node_installs_the_checkout_with_the_readmes_torch_pin(name):
+    cluster = prepared(name)
     readme_pins = set(re.findall(r"torch==[\w.]+", (ROOT / "README.md").read_text()))
     assert len(readme_pins) == 1, readme_pins
     mount = next(remote for remote, local in cluster["file_mounts"].items() if local == ".")
     for commands in (cluster["head_setup_commands"], cluster["worker_setup_commands"]):
-        (install,) = [c for c in commands if "flowbench" in c]
+        (install,) = [c for c in commands if "install" in c and mount in shlex.split(c)]
         words = shlex.split(install)
-        assert words[:2] == ["pip", "install"] and mount in words and readme_pins <= set(words)
+        assert words[words.index("install") - 1] == "pip" and readme_pins <= set(words)
         assert "-e" not in words  # installed as the wheel is: package data, not the checkout's files
 
 
-def test_readme_submits_jobs_through_the_forwarded_dashboard():
+def test_the_install_gives_a_head_the_dashboard_and_the_jobs_api():
+    # what Ray imports to decide between the full dashboard (HTTP server, jobs API) and the minimal one
+    # without them (ray._private.utils.get_dashboard_dependency_error): ray[default] brings it
+    import ray.dashboard.optional_deps  # noqa: F401
+
+
+def test_the_slurm_script_asks_for_sigterm_before_the_time_limit():
+    directives = dict(
+        line.removeprefix("#SBATCH --").partition("=")[::2]
+        for line in (ROOT / "cluster-slurm.sbatch").read_text().splitlines()
+        if line.startswith("#SBATCH --")
+    )
+    # to the batch shell (B:), which passes it on to the sweep (tests/sweep/test_slurm.py), minutes ahead
+    where, before = directives["signal"].split("@")
+    assert where == "B:TERM" and int(before) >= 60
+    assert directives["ntasks-per-node"] == "1"  # one Ray node per SLURM node
+
+
+def test_readme_gives_each_path_and_submits_jobs_through_the_forwarded_dashboard():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## A Ray cluster", 1)[1].split("\n## ", 1)[0]
-    for step in ("ray up cluster.yaml", "ray dashboard cluster.yaml", "ray down cluster.yaml"):
-        assert step in section
-    submit = next(line for line in section.splitlines() if "ray job submit" in line)
-    assert "--address http://127.0.0.1:8265" in submit
-    assert "--address auto" in submit and "--storage s3://" in submit
+    for config in ("cluster.yaml", "cluster-onprem.yaml"):
+        for step in ("ray up", "ray dashboard", "ray rsync-down", "ray down"):
+            assert re.search(rf"^{step} (-y )?{config}", section, re.M), (step, config)
+    submits = [line for line in section.splitlines() if line.startswith("ray job submit")]
+    assert len(submits) == 2
+    for submit in submits:
+        assert "--address http://127.0.0.1:8265" in submit and "--address auto" in submit
+    assert re.search(r"^sbatch .*cluster-slurm\.sbatch", section, re.M)
+    for package in ("openssh-server", "rsync", "slurm-wlm", "munge"):  # what .ci/run installs
+        assert f"`{package}`" in section and package in (ROOT / ".ci" / "run").read_text()
