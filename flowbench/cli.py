@@ -201,6 +201,7 @@ def cmd_train(args) -> None:
                         unit=kind,
                         smoothing=0,
                         file=sys.stderr,
+                        disable=None,  # a terminal's: no carriage-return frames in a log file (SLURM's, a pipe's)
                     )
                 )
             else:

@@ -96,6 +96,9 @@ def test_the_progress_bar_moves_every_step_and_never_shows_a_rate_above_the_step
     frames = []
 
     class Watched(tqdm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs | {"disable": False})  # drawn as on a terminal
+
         def update(self, n=1):
             shown = super().update(n)
             frame = self.format_dict

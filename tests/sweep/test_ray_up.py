@@ -105,7 +105,7 @@ models: [glow, nxn_shift]
 datasets: [digits]
 seeds: [0, 1]
 budget: {seconds: 25}
-train: {batch_size: 32, eval_every: 200, checkpoint_every: 200}
+train: {batch_size: 32, evaluations: 1}
 overrides:
   glow: {depth: 2, levels: 2, hidden_channels: 8}
   nxn_shift: {depth: 2, levels: 2, hidden_channels: 8}
