@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # imports of these fail, and each attempt is written to stderr
@@ -42,6 +44,7 @@ def test_flowbench_train_runs_without_ray_mlflow_or_optuna(tmp_path):
     assert json.loads((out / "record.json").read_text())["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_checks_every_command(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()

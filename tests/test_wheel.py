@@ -60,12 +60,13 @@ def test_installed_wheel_lists_models_and_trains_outside_the_checkout(wheel, tmp
     python = env_dir / "bin" / "python"
     site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).strip())
     (site / "reuse-test-environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run([python, "-m", "pip", "install", "--no-deps", "--no-index", wheel], cwd=tmp_path)
+    # no PYTHONPATH: a checkout on it (its flowbench.egg-info) would make pip skip the wheel as installed
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FLOWBENCH_MODELS_DIR")}
+    env |= {"HOME": str(tmp_path), "FLOWBENCH_CACHE_DIR": str(tmp_path / "cache"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    run([python, "-m", "pip", "install", "--no-deps", "--no-index", wheel], cwd=tmp_path, env=env)
 
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FLOWBENCH_MODELS_DIR")}
-    env |= {"HOME": str(tmp_path), "FLOWBENCH_CACHE_DIR": str(tmp_path / "cache"), "MLFLOW_DISABLE_TELEMETRY": "true"}
     where = run(
         [python, "-c", "import flowbench, flowbench.cards as c; print(flowbench.__file__); print(c.cards_dir())"],
         cwd=work,

@@ -3,76 +3,11 @@
 import pytest
 import torch
 
-from flowbench.sweep.experiment import start_ray
 from flowbench.sweep.worker import ddp_worker
 from flowbench.trial import TrialConfig, load_checkpoint, run_trial
+from tests.sweep.test_runner import local_ray, spec_file  # noqa: F401 -- one local Ray for the file's Ray tests
 
 pytestmark = pytest.mark.slow
-
-
-def test_two_gloo_workers_reach_the_one_worker_parameters(tmp_path):
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    config = dict(
-        model="glow",
-        dataset="digits",
-        hparams=dict(depth=2, levels=2, hidden_channels=8),
-        seed=3,
-        batch_size=32,
-        budget=6,
-        evaluations=2,
-        latency_repeats=2,
-    )
-    single = run_trial(TrialConfig(**config, out_dir=str(tmp_path / "single")))
-    start_ray(None, num_cpus=2)
-    try:
-        trainer = TorchTrainer(
-            ddp_worker,
-            train_loop_config={"trial": config},
-            scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(name="ddp", storage_path=str(tmp_path / "train")),
-        )
-        result = trainer.fit()
-    finally:
-        ray.shutdown()
-    assert result.metrics["workers"] == 2 and result.metrics["status"] == "ok" and result.metrics["steps"] == 6
-    assert result.metrics["test_bpd"] == pytest.approx(single.test_bpd, rel=1e-5)
-    assert result.metrics["images_seen"] == single.images_seen
-    parallel = load_checkpoint(result.checkpoint.path)["model"]
-    alone = load_checkpoint(tmp_path / "single" / "checkpoint")["model"]
-    assert parallel.keys() == alone.keys()
-    for key in alone:
-        torch.testing.assert_close(parallel[key], alone[key], rtol=1e-4, atol=1e-5)
-
-
-def test_a_sweep_runs_data_parallel_trials_through_tune(tmp_path):
-    from flowbench.results.tables import read_table
-    from flowbench.sweep.driver import run_sweep
-
-    spec = tmp_path / "ddp.yaml"
-    spec.write_text("""\
-name: ddp
-models: [glow]
-datasets: [digits]
-budget: {steps: 10}
-train: {batch_size: 32, evaluations: 2}
-overrides: {glow: {depth: 2, levels: 2, hidden_channels: 8}}
-resources: {cpu: 1, workers: 2}
-latency: {batch_size: 8, repeats: 2}
-""")
-    import ray
-
-    try:
-        run_sweep(spec, tmp_path / "results", num_cpus=2)
-    finally:
-        ray.shutdown()
-    trials = read_table(tmp_path / "results" / "ddp" / "trials.parquet", "trials")
-    row = trials.iloc[0]
-    assert (row.trial_id, row.status, row.workers, row.steps) == ("glow-digits-seed0", "ok", 2, 10)
-    curves = read_table(tmp_path / "results" / "ddp" / "curves.parquet", "curves")
-    assert sorted(curves.step) == [5, 10]
 
 
 class Interrupt(Exception):
@@ -131,26 +66,29 @@ def test_an_interrupted_two_process_memory_lean_trial_resumes_to_the_one_process
 
 
 def _train_worker_pids() -> list[int]:
+    """The Ray Train workers of this process's local Ray (not those of another test process's)."""
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    found = psutil.process_iter(["cmdline"])
+    return [p.pid for p in found if p.pid in ours and "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
 
 
+@pytest.mark.usefixtures("local_ray")
 def test_a_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
-    """SIGKILL one Ray Train worker mid-trial: Ray Train restarts the group from the latest
-    checkpoint and the trial ends where an uninterrupted one-process trial ends."""
+    """A sweep runs a data-parallel trial through Tune; SIGKILL one of its Ray Train workers
+    mid-trial: Ray Train restarts the group from the latest checkpoint and the trial ends where
+    an uninterrupted one-process trial ends."""
     import json
     import os
     import signal
     import threading
     import time
 
-    import ray
     from mlflow.tracking import MlflowClient
 
     from flowbench.results.tables import read_table
     from flowbench.sweep.driver import plan, run_sweep
-    from tests.sweep.test_runner import spec_file
 
     spec = spec_file(
         tmp_path, "restart", models=("glow",), steps=100, extra="resources: {cpu: 1, workers: 2}\nmax_failures: 1\n"
@@ -182,11 +120,12 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
         outcome = run_sweep(spec, tmp_path / "results", num_cpus=2)
     finally:
         killer.join()
-        ray.shutdown()
     assert 10 <= killed.get("after_step", 0) < 100, f"the worker was not killed mid-trial: {killed}"
 
     row = read_table(outcome.results_dir / "trials.parquet", "trials").iloc[0]
-    assert (row.status, row.workers, row.steps) == ("ok", 2, 100)
+    assert (row.trial_id, row.status, row.workers, row.steps) == ("glow-digits-seed0", "ok", 2, 100)
+    curves = read_table(outcome.results_dir / "curves.parquet", "curves")
+    assert sorted(curves.step) == list(range(10, 101, 10))
     # resumed, not restarted from scratch: Tune saw every evaluation step once, in order
     (result_file,) = [p for p in tune_dir.glob("trials-*/*/result.json") if not p.parts[-3].endswith("-train")]
     reported = [json.loads(line) for line in result_file.read_text().splitlines()]
@@ -217,10 +156,11 @@ def _step_log(path):
     return StepLog()
 
 
-def test_a_data_parallel_trial_run_again_continues_from_its_run_storage(tmp_path):
-    """What resumes a data-parallel trial after the driver dies: the Tune trial starts the same
-    Ray Train run (name and storage) again, and its workers get the run's latest checkpoint."""
-    import ray
+@pytest.mark.usefixtures("local_ray")
+def test_two_gloo_workers_reach_the_one_worker_parameters_and_a_run_again_continues(tmp_path):
+    """A data-parallel trial (TorchTrainer, 2 gloo workers) ends where one process does; then what
+    resumes it after the driver dies: the Tune trial starts the same Ray Train run (name and
+    storage) again, and its workers get the run's latest checkpoint."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -234,24 +174,31 @@ def test_a_data_parallel_trial_run_again_continues_from_its_run_storage(tmp_path
         evaluations=2,
         latency_repeats=2,
     )
-    start_ray(None, num_cpus=2)
-    try:
-        results = []
-        for attempt in ("first", "again"):
-            results.append(
-                TorchTrainer(
-                    ddp_worker,
-                    train_loop_config={"trial": config},
-                    scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
-                    run_config=RunConfig(
-                        name="ddp",
-                        storage_path=str(tmp_path / "train"),
-                        callbacks=[_step_log(str(tmp_path / f"{attempt}.log"))],
-                    ),
-                ).fit()
-            )
-    finally:
-        ray.shutdown()
+    single = run_trial(TrialConfig(**config, out_dir=str(tmp_path / "single")))
+
+    def fit(attempt: str):
+        return TorchTrainer(
+            ddp_worker,
+            train_loop_config={"trial": config},
+            scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(
+                name="ddp",
+                storage_path=str(tmp_path / "train"),
+                callbacks=[_step_log(str(tmp_path / f"{attempt}.log"))],
+            ),
+        ).fit()
+
+    result = fit("first")
+    assert result.metrics["workers"] == 2 and result.metrics["status"] == "ok" and result.metrics["steps"] == 6
+    assert result.metrics["test_bpd"] == pytest.approx(single.test_bpd, rel=1e-5)
+    assert result.metrics["images_seen"] == single.images_seen
+    parallel = load_checkpoint(result.checkpoint.path)["model"]
+    alone = load_checkpoint(tmp_path / "single" / "checkpoint")["model"]
+    assert parallel.keys() == alone.keys()
+    for key in alone:
+        torch.testing.assert_close(parallel[key], alone[key], rtol=1e-4, atol=1e-5)
+
+    again = fit("again")
     assert (tmp_path / "first.log").read_text().split() == ["3", "6", "6"]  # two evaluations, the record
     assert (tmp_path / "again.log").read_text().split() == ["6"]  # at its budget already: the record only
-    assert results[1].metrics["status"] == "ok" and results[1].metrics["test_bpd"] == results[0].metrics["test_bpd"]
+    assert again.metrics["status"] == "ok" and again.metrics["test_bpd"] == result.metrics["test_bpd"]

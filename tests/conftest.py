@@ -1,0 +1,43 @@
+"""How the suite shares the machine: pytest-xdist's workers (``--dist loadgroup``, pyproject's
+addopts), each with one intra-op thread.
+
+Each test is its own unit of work, except the tests of a file that share a module-scoped fixture
+(a local Ray, a two-node cluster, a built wheel): those go to one worker together, so the fixture
+starts once. The ``slow`` tests are handed out first: a long test started last would leave the
+other workers idle while it runs.
+"""
+
+import os
+
+import pytest
+
+# Set before torch starts, and inherited by every process a test starts (CLI runs, spawned ranks;
+# Ray gives its 1-CPU workers one thread anyway): the workers, their subprocesses and Ray's
+# outnumber the cores, and OpenMP threads that share oversubscribed cores wait on each other at
+# every parallel region: the tests' tiny models took 4-12x longer on two threads (README).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _shares_a_module_fixture(item: pytest.Item) -> bool:
+    """Whether ``item`` uses a fixture of this suite (not a plugin's: their ``baseid`` is empty)
+    that lives longer than one test."""
+    fixtures = getattr(item, "_fixtureinfo", None)
+    definitions = fixtures.name2fixturedefs.values() if fixtures is not None else []
+    return any(d.baseid and d.scope != "function" for defs in definitions for d in defs)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("dist", "no") == "loadgroup":
+        for item in items:
+            if _shares_a_module_fixture(item):
+                item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    slow_groups = {
+        mark.args[0] for item in items if item.get_closest_marker("slow") for mark in item.iter_markers("xdist_group")
+    }
+
+    def started_late(item: pytest.Item) -> bool:
+        groups = {mark.args[0] for mark in item.iter_markers("xdist_group")}
+        return not (item.get_closest_marker("slow") or groups & slow_groups)
+
+    items.sort(key=started_late)  # stable: the collection's order within each part
