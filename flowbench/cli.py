@@ -7,12 +7,14 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import pydantic
 
+from flowbench import stopping
 from flowbench.atomic import write_error
 from flowbench.errors import FlowbenchError
 from flowbench.specfile import error_location, parse_scalar
@@ -127,7 +129,7 @@ def cmd_train(args) -> None:
     from flowbench.locks import exclusive_lock
     from flowbench.results.tables import curves_frame, trials_frame, write_table
     from flowbench.sweep.spec import data_fingerprint
-    from flowbench.trial import CHECKPOINT_FILE, TrialConfig, load_checkpoint, run_trial
+    from flowbench.trial import CHECKPOINT_FILE, TrialConfig, TrialInterrupted, load_checkpoint, run_trial
 
     budgets = {k: getattr(args, f"budget_{k}") for k in BUDGET_KINDS}
     given = {k: v for k, v in budgets.items() if v is not None}
@@ -192,8 +194,17 @@ def cmd_train(args) -> None:
             bars[0].update(done - bars[0].n)
             bars[0].set_postfix(train_bpd=f"{metrics['train_bpd']:.3f}", val_bpd=f"{metrics['val_bpd']:.3f}")
 
+        stop = stopping.current()
         try:
-            record = run_trial(config, report, resume_from=resume)
+            record = run_trial(config, report, resume_from=resume, stop=stop.is_set if stop else None)
+        except TrialInterrupted as interrupted:
+            assert stop is not None, "only a stop request interrupts a trial"
+            if interrupted.checkpoint_dir is not None:
+                where = f"at step {interrupted.step}, checkpointed in {interrupted.checkpoint_dir}"
+            else:
+                where = f"at step {interrupted.step} (its checkpoint)" if interrupted.step else "before its first step"
+            stop.check(where)
+            raise
         finally:
             for bar in bars:
                 bar.close()
@@ -202,6 +213,8 @@ def cmd_train(args) -> None:
             tmp.write_text(json.dumps(row, indent=2))
         write_table(trials_frame([row]), out / "record.parquet", "trials")
         write_table(curves_frame([row], [record.curve]), out / "curve.parquet", "curves")
+        if stop is not None:
+            stop.check(f"after the trial had finished: its record is in {out}/record.json", resumable=False)
     if record.status != "ok":
         print(
             f"flowbench: {record.model} on {record.dataset} {record.status}: {record.reason}; "
@@ -308,7 +321,15 @@ def _sweep_spec(text: str) -> Path:
 
 
 def cmd_sweep(args) -> None:
+    # Ray's native failure handler (read when Ray is imported) would turn a SIGTERM to this driver
+    # into a crash dump and an abort; flowbench stops in order instead. Only this process goes
+    # without it: the variable is gone before Ray starts its own processes
+    own = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER" in os.environ
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     from flowbench.sweep.driver import plan, run_sweep
+
+    if not own:
+        del os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"]
 
     args.spec = _sweep_spec(args.spec)
     spec, configs = plan(args.spec)
@@ -339,7 +360,10 @@ def cmd_sweep(args) -> None:
         )
     print(f"  tables   {outcome.results_dir}/trials.parquet, curves.parquet, table2.parquet")
     print(f"  report   {outcome.results_dir}/report.md, report.html, plots/")
-    print(f"  mlflow   {outcome.mlflow_uri} (experiment {spec.name})")
+    print(
+        f"  mlflow   {outcome.mlflow_uri} (experiment {spec.name})"
+        + ("" if outcome.tracked else ": incomplete, its store failed; run the same command again to log the rest")
+    )
 
 
 def cmd_report(args) -> None:
@@ -446,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -456,7 +481,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # it logs a database error with its traceback, then raises it: reported below
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
-        args.func(args)
+        if args.command in ("train", "sweep"):  # SIGINT and SIGTERM stop these in order
+            with stopping.StopRequest():
+                args.func(args)
+        else:
+            args.func(args)
+    except stopping.Interrupted as stop:
+        again = f"; run `{shlex.join(['flowbench', *argv])}` to resume" if stop.resumable else ""
+        print(f"flowbench: {stop}{again}", file=sys.stderr)
+        return stop.exit_status
     except FlowbenchError as err:
         print(f"flowbench: error: {err}", file=sys.stderr)
         return 2

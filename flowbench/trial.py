@@ -51,6 +51,7 @@ SELECTED_FILE = "selected.pt"  # the weights with the best validation bits/dim: 
 IDENTITY_VERSION = 2
 BudgetKind = Literal["steps", "epochs", "seconds", "images", "flops"]
 Reporter = Callable[[dict, "Path | None"], None]
+StopAsked = Callable[[], bool]
 CouplingPrecision = Literal["float32", "bfloat16"]
 Optimizer = Literal["adam", "adamax"]
 
@@ -271,6 +272,14 @@ class LossMeter:
         self.count.zero_()
         return mean, None if first_bad >= self.NEVER else int(first_bad), last
 
+    def state_dict(self) -> list[float]:
+        """What a checkpoint between two evaluations needs to resume the interval's mean exactly."""
+        return torch.stack([self.sum, self.count, self.first_bad, self.last_finite]).tolist()
+
+    def load_state_dict(self, values: list[float]) -> None:
+        for tensor, value in zip((self.sum, self.count, self.first_bad, self.last_finite), values, strict=True):
+            tensor.fill_(value)
+
 
 def measure_training_flops(model: FlowModel, pixels: torch.Tensor, seed: int, shard: Shard = Shard()) -> float:
     """FLOPs of one training forward + backward per image, counted by PyTorch's FlopCounterMode on a
@@ -463,6 +472,7 @@ class TrialState:
     progress: Progress
     curve: list[dict]
     best: dict  # {"step", "val_bpd"} of the selected weights so far ({} before the first evaluation)
+    meter: LossMeter
     best_weights: dict | None = None  # on the CPU, so every process can evaluate them at the end
 
     @property
@@ -483,6 +493,7 @@ class TrialState:
             "progress": dataclasses.asdict(self.progress),
             "curve": list(self.curve),
             "best": dict(self.best),
+            "loss_meter": self.meter.state_dict(),
         }
 
     def selected(self) -> dict:
@@ -514,7 +525,20 @@ def setup_trial(config: TrialConfig, resume_from=None) -> TrialState:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(config.warmup_steps))
     noise = torch.Generator(device).manual_seed(config.seed + 1)
     state = TrialState(
-        config, hparams, data, model, model, optimizer, scheduler, noise, device, shard, Progress(), [], {}
+        config,
+        hparams,
+        data,
+        model,
+        model,
+        optimizer,
+        scheduler,
+        noise,
+        device,
+        shard,
+        Progress(),
+        [],
+        {},
+        LossMeter(device),
     )
 
     if resume_from is not None:
@@ -529,6 +553,8 @@ def setup_trial(config: TrialConfig, resume_from=None) -> TrialState:
         noise.set_state(saved["noise_rng"].cpu())
         torch.set_rng_state(saved["torch_rng"].cpu())
         state.progress, state.curve, state.best = Progress(**saved["progress"]), saved["curve"], saved["best"]
+        if "loss_meter" in saved:  # a checkpoint between evaluations (older ones were all at one)
+            state.meter.load_state_dict(saved["loss_meter"])
         folder = Path(resume_from) if Path(resume_from).is_dir() else Path(resume_from).parent
         if state.best and (folder / SELECTED_FILE).is_file():
             state.best_weights = load_checkpoint(folder / SELECTED_FILE)["model"]
@@ -588,19 +614,33 @@ def write_checkpoint(state: TrialState) -> Path:
     return state.checkpoint_dir
 
 
-def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resume_from=None) -> TrialRecord:
+class TrialInterrupted(Exception):
+    """The trial stopped on request before its budget. ``checkpoint_dir`` holds its state at
+    ``step``, which resumes it exactly; None when nothing was trained since the checkpoint it
+    resumed from (or, fresh, before the first step)."""
+
+    def __init__(self, step: int, checkpoint_dir: Path | None):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.checkpoint_dir = step, checkpoint_dir
+
+
+def run_trial(
+    config: TrialConfig | dict, reporter: Reporter | None = None, resume_from=None, stop: StopAsked | None = None
+) -> TrialRecord:
     """Train ``config`` to its budget, select on validation, test once, measure.
 
     Data-set and model errors raise FlowbenchError before training; a loss that becomes
     NaN/inf (at any step, the first included) ends the trial with status ``diverged``.
+    ``stop()`` is asked before every step: once true, the trial checkpoints where it is and
+    raises ``TrialInterrupted`` (one process only: a data-parallel trial passes none).
     """
     config = TrialConfig.model_validate(config) if isinstance(config, dict) else config
     wall_start = time.perf_counter()
     state = setup_trial(config, resume_from)
-    config, progress, shard = state.config, state.progress, state.shard
+    config, progress, shard, meter = state.config, state.progress, state.shard, state.meter
     n_train = len(state.data.train)
-    meter = LossMeter(state.device)
     status, reason, last_finite_loss = "ok", "", math.nan
+    saved_step = progress.step if resume_from is not None else 0  # the step the latest checkpoint holds
 
     # the batches are gathered (and copied to the GPU) ahead on a thread; the same plan, walked here,
     # says where each batch leaves the data order (what a checkpoint stores)
@@ -608,6 +648,8 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
     with Prefetcher(state.data.train, ahead, state.device) as batches:
         walked = batch_plan(config, n_train, dataclasses.replace(progress))
         for pixels, (indices, epoch, position) in zip(batches, walked, strict=True):
+            if stop is not None and stop():
+                raise TrialInterrupted(progress.step, write_checkpoint(state) if progress.step > saved_step else None)
             step_start = time.perf_counter()
             loss = train_step(state.model, state.optimizer, pixels, state.noise, config.grad_clip, shard, state.net)
             state.scheduler.step()
@@ -638,7 +680,7 @@ def run_trial(config: TrialConfig | dict, reporter: Reporter | None = None, resu
             state.curve.append(point)
             saved = None
             if (progress.step % config.checkpoint_every == 0 or done) and shard.rank == 0:
-                saved = write_checkpoint(state)
+                saved, saved_step = write_checkpoint(state), progress.step
             if reporter is not None:
                 reporter(dict(point, final=done), saved)
             if done:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import json
 import math
 import re
 from pathlib import Path
@@ -15,7 +16,7 @@ import pandas as pd
 
 from flowbench.atomic import atomic_write
 from flowbench.results.claims import METRIC_NAMES, PAPER, PAPER_IMAGE_SHAPES, rule_claims
-from flowbench.results.table2 import ALPHA, final_trials, paired_comparisons, table2_frame
+from flowbench.results.table2 import ALPHA, SPENT, final_trials, paired_comparisons, short_of_budget, table2_frame
 from flowbench.results.tables import read_table, write_table
 
 PLOTS = "plots"
@@ -146,6 +147,22 @@ def _budgets(finals: pd.DataFrame) -> str:
     return f"equal budget of {text} per trial{flops}" if len(kinds) == 1 else f"budgets {text}{flops}"
 
 
+def _budget_note(trials: pd.DataFrame) -> list[str]:
+    """Beside Table 2: the final trials left out of it for not spending their whole budget."""
+    short = short_of_budget(trials)
+    if short.empty:
+        return []
+    listed = ", ".join(
+        f"{row.trial_id} ({row.status}: {getattr(row, SPENT[row.budget_kind]):,.4g} of {row.budget:,.4g} "
+        f"{row.budget_kind})"
+        for row in short.itertuples()
+    )
+    return [
+        f"Equal budgets: {len(short)} trial(s) did not spend the whole budget and are left out of this table, "
+        f"the paired comparisons and the claims: {listed}."
+    ]
+
+
 def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.DataFrame) -> list[Path]:
     import matplotlib
 
@@ -205,7 +222,8 @@ def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.Dat
         xlabel="effective parameters (millions)", ylabel="test bits/dim (mean ± 95% CI)", title="bits/dim against size"
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(table2):  # an interrupted sweep may have finished nothing yet
+        ax.legend(fontsize=8)
     save(fig, "bpd-vs-params.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -255,8 +273,15 @@ def _claims_section(trials: pd.DataFrame, table2: pd.DataFrame, pairs: pd.DataFr
     )
 
 
-def build_report(out: str | Path, trials: pd.DataFrame, curves: pd.DataFrame, paper_bpd=paper_bpd_from_cards) -> dict:
-    """Write table2.parquet, plots, report.md and report.html under ``out``; return their paths."""
+def build_report(
+    out: str | Path,
+    trials: pd.DataFrame,
+    curves: pd.DataFrame,
+    paper_bpd=paper_bpd_from_cards,
+    unfinished: list[str] | tuple[str, ...] = (),
+) -> dict:
+    """Write table2.parquet, plots, report.md and report.html under ``out``; return their paths.
+    ``unfinished``: the planned trials of an interrupted sweep that have not finished."""
     out = Path(out)
     table2 = table2_frame(trials, paper_bpd)
     bpd_pairs = paired_comparisons(trials)
@@ -278,6 +303,13 @@ def build_report(out: str | Path, trials: pd.DataFrame, curves: pd.DataFrame, pa
         SPLITS,
         NXN_GLOW,
     ]
+    if unfinished:
+        intro.insert(
+            0,
+            f"**Incomplete**: the sweep was interrupted with {len(unfinished)} planned trial(s) unfinished "
+            f"({', '.join(unfinished)}); everything below is of the finished ones. Running the same "
+            "`flowbench sweep` again resumes them and rewrites this report.",
+        )
     ablations = out.parent / ABLATIONS
     if (ablations / "report.md").is_file() and out.resolve() != ablations.resolve():
         intro.append(
@@ -285,7 +317,9 @@ def build_report(out: str | Path, trials: pd.DataFrame, curves: pd.DataFrame, pa
             f"../{ABLATIONS}/report.md (report.html beside it)."
         )
     sections = [
-        Section("Table 2 (test bits/dim, lower is better)", table=paper_shaped(table2).reset_index()),
+        Section(
+            "Table 2 (test bits/dim, lower is better)", _budget_note(trials), table=paper_shaped(table2).reset_index()
+        ),
         Section(
             "Validation and test bits/dim, parameters, compute and latency",
             [
@@ -382,4 +416,6 @@ def report_from_dir(results_dir: str | Path) -> dict:
     results_dir = Path(results_dir)
     trials = read_table(results_dir / "trials.parquet", "trials")
     curves = read_table(results_dir / "curves.parquet", "curves")
-    return build_report(results_dir, trials, curves)
+    meta = results_dir / "sweep.json"  # a sweep's: which of its trials an interruption left unfinished
+    unfinished = json.loads(meta.read_text()).get("unfinished", []) if meta.is_file() else []
+    return build_report(results_dir, trials, curves, unfinished=unfinished)
