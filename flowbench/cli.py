@@ -199,11 +199,9 @@ def cmd_train(args) -> None:
             record = run_trial(config, report, resume_from=resume, stop=stop.is_set if stop else None)
         except TrialInterrupted as interrupted:
             assert stop is not None, "only a stop request interrupts a trial"
-            if interrupted.checkpoint_dir is not None:
-                where = f"at step {interrupted.step}, checkpointed in {interrupted.checkpoint_dir}"
-            else:
-                where = f"at step {interrupted.step} (its checkpoint)" if interrupted.step else "before its first step"
-            stop.check(where)
+            # the checkpoint folder holds that step: written now, or the one it resumed from or just wrote
+            step = interrupted.step
+            stop.check(f"at step {step}, checkpointed in {out / 'checkpoint'}" if step else "before its first step")
             raise
         finally:
             for bar in bars:
@@ -478,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))
     for noisy in ("mlflow", "alembic", "ray"):
         logging.getLogger(noisy).setLevel(level)
+    # urllib3 warns of each HTTP retry to a tracking server that went away: the sweep says it once
+    logging.getLogger("urllib3").setLevel(level if args.verbose else logging.ERROR)
     if not args.verbose:  # it logs a database error with its traceback, then raises it: reported below
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:

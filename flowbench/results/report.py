@@ -201,7 +201,8 @@ def _plots(out: Path, trials: pd.DataFrame, curves: pd.DataFrame, table2: pd.Dat
             title=f"{dataset}: validation bits/dim during training (one line per seed)",
         )
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # no curve when every trial of the data set failed
+            ax.legend()
         save(fig, f"curves-{dataset}.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))

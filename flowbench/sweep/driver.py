@@ -46,6 +46,7 @@ from flowbench.sweep.tracking import (
     MlflowTracker,
     clear_outage,
     default_tracking_uri,
+    failure_reason,
     log_missing,
 )
 from flowbench.sweep.units import Unit, experiment_name, plan, plan_sweep, plan_units
@@ -98,7 +99,36 @@ def run_sweep(
     out = Path(results_root).resolve() / spec.name
     with exclusive_lock(out, f"flowbench sweep {spec.name}"), ray_log_to(out / "sweep.log"):
         units = plan_units(spec, configs, infos)
-        return _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num_cpus, storage)
+        try:
+            return _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num_cpus, storage)
+        except FlowbenchError:
+            raise
+        except Exception as err:  # Tune's, pyarrow's: first ask whether Tune's storage has gone
+            lost = _storage_lost(storage, out, [err])
+            if lost is None:
+                raise
+            raise lost from None
+
+
+def _storage_lost(storage: str | None, out: Path, errors: list[BaseException]) -> FlowbenchError | None:
+    """The one line for remote Tune storage that stopped answering while the sweep ran, found by
+    asking it or in the errors (None for a local folder, or errors of another kind): what the
+    trials saved there stays, as do the records."""
+    if storage is None or "://" not in storage or not errors:
+        return None
+    reasons = [failure_reason(err) for err in errors]
+    said = [r for r in reasons if r.startswith("unreachable")]
+    try:
+        tune_storage(storage)
+    except FlowbenchError:
+        said = said or reasons
+    if not said:
+        return None
+    return FlowbenchError(
+        f"--storage {storage} stopped answering while the sweep ran ({said[0]}): the trials keep the "
+        f"checkpoints they saved there and the finished ones are recorded in {out}; once it answers, run "
+        "the same command to resume"
+    )
 
 
 def _unfinished(units: list[Unit], ended: set[str]) -> list[str]:
@@ -191,6 +221,9 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     if todo:
         callbacks = [MlflowCallback(uri, spec.name, parent, artifacts, record_of), *callbacks]
         results, resumed = run_experiment(spec, storage, name, todo, slots, callbacks)
+        lost = _storage_lost(storage, out, [r.error for r in results if r.error is not None])
+        if lost is not None:
+            raise lost  # trials that failed for want of their storage resume when it is back
         fresh = collect(results, {u.id: u for u in todo}, store, out / "figures")
         checkpointed = sum(bool((r.metrics or {}).get(INTERRUPTED)) for r in results)
         left = [u for u in todo if store.load(u) is None]

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -28,9 +29,6 @@ GRACE_SECONDS = float(os.environ.get("FLOWBENCH_STOP_GRACE_SECONDS", "20"))
 
 
 def start_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join or start Ray. ``ray.init`` puts its own SIGTERM handler in place (it exits the
-    process at once): the caller's handlers are put back, and a SIGTERM that came while Ray
-    started goes to them (with a stop asked for, Ray is then not started: the caller stops)."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -43,35 +41,43 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> None:
     from flowbench.flows.registry import plugin_env_vars
 
     runtime_env = {"env_vars": plugin_env_vars()}
-    handlers = {s: signal.getsignal(s) for s in stopping.SIGNALS}
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
-        else:  # an embedded local Ray that listens on loopback only
-            # address="local": a new Ray of our own, never a cluster that `ray start` left recorded in /tmp/ray
-            ray.init(
-                address="local",
-                num_cpus=num_cpus,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                log_to_driver=False,
-                runtime_env=runtime_env,
-            )
-    except ConnectionError as err:
+    started = threading.Event()
+    failed: list[BaseException] = []
+
+    def init() -> None:
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+            else:  # an embedded local Ray that listens on loopback only
+                # address="local": a new Ray of our own, never a cluster that `ray start` left recorded in /tmp/ray
+                ray.init(
+                    address="local",
+                    num_cpus=num_cpus,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    log_to_driver=False,
+                    runtime_env=runtime_env,
+                )
+        except BaseException as err:  # the caller's to raise
+            failed.append(err)
+        started.set()
+        # Ray's processes die with the thread that started them (Linux's parent-death signal, Ray's
+        # fate sharing): this one stays until the process ends
+        threading.Event().wait()
+
+    # ray.init in the main thread puts its own SIGTERM handler in place, which exits by a SystemExit
+    # raised wherever the process is, even where Python ignores it and prints it (a fork's hooks: the
+    # sweep then runs on). From another thread it leaves the process's handlers alone, and a stop
+    # asked for while Ray starts waits for Ray to have started
+    threading.Thread(target=init, name="flowbench-ray", daemon=True).start()
+    started.wait()
+    if failed and isinstance(failed[0], ConnectionError):
         raise FlowbenchError(
-            f"cannot reach the Ray cluster at {address!r} ({err}); start it with "
+            f"cannot reach the Ray cluster at {address!r} ({failed[0]}); start it with "
             "`ray up cluster.yaml` (or `ray start --head`) first"
         ) from None
-    except SystemExit as exit_:  # Ray's SIGTERM handler, while Ray started: the caller's turn
-        handler = handlers[signal.SIGTERM]
-        if exit_.code != signal.SIGTERM or not callable(handler):
-            raise
-        handler(signal.SIGTERM, None)
-        if not stopping.requested():
-            raise
-    finally:
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+    if failed:
+        raise failed[0]
 
 
 def _trial_demand(spec: SweepSpec) -> dict[str, float]:

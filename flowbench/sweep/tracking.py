@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ UNIT_TAG = "flowbench.unit"  # the hash of the planned unit (trial or search gro
 # MLflow's UI opens an experiment in its training-runs view (not the GenAI one) with this tag
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit on a log_batch call
+SAMPLES = "samples.png"  # a trial run's artifact: the samples figure of its checkpoint
 
 
 def default_tracking_uri(results_dir: Path) -> str:
@@ -55,7 +57,16 @@ _STORE_FAILURES = {
     "attempt to write a readonly database": "read-only or not writable for you",
     "unable to open database file": "cannot be opened or created",
 }
-_UNREACHABLE = ("Connection refused", "Read timed out", "timed out", "Connection reset", "Name or service not known")
+# words of a server that is not answering: requests' (MLflow's HTTP client) and the AWS SDK's (pyarrow's S3)
+_UNREACHABLE = (
+    "Connection refused",
+    "Read timed out",
+    "timed out",
+    "Timeout was reached",
+    "Couldn't connect to server",
+    "Connection reset",
+    "Name or service not known",
+)
 _outages: dict[str, str] = {}  # tracking URI -> what it failed to log, in this process's sweep
 
 
@@ -208,10 +219,13 @@ class MlflowTracker:
         self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
 
     def finish_run(self, run_id: str, row: dict, samples: Path | None) -> None:
-        """The record, the samples figure and the run's end: FAILED for a failed trial."""
+        """The record, the samples figure (as ``samples.png``) and the run's end: FAILED for a failed trial."""
         self.log_record(run_id, row)
         if samples is not None:
-            self.client.log_artifact(run_id, str(samples))
+            with tempfile.TemporaryDirectory(prefix="flowbench-samples-") as scratch:
+                named = Path(scratch) / SAMPLES
+                shutil.copyfile(samples, named)
+                self.client.log_artifact(run_id, str(named))
         self.client.set_terminated(run_id, "FAILED" if row["status"] == "failed" else "FINISHED")
 
 
@@ -301,17 +315,22 @@ class MlflowCallback(tune.Callback):
 
     def _log_end(self, run_id: str, row: dict, checkpoint) -> None:
         with tempfile.TemporaryDirectory(prefix="flowbench-samples-") as scratch:
-            samples = Path(scratch) / "samples.png"
+            samples = Path(scratch) / SAMPLES
             # fetched from the sweep's storage, local or S3; a diverged trial has none
-            found = checkpoint is not None and copy_from_checkpoint(checkpoint, "samples.png", samples)
+            found = checkpoint is not None and copy_from_checkpoint(checkpoint, SAMPLES, samples)
             self.tracker.finish_run(run_id, row, samples if found else None)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        # what Tune's ResultGrid gives as Result.error: the driver's tables see the same error
-        self._finish(trial, trial.get_pickled_error() or trial.get_error() or RuntimeError("failed"))
+        # what Tune's ResultGrid gives as Result.error: the driver's tables see the same error, read
+        # from Tune's storage (the driver stops with one line when that storage has gone)
+        try:
+            error = trial.get_pickled_error() or trial.get_error() or RuntimeError("failed")
+        except OSError as err:
+            error = RuntimeError(f"failed; its error is in Tune's storage, unreadable now ({failure_reason(err)})")
+        self._finish(trial, error)
 
 
 def _finite(value) -> bool:
