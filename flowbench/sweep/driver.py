@@ -209,7 +209,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
             archive,
         )
     if parent is not None:
-        tracker.attempt("deleted marks of changed trials' runs", _forget_runs, tracker, parent, units)
+        tracker.attempt("the deletion of changed trials' runs", _forget_runs, tracker, parent, units)
     _write_meta(
         out,
         meta | {"mlflow_uri": uri, "experiment": name if todo else previous, "units": {u.id: u.hash for u in units}},
@@ -250,7 +250,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     write_table(curve_table, out / "curves.parquet", "curves")
     report = build_report(out, trials, curve_table, unfinished=unfinished)
     _write_meta(out, _read_meta(out) | {"last_run": efficiency, "unfinished": unfinished})
-    if parent is not None and interrupted:
+    if parent is not None and unfinished:
         tracker.attempt("the sweep's run", tracker.client.set_terminated, parent, "KILLED")
     elif parent is not None:
         tracker.attempt("trials the store missed", log_missing, tracker, parent, ended, out / "figures")
@@ -258,7 +258,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
             "the sweep's tables and report", _log_sweep, tracker, parent, spec_path, out, report, efficiency
         )
     stop = stopping.current()
-    if stop is not None and interrupted:
+    if stop is not None and unfinished:
         stop.check(
             f"while trials ran: {len(unfinished)} of {sum(len(u.configs) for u in units)} trials unfinished "
             f"({checkpointed} checkpointed at their current step); the tables and report hold the finished ones "

@@ -64,6 +64,7 @@ _UNREACHABLE = (
     "timed out",
     "Timeout was reached",
     "Couldn't connect to server",
+    "Could not connect to server",
     "Connection reset",
     "Name or service not known",
 )
@@ -316,8 +317,10 @@ class MlflowCallback(tune.Callback):
     def _log_end(self, run_id: str, row: dict, checkpoint) -> None:
         with tempfile.TemporaryDirectory(prefix="flowbench-samples-") as scratch:
             samples = Path(scratch) / SAMPLES
-            # fetched from the sweep's storage, local or S3; a diverged trial has none
-            found = checkpoint is not None and copy_from_checkpoint(checkpoint, SAMPLES, samples)
+            try:  # fetched from the sweep's storage, local or S3; a diverged trial has none
+                found = checkpoint is not None and copy_from_checkpoint(checkpoint, SAMPLES, samples)
+            except OSError:  # Tune's storage, not MLflow's store: the driver says so if it has gone
+                found = False
             self.tracker.finish_run(run_id, row, samples if found else None)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -349,58 +349,6 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_sweep_logs_to_a_real_mlflow_server(tmp_path, local_ray):
-    import urllib.request
-
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "art"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180  # ~12 s on a quiet machine; much more on a loaded CI runner
-        while True:
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail("mlflow server did not answer /health within 180 s")
-                time.sleep(0.5)
-        spec = spec_file(tmp_path, "served", models=("glow",), seeds=(0, 1))
-        run_sweep(spec, tmp_path / "results", mlflow_uri=uri)
-        client, parents, children = child_runs(uri, "served")
-        assert len(parents) == 1 and sorted(c.info.run_name for c in children) == [
-            "glow-digits-seed0",
-            "glow-digits-seed1",
-        ]
-        assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
-        assert "samples.png" in [a.path for a in client.list_artifacts(children[0].info.run_id)]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
-@pytest.mark.slow
 def test_resume_after_the_driver_is_killed(tmp_path):
     """Kill the whole driver (and its local Ray) once one trial has finished; run again.
 
