@@ -2,7 +2,9 @@
 sweeps on a local Ray (loopback only) with tiny budgets, end to end (slow)."""
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -295,7 +297,7 @@ def test_diverging_trial_is_recorded_while_the_sweep_goes_on(tmp_path, local_ray
 
 
 @pytest.mark.slow
-def test_search_groups_run_side_by_side_then_the_best_on_every_seed(tmp_path, local_ray):
+def test_search_groups_run_side_by_side_then_the_best_on_every_seed(tmp_path, local_ray, caplog):
     spec = spec_file(
         tmp_path,
         "search",
@@ -309,13 +311,17 @@ def test_search_groups_run_side_by_side_then_the_best_on_every_seed(tmp_path, lo
           asha: {grace_period: 10, reduction_factor: 2}
         """,
     )
-    outcome = run_sweep(spec, tmp_path / "results")
+    with caplog.at_level(logging.INFO, logger="flowbench.sweep.search"):
+        outcome = run_sweep(spec, tmp_path / "results")
     t = outcome.trials
     assert t.trial_id.is_unique
     search, final = t[t.phase == "search"], t[t.phase == "final"]
     assert len(search) == 6 and search.groupby("model").lr.nunique().to_dict() == {"glow": 3, "nxn_shift": 3}
     assert set(search.status) <= {"ok", "stopped"}
     assert (search[search.status == "stopped"].steps < 30).all()
+    # "stopped" is ASHA's decision, as the scheduler took it: exactly the samples it stopped
+    asha = {m.group(1) for r in caplog.records if (m := re.match(r"ASHA stops (\S+) at step", r.getMessage()))}
+    assert set(search[search.status == "stopped"].trial_id) == asha
     assert sorted(final.trial_id) == [
         "glow-digits-seed0",
         "glow-digits-seed1",
