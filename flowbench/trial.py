@@ -524,21 +524,9 @@ def setup_trial(config: TrialConfig, resume_from=None) -> TrialState:
     optimizer = prepare_training(model, device, config.lr, config.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(config.warmup_steps))
     noise = torch.Generator(device).manual_seed(config.seed + 1)
+    meter = LossMeter(device)
     state = TrialState(
-        config,
-        hparams,
-        data,
-        model,
-        model,
-        optimizer,
-        scheduler,
-        noise,
-        device,
-        shard,
-        Progress(),
-        [],
-        {},
-        LossMeter(device),
+        config, hparams, data, model, model, optimizer, scheduler, noise, device, shard, Progress(), [], {}, meter
     )
 
     if resume_from is not None:

@@ -308,8 +308,9 @@ def build_report(
         intro.insert(
             0,
             f"**Incomplete**: the sweep was interrupted with {len(unfinished)} planned trial(s) unfinished "
-            f"({', '.join(unfinished)}); everything below is of the finished ones. Running the same "
-            "`flowbench sweep` again resumes them and rewrites this report.",
+            f"({', '.join(unfinished[:10])}{f' and {len(unfinished) - 10} more' if len(unfinished) > 10 else ''}); "
+            "everything below is of the finished ones. Running the same `flowbench sweep` again resumes them and "
+            "rewrites this report.",
         )
     ablations = out.parent / ABLATIONS
     if (ablations / "report.md").is_file() and out.resolve() != ablations.resolve():
