@@ -108,9 +108,9 @@ def test_a_sweep_stopped_at_six_moments_resumes_exactly(tmp_path):
             name = signal.Signals(signum).name
             said = stop_when(sweep(results), training(), signum, tmp_path / f"training-{name}.err", env)
             assert len(said) == 1 and re.fullmatch(
-                rf"flowbench: interrupted by {name} while trials ran: 2 of 2 trials unfinished \(2 checkpointed at "
-                rf"their current step\); the tables and report hold the finished ones and say the sweep is "
-                rf"incomplete{again}",
+                rf"flowbench: interrupted by {name} while trials ran: 2 of 2 trials unfinished, 2 running ones "
+                rf"checkpointed at the step they had reached; the tables and report hold the finished ones and say "
+                rf"the sweep is incomplete{again}",
                 said[0],
             ), said
             # each trial paused on the checkpoint of the step it had reached, registered in Tune's saved

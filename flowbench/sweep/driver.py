@@ -260,9 +260,9 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     stop = stopping.current()
     if stop is not None and unfinished:
         stop.check(
-            f"while trials ran: {len(unfinished)} of {sum(len(u.configs) for u in units)} trials unfinished "
-            f"({checkpointed} checkpointed at their current step); the tables and report hold the finished ones "
-            "and say the sweep is incomplete"
+            f"while trials ran: {len(unfinished)} of {sum(len(u.configs) for u in units)} trials unfinished, "
+            f"{checkpointed} running ones checkpointed at the step they had reached; the tables and report hold "
+            "the finished ones and say the sweep is incomplete"
         )
     if stop is not None:
         stop.check(
