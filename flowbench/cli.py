@@ -8,12 +8,14 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import pydantic
 
+from flowbench import stopping
 from flowbench.atomic import write_error
 from flowbench.errors import FlowbenchError
 from flowbench.specfile import error_location, parse_scalar
@@ -128,7 +130,7 @@ def cmd_train(args) -> None:
     from flowbench.locks import exclusive_lock
     from flowbench.results.tables import curves_frame, trials_frame, write_table
     from flowbench.sweep.spec import data_fingerprint
-    from flowbench.trial import CHECKPOINT_FILE, TrialConfig, load_checkpoint, run_trial
+    from flowbench.trial import CHECKPOINT_FILE, TrialConfig, TrialInterrupted, load_checkpoint, run_trial
 
     budgets = {k: getattr(args, f"budget_{k}") for k in BUDGET_KINDS}
     given = {k: v for k, v in budgets.items() if v is not None}
@@ -210,8 +212,17 @@ def cmd_train(args) -> None:
         def report(metrics, checkpoint_dir):
             bars[0].set_postfix(train_bpd=f"{metrics['train_bpd']:.3f}", val_bpd=f"{metrics['val_bpd']:.3f}")
 
+        stop = stopping.current()
         try:
-            record = run_trial(config, report, resume_from=resume, on_step=step)
+            record = run_trial(config, report, resume_from=resume, on_step=step, stop=stop.is_set if stop else None)
+        except TrialInterrupted as interrupted:
+            assert stop is not None, "only a stop request interrupts a trial"
+            # the checkpoint folder holds that step: written now, or the one it resumed from or just wrote
+            reached = interrupted.step
+            stop.check(
+                f"at step {reached}, checkpointed in {out / 'checkpoint'}" if reached else "before its first step"
+            )
+            raise
         finally:
             for bar in bars:
                 bar.close()
@@ -220,6 +231,8 @@ def cmd_train(args) -> None:
             tmp.write_text(json.dumps(row, indent=2))
         write_table(trials_frame([row]), out / "record.parquet", "trials")
         write_table(curves_frame([row], [record.curve]), out / "curve.parquet", "curves")
+        if stop is not None:
+            stop.check(f"after the trial had finished: its record is in {out}/record.json", resumable=False)
     if record.status != "ok":
         print(
             f"flowbench: {record.model} on {record.dataset} {record.status}: {record.reason}; "
@@ -407,7 +420,15 @@ def cmd_sweep(args) -> None:
     if args.dry_run:
         print_plan(args.spec, args.measure, args.mfu)
         return
+    # Ray's native failure handler (read when Ray is imported) would turn a SIGTERM to this driver
+    # into a crash dump and an abort; flowbench stops in order instead. Only this process goes
+    # without it: the variable is gone before Ray starts its own processes
+    own = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER" in os.environ
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     from flowbench.sweep.driver import run_sweep
+
+    if not own:
+        del os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"]
 
     spec, _ = plan(args.spec)
     progress = SweepProgress()
@@ -428,7 +449,10 @@ def cmd_sweep(args) -> None:
         )
     print(f"  tables   {outcome.results_dir}/trials.parquet, curves.parquet, table2.parquet")
     print(f"  report   {outcome.results_dir}/report.md, report.html, plots/")
-    print(f"  mlflow   {outcome.mlflow_uri} (experiment {spec.name})")
+    print(
+        f"  mlflow   {outcome.mlflow_uri} (experiment {spec.name})"
+        + ("" if outcome.tracked else ": incomplete, its store failed; run the same command again to log the rest")
+    )
 
 
 def cmd_report(args) -> None:
@@ -495,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--numerics",
         choices=["native", "portable"],
         default="native",
-        help="portable: the same bits on every x86-64 CPU (one thread, baseline kernels; slower)",
+        help="portable: the same bits on every x86-64 CPU with AVX2 (one thread, pinned kernels; ~1.5x slower)",
     )
     p.add_argument(
         "--compile",
@@ -562,6 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -569,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(level))
     for noisy in ("mlflow", "alembic", "ray"):
         logging.getLogger(noisy).setLevel(level)
+    # urllib3 warns of each HTTP retry to a tracking server that went away: the sweep says it once
+    logging.getLogger("urllib3").setLevel(level if args.verbose else logging.ERROR)
     if not args.verbose:  # it logs a database error with its traceback, then raises it: reported below
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     if getattr(args, "numerics", "native") == "portable":  # before torch runs a kernel in this process
@@ -576,7 +603,15 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ.update(environment_for("portable"))
     try:
-        args.func(args)
+        if args.command in ("train", "sweep"):  # SIGINT and SIGTERM stop these in order
+            with stopping.StopRequest():
+                args.func(args)
+        else:
+            args.func(args)
+    except stopping.Interrupted as stop:
+        again = f"; run `{shlex.join(['flowbench', *argv])}` to resume" if stop.resumable else ""
+        print(f"flowbench: {stop}{again}", file=sys.stderr)
+        return stop.exit_status
     except FlowbenchError as err:
         print(f"flowbench: error: {err}", file=sys.stderr)
         return 2

@@ -54,6 +54,7 @@ SELECTED_FILE = "selected.pt"  # the weights with the best validation bits/dim: 
 IDENTITY_VERSION = 2
 BudgetKind = Literal["steps", "epochs", "seconds", "images", "flops"]
 Reporter = Callable[[dict, "Path | None"], None]
+StopAsked = Callable[[], bool]
 CouplingPrecision = Literal["float32", "bfloat16"]
 Optimizer = Literal["adam", "adamax"]
 
@@ -110,7 +111,7 @@ class TrialConfig(TrainSettings):
     budget: float = pydantic.Field(500, gt=0)
     latency_batch_size: int = pydantic.Field(16, gt=0)
     latency_repeats: int = pydantic.Field(20, gt=0)
-    numerics: Numerics = "native"  # "portable": the same bits on every x86-64 CPU (flowbench.numerics)
+    numerics: Numerics = "native"  # "portable": the same bits on every x86-64 CPU with AVX2 (flowbench.numerics)
     data_fingerprint: str = ""  # the data set's split sizes (and source checksum), set by whoever plans the trial
     recipe_source: str = ""  # where the training settings come from (card recipe, spec, CLI): provenance only
     # where and on what it runs: not part of the trial's identity
@@ -281,6 +282,14 @@ class LossMeter:
         self.sum.zero_()
         self.count.zero_()
         return mean, None if first_bad >= self.NEVER else int(first_bad), last
+
+    def state_dict(self) -> list[float]:
+        """What a checkpoint between two evaluations needs to resume the interval's mean exactly."""
+        return torch.stack([self.sum, self.count, self.first_bad, self.last_finite]).tolist()
+
+    def load_state_dict(self, values: list[float]) -> None:
+        for tensor, value in zip((self.sum, self.count, self.first_bad, self.last_finite), values, strict=True):
+            tensor.fill_(value)
 
 
 def measure_training_flops(model: FlowModel, pixels: torch.Tensor, seed: int, shard: Shard = Shard()) -> float:
@@ -494,6 +503,7 @@ class TrialState:
     progress: Progress
     curve: list[dict]
     best: dict  # {"step", "val_bpd"} of the selected weights so far ({} before the first evaluation)
+    meter: LossMeter
     best_weights: dict | None = None  # on the CPU, so every process can evaluate them at the end
     compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # ``net`` compiled for the batch size
 
@@ -515,6 +525,7 @@ class TrialState:
             "progress": dataclasses.asdict(self.progress),
             "curve": list(self.curve),
             "best": dict(self.best),
+            "loss_meter": self.meter.state_dict(),
         }
 
     def selected(self) -> dict:
@@ -550,8 +561,9 @@ def setup_trial(config: TrialConfig, resume_from=None) -> TrialState:
     optimizer = prepare_training(model, device, config.lr, config.optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(config.warmup_steps))
     noise = torch.Generator(device).manual_seed(config.seed + 1)
+    meter = LossMeter(device)
     state = TrialState(
-        config, hparams, data, model, model, optimizer, scheduler, noise, device, shard, Progress(), [], {}
+        config, hparams, data, model, model, optimizer, scheduler, noise, device, shard, Progress(), [], {}, meter
     )
 
     if resume_from is not None:
@@ -566,6 +578,8 @@ def setup_trial(config: TrialConfig, resume_from=None) -> TrialState:
         noise.set_state(saved["noise_rng"].cpu())
         torch.set_rng_state(saved["torch_rng"].cpu())
         state.progress, state.curve, state.best = Progress(**saved["progress"]), saved["curve"], saved["best"]
+        if "loss_meter" in saved:  # a checkpoint between evaluations (older ones were all at one)
+            state.meter.load_state_dict(saved["loss_meter"])
         folder = Path(resume_from) if Path(resume_from).is_dir() else Path(resume_from).parent
         if state.best and (folder / SELECTED_FILE).is_file():
             state.best_weights = load_checkpoint(folder / SELECTED_FILE)["model"]
@@ -676,26 +690,39 @@ def write_checkpoint(state: TrialState) -> Path:
     return state.checkpoint_dir
 
 
+class TrialInterrupted(Exception):
+    """The trial stopped on request before its budget. ``checkpoint_dir`` holds its state at
+    ``step``, which resumes it exactly; None when nothing was trained since the checkpoint it
+    resumed from (or, fresh, before the first step)."""
+
+    def __init__(self, step: int, checkpoint_dir: Path | None):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.checkpoint_dir = step, checkpoint_dir
+
+
 def run_trial(
     config: TrialConfig | dict,
     reporter: Reporter | None = None,
     resume_from=None,
     on_step: Callable[[float], None] | None = None,
+    stop: StopAsked | None = None,
 ) -> TrialRecord:
     """Train ``config`` to its budget, select on validation, test once, measure. ``reporter`` gets
     each evaluation; ``on_step`` the budget spent after every step (counted on the host: no device read).
 
     Data-set and model errors raise FlowbenchError before training; a loss that becomes
     NaN/inf (at any step, the first included) ends the trial with status ``diverged``.
+    ``stop()`` is asked before every step: once true, the trial checkpoints where it is and
+    raises ``TrialInterrupted`` (one process only: a data-parallel trial passes none).
     """
     config = TrialConfig.model_validate(config) if isinstance(config, dict) else config
     wall_start = time.perf_counter()
     state = setup_trial(config, resume_from)
-    config, progress, shard = state.config, state.progress, state.shard
+    config, progress, shard, meter = state.config, state.progress, state.shard, state.meter
     n_train = len(state.data.train)
-    meter = LossMeter(state.device)
     status, reason, last_finite_loss = "ok", "", math.nan
     along = Milestones(config.budget, config.evaluations, progress.spent(config.budget_kind, n_train))
+    saved_step = progress.step if resume_from is not None else 0  # the step the latest checkpoint holds
 
     # the batches are gathered (and copied to the GPU) ahead on a thread; the same plan, walked here,
     # says where each batch leaves the data order (what a checkpoint stores)
@@ -703,6 +730,8 @@ def run_trial(
     with Prefetcher(state.data.train, ahead, state.device) as batches:
         walked = batch_plan(config, n_train, dataclasses.replace(progress))
         for pixels, (indices, epoch, position) in zip(batches, walked, strict=True):
+            if stop is not None and stop():
+                raise TrialInterrupted(progress.step, write_checkpoint(state) if progress.step > saved_step else None)
             step_start = time.perf_counter()
             # the compiled step is for the trial's batch shape; a shorter last batch runs eager, not a recompile
             net = state.compiled if state.compiled is not None and len(pixels) == config.batch_size else state.net
@@ -738,7 +767,9 @@ def run_trial(
                 )
                 break
             state.curve.append(point)
-            saved = write_checkpoint(state) if shard.rank == 0 else None
+            saved = None
+            if shard.rank == 0:
+                saved, saved_step = write_checkpoint(state), progress.step
             if reporter is not None:
                 reporter(dict(point, final=done), saved)
             if done:

@@ -28,7 +28,7 @@ import math
 import pandas as pd
 
 from flowbench.results.curves import along_budget
-from flowbench.results.table2 import ALPHA
+from flowbench.results.table2 import ALPHA, compared
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 NOT_TESTED = "not tested by this sweep"
@@ -222,7 +222,7 @@ def _missing(trials: pd.DataFrame, claim: PairedClaim, dataset: str | None) -> s
         )
         return f"needs {claim.better} and {claim.worse} trials on {dataset} (this sweep ran {ran})"
     scope = finals[finals["dataset"] == dataset] if dataset else finals
-    ok = scope[scope["status"] == "ok"]
+    ok = scope[compared(scope)]
     absent = [m for m in (claim.better, claim.worse) if m not in set(ok["model"])]
     if absent:
         return f"needs successful trials of {' and '.join(absent)}{where}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from flowbench.results.table2 import ALPHA, PAIR_COLUMNS, compare_pairs, final_trials, mean_interval
+from flowbench.results.table2 import ALPHA, PAIR_COLUMNS, compare_pairs, compared, final_trials, mean_interval
 
 KEYS = ["dataset", "variant", "model"]
 FRACTION_DIGITS = 9  # k/N as a key: the same fraction from trials of different N matches
@@ -22,11 +22,11 @@ UNITS = {"flops": "FLOPs", "steps": "steps", "images": "images", "epochs": "epoc
 
 
 def milestone_values(trials: pd.DataFrame, curves: pd.DataFrame) -> pd.DataFrame:
-    """One row per (final ok trial, milestone) with a finite validation bits/dim: the trial's identity,
-    ``fraction`` (k/N), ``spent`` (k/N of the budget, in its unit), the budget's kind, the training FLOPs
-    spent and the validation bits/dim."""
+    """One row per (final trial compared on equal budgets, milestone) with a finite validation
+    bits/dim: the trial's identity, ``fraction`` (k/N), ``spent`` (k/N of the budget, in its unit), the
+    budget's kind, the training FLOPs spent and the validation bits/dim."""
     finals = final_trials(trials)
-    ok = finals[finals["status"] == "ok"][["trial_id", "budget_kind", "budget", "evaluations"]]
+    ok = finals[compared(finals)][["trial_id", "budget_kind", "budget", "evaluations"]]
     points = curves[curves["milestone"] > 0].merge(ok, on="trial_id")
     points = points[np.isfinite(points["val_bpd"].astype(float))]
     fraction = (points["milestone"] / points["evaluations"]).round(FRACTION_DIGITS)

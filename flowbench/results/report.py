@@ -25,7 +25,7 @@ from flowbench.results.curves import (
     milestone_values,
 )
 from flowbench.results.power import DETECT_BPD, TARGET_POWER, seeds_needed
-from flowbench.results.table2 import ALPHA, final_trials, paired_comparisons, table2_frame
+from flowbench.results.table2 import ALPHA, SPENT, final_trials, paired_comparisons, short_of_budget, table2_frame
 from flowbench.results.tables import read_table, write_table
 
 PLOTS = "plots"
@@ -221,6 +221,22 @@ def _budgets(finals: pd.DataFrame) -> str:
     return f"equal budget of {text} per trial{flops}" if len(kinds) == 1 else f"budgets {text}{flops}"
 
 
+def _budget_note(trials: pd.DataFrame) -> list[str]:
+    """Beside Table 2: the final trials left out of it for not spending their whole budget."""
+    short = short_of_budget(trials)
+    if short.empty:
+        return []
+    listed = ", ".join(
+        f"{row.trial_id} ({row.status}: {getattr(row, SPENT[row.budget_kind]):,.4g} of {row.budget:,.4g} "
+        f"{row.budget_kind})"
+        for row in short.itertuples()
+    )
+    return [
+        f"Equal budgets: {len(short)} trial(s) did not spend the whole budget and are left out of this table, "
+        f"the paired comparisons and the claims: {listed}."
+    ]
+
+
 def _plots(out: Path, summary: pd.DataFrame, table2: pd.DataFrame) -> list[Path]:
     import matplotlib
 
@@ -278,7 +294,8 @@ def _plots(out: Path, summary: pd.DataFrame, table2: pd.DataFrame) -> list[Path]
         xlabel="effective parameters (millions)", ylabel="test bits/dim (mean ± 95% CI)", title="bits/dim against size"
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if len(table2):  # an interrupted sweep may have finished nothing yet
+        ax.legend(fontsize=8)
     save(fig, "bpd-vs-params.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -371,10 +388,12 @@ def build_report(
     paper_bpd=paper_bpd_from_cards,
     detect: float = DETECT_BPD,
     target_power: float = TARGET_POWER,
+    unfinished: list[str] | tuple[str, ...] = (),
 ) -> dict:
     """Write table2.parquet, plots, report.md and report.html under ``out``; return their paths.
     ``detect`` (bits/dim) and ``target_power``: the difference each comparison's power is stated for,
-    and the power the seeds needed are counted for."""
+    and the power the seeds needed are counted for; ``unfinished``: the planned trials of an interrupted
+    sweep that have not finished."""
     out = Path(out)
     table2 = table2_frame(trials, paper_bpd)
     bpd_pairs = seeds_needed(paired_comparisons(trials), detect, target_power)
@@ -398,6 +417,14 @@ def build_report(
         SPLITS,
         NXN_GLOW,
     ]
+    if unfinished:
+        intro.insert(
+            0,
+            f"**Incomplete**: the sweep was interrupted with {len(unfinished)} planned trial(s) unfinished "
+            f"({', '.join(unfinished[:10])}{f' and {len(unfinished) - 10} more' if len(unfinished) > 10 else ''}); "
+            "everything below is of the finished ones. Running the same `flowbench sweep` again resumes them and "
+            "rewrites this report.",
+        )
     ablations = out.parent / ABLATIONS
     if (ablations / "report.md").is_file() and out.resolve() != ablations.resolve():
         intro.append(
@@ -405,7 +432,9 @@ def build_report(
             f"../{ABLATIONS}/report.md (report.html beside it)."
         )
     sections = [
-        Section("Table 2 (test bits/dim, lower is better)", table=paper_shaped(table2).reset_index()),
+        Section(
+            "Table 2 (test bits/dim, lower is better)", _budget_note(trials), table=paper_shaped(table2).reset_index()
+        ),
         Section(
             "Validation and test bits/dim, parameters, compute and latency",
             [
@@ -520,12 +549,14 @@ def report_from_dir(results_dir: str | Path) -> dict:
     results_dir = Path(results_dir)
     trials = read_table(results_dir / "trials.parquet", "trials")
     curves = read_table(results_dir / "curves.parquet", "curves")
-    meta = results_dir / "sweep.json"
-    power = json.loads(meta.read_text()).get("power", {}) if meta.is_file() else {}
+    sweep_json = results_dir / "sweep.json"  # a sweep's: its power settings, the trials an interruption left
+    meta = json.loads(sweep_json.read_text()) if sweep_json.is_file() else {}
+    power = meta.get("power", {})
     return build_report(
         results_dir,
         trials,
         curves,
         detect=power.get("difference", DETECT_BPD),
         target_power=power.get("target", TARGET_POWER),
+        unfinished=meta.get("unfinished", []),
     )

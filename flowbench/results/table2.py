@@ -123,6 +123,39 @@ def final_trials(trials: pd.DataFrame) -> pd.DataFrame:
     return trials[trials["phase"] != "search"]
 
 
+# the column holding what a trial spent of each kind of budget
+SPENT = {
+    "steps": "steps",
+    "epochs": "epochs",
+    "images": "images_seen",
+    "seconds": "train_seconds",
+    "flops": "train_flops",
+}
+
+
+def spent(trials: pd.DataFrame) -> pd.Series:
+    """What each trial spent, in its budget's kind."""
+    return pd.Series([trials.at[i, SPENT[kind]] for i, kind in trials["budget_kind"].items()], trials.index, float)
+
+
+def full_budget(trials: pd.DataFrame) -> pd.Series:
+    """Whether each trial spent its whole budget (to float rounding)."""
+    return spent(trials) >= trials["budget"].astype(float) * (1 - 1e-9)
+
+
+def compared(trials: pd.DataFrame) -> pd.Series:
+    """The trials Table 2, the paired comparisons and the claims compare: ok, on their full budget."""
+    return (trials["status"] == "ok") & full_budget(trials)
+
+
+def short_of_budget(trials: pd.DataFrame) -> pd.DataFrame:
+    """Final trials that did not spend their full budget (diverged, failed, or recorded short): left
+    out of every comparison, and the report names them. Search samples that ASHA stopped are not
+    among them: they are not compared."""
+    finals = final_trials(trials)
+    return finals[~full_budget(finals)]
+
+
 def _mean(values: pd.Series) -> float:
     return float(values.mean()) if len(values) else math.nan
 
@@ -133,12 +166,13 @@ def table2_frame(trials: pd.DataFrame, paper_bpd) -> pd.DataFrame:
 
     ``paper_bpd(model, dataset)`` gives the paper's figure or None; it is shown for the card's model
     (variant "") only. Only trials with status ``ok`` enter the figures; ``n_trials`` counts all of
-    them so failures stay visible.
+    them so failures stay visible. A trial that did not spend its whole budget is not in the
+    figures either (equal budgets: ``compared``).
     """
     trials = final_trials(trials)
     rows = []
     for (model, variant, dataset), group in sorted(trials.groupby(GROUP), key=lambda kv: _row_order(*kv[0])):
-        ok = group[group["status"] == "ok"]
+        ok = group[compared(group)]
         bpd = ok["test_bpd"].to_numpy(dtype=float)
         low, high = mean_interval(bpd)
         paper = paper_bpd(model, dataset) if variant == "" else None
@@ -177,7 +211,7 @@ def paired_comparisons(trials: pd.DataFrame, metric: str = "test_bpd") -> pd.Dat
     (``p_holm``) over the family of that (data set, variant)'s pairs. ``a_minus_b`` < 0: a is lower
     (better for bits/dim and latency); ``sd_diff`` is the standard deviation of a − b over seeds."""
     finals = final_trials(trials)
-    ok = finals[(finals["status"] == "ok") & np.isfinite(finals[metric].astype(float))]
+    ok = finals[compared(finals) & np.isfinite(finals[metric].astype(float))]
     return pd.DataFrame(compare_pairs(ok, metric), columns=PAIR_COLUMNS)
 
 

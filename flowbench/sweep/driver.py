@@ -5,6 +5,12 @@ configuration and archive what changed (``records``), run the rest as ONE Ray Tu
 (``experiment``, with the searcher and scheduler of ``search``), collect each trial's record and
 curve, write the tables and the report and log them to MLflow. What runs inside a trial lives in
 ``flowbench.sweep.worker``.
+
+The records are the sweep's truth and MLflow a view of them: a tracking store that fails costs
+one warning, and the next run logs what it missed. A stop asked for by a signal
+(``flowbench.stopping``) ends the sweep in order: the running trials checkpoint where they are and
+stay unfinished (the next run resumes them), the finished ones are written to the tables and
+report, which say the sweep is incomplete, and ``Interrupted`` says how many are left.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from flowbench import stopping
 from flowbench.atomic import atomic_write
 from flowbench.errors import FlowbenchError
 from flowbench.locks import exclusive_lock
@@ -31,14 +38,17 @@ from flowbench.sweep.experiment import (
     stored_results,
 )
 from flowbench.sweep.records import RecordStore, archive_stale, collect, record_of
+from flowbench.sweep.search import INTERRUPTED
 from flowbench.sweep.spec import SweepSpec
 from flowbench.sweep.storage import tune_storage
 from flowbench.sweep.tracking import (
     UNIT_TAG,
     MlflowCallback,
     MlflowTracker,
+    clear_outage,
     default_tracking_uri,
-    store_write_error,
+    failure_reason,
+    log_missing,
 )
 from flowbench.sweep.units import Unit, experiment_name, plan, plan_sweep, plan_units
 
@@ -57,6 +67,7 @@ class SweepOutcome:
     efficiency: dict  # efficiency, busy_seconds, slots, wall_seconds, trials_run (efficiency None: nothing ran)
     changed: list[str]  # units re-run because their configuration changed
     archive: Path | None  # where their old records went
+    tracked: bool  # whether MLflow holds everything (False: its store failed; the next run logs the rest)
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -91,11 +102,47 @@ def run_sweep(
         units = plan_units(spec, configs, infos)
         try:
             return _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num_cpus, storage)
-        except Exception as err:
-            translated = store_write_error(err, mlflow_uri or default_tracking_uri(out))
-            if translated is None:
+        except FlowbenchError:
+            raise
+        except Exception as err:  # Tune's, pyarrow's: first ask whether Tune's storage has gone
+            lost = _storage_lost(storage, out, [err])
+            if lost is None:
                 raise
-            raise translated from None
+            raise lost from None
+
+
+def _storage_lost(storage: str | None, out: Path, errors: list[BaseException]) -> FlowbenchError | None:
+    """The one line for remote Tune storage that stopped answering while the sweep ran, found by
+    asking it or in the errors (None for a local folder, or errors of another kind): what the
+    trials saved there stays, as do the records."""
+    if storage is None or "://" not in storage or not errors:
+        return None
+    reasons = [failure_reason(err) for err in errors]
+    said = [r for r in reasons if r.startswith("unreachable")]
+    try:
+        tune_storage(storage)
+    except FlowbenchError:
+        said = said or reasons
+    if not said:
+        return None
+    return FlowbenchError(
+        f"--storage {storage} stopped answering while the sweep ran ({said[0]}): the trials keep the "
+        f"checkpoints they saved there and the finished ones are recorded in {out}; once it answers, run "
+        "the same command to resume"
+    )
+
+
+def _unfinished(units: list[Unit], ended: set[str]) -> list[str]:
+    """The planned trials (a search group's: its final ones) without a row in the tables."""
+    return [c.trial_id for u in units for c in u.configs if c.trial_id not in ended]
+
+
+def _stop_if_asked(when: str, units: list[Unit], store: RecordStore) -> None:
+    stop = stopping.current()
+    if stop is not None:
+        recorded = {t["row"]["trial_id"] for u in units for t in store.load(u) or []}
+        left = _unfinished(units, recorded)
+        stop.check(f"{when}: {len(left)} of {sum(len(u.configs) for u in units)} trials unfinished")
 
 
 def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num_cpus, storage) -> SweepOutcome:
@@ -103,7 +150,9 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     from flowbench.results.tables import curves_frame, trials_frame, write_table
 
     started = time.time()
+    store = RecordStore(out)
     start_ray(address, num_cpus, environment_for(spec.numerics))
+    _stop_if_asked("while Ray was starting", units, store)
     check_resources(spec, address)
     slots = cluster_slots(spec)
     # Tune's trial state and checkpoints; a multi-node cluster needs storage every node reaches
@@ -118,7 +167,10 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
         )
     artifacts = (out / "mlartifacts").as_uri() if mlflow_uri is None else None
     tracker = MlflowTracker(uri, spec.name, artifacts)
-    parent = tracker.get_or_create_run(
+    clear_outage(uri)
+    parent = tracker.attempt(
+        "the sweep's run",
+        tracker.get_or_create_run,
         f"sweep:{spec.name}",
         params={
             "models": ",".join(spec.models),
@@ -129,7 +181,6 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
         },
     )
     by_id = {u.id: u for u in units}
-    store = RecordStore(out)
     stamp = time.strftime("%Y%m%dT%H%M%S")
 
     # units whose records are of another configuration: archived, run again
@@ -158,20 +209,26 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
             ", ".join(changed),
             archive,
         )
-    _forget_runs(tracker, parent, units)
+    if parent is not None:
+        tracker.attempt("the deletion of changed trials' runs", _forget_runs, tracker, parent, units)
     _write_meta(
         out,
         meta | {"mlflow_uri": uri, "experiment": name if todo else previous, "units": {u.id: u.hash for u in units}},
     )
 
     efficiency: dict = {"efficiency": None, "busy_seconds": 0.0, "slots": slots, "wall_seconds": 0.0, "trials_run": 0}
-    fresh = {}
+    fresh: dict[str, list[dict]] = {}
+    checkpointed = 0  # unfinished trials that checkpointed their current step when the sweep stopped
     if todo:
         callbacks = [MlflowCallback(uri, spec.name, parent, artifacts, record_of), *callbacks]
         results, resumed = run_experiment(spec, storage, name, todo, slots, callbacks)
+        lost = _storage_lost(storage, out, [r.error for r in results if r.error is not None])
+        if lost is not None:
+            raise lost  # trials that failed for want of their storage resume when it is back
         fresh = collect(results, {u.id: u for u in todo}, store, out / "figures")
+        checkpointed = sum(bool((r.metrics or {}).get(INTERRUPTED)) for r in results)
         left = [u for u in todo if store.load(u) is None]
-        if resumed and left:
+        if resumed and left and not stopping.requested():
             # Tune syncs its experiment state to storage in the background: a driver killed mid-sync
             # leaves a state older than the trials' checkpoints (trials missing from it, or pointing
             # at checkpoints deleted since), so what the restored experiment left unfinished runs
@@ -183,18 +240,44 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
             fresh |= collect(again, {u.id: u for u in left}, store, out / "figures")
             results += again
         efficiency = slot_efficiency(results, started, time.time(), slots)
+    interrupted = bool(todo) and stopping.requested()  # Tune stopped in order (or before any trial started)
 
-    rows, curves = [], []
-    for unit in units:
-        for trial in store.load(unit) or fresh.get(unit.id, []):
-            rows.append(trial["row"])
-            curves.append(trial["curve"])
+    ended = [(unit.hash, trial) for unit in units for trial in store.load(unit) or fresh.get(unit.id, [])]
+    rows = [trial["row"] for _, trial in ended]
+    unfinished = _unfinished(units, {row["trial_id"] for row in rows}) if interrupted else []
     trials = trials_frame(rows)
     write_table(trials, out / "trials.parquet", "trials")
-    curve_table = curves_frame(rows, curves)
+    curve_table = curves_frame(rows, [trial["curve"] for _, trial in ended])
     write_table(curve_table, out / "curves.parquet", "curves")
-    report = build_report(out, trials, curve_table, detect=spec.power.difference, target_power=spec.power.target)
-    _write_meta(out, _read_meta(out) | {"last_run": efficiency, "power": spec.power.model_dump()})
+    report = build_report(
+        out, trials, curve_table, detect=spec.power.difference, target_power=spec.power.target, unfinished=unfinished
+    )
+    ran = {"last_run": efficiency, "power": spec.power.model_dump(), "unfinished": unfinished}
+    _write_meta(out, _read_meta(out) | ran)
+    if parent is not None and unfinished:
+        tracker.attempt("the sweep's run", tracker.client.set_terminated, parent, "KILLED")
+    elif parent is not None:
+        tracker.attempt("trials the store missed", log_missing, tracker, parent, ended, out / "figures")
+        tracker.attempt(
+            "the sweep's tables and report", _log_sweep, tracker, parent, spec_path, out, report, efficiency
+        )
+    stop = stopping.current()
+    if stop is not None and unfinished:
+        stop.check(
+            f"while trials ran: {len(unfinished)} of {sum(len(u.configs) for u in units)} trials unfinished, "
+            f"{checkpointed} running ones checkpointed at the step they had reached; the tables and report hold "
+            "the finished ones and say the sweep is incomplete"
+        )
+    if stop is not None:
+        stop.check(
+            "while the tables were written: every trial had finished, and the tables and report are complete", False
+        )
+    tracked = parent is not None and not tracker.down
+    return SweepOutcome(spec, out, trials, curve_table, uri, parent or "", efficiency, changed, archive, tracked)
+
+
+def _log_sweep(tracker: MlflowTracker, parent: str, spec_path, out: Path, report: dict, efficiency: dict) -> None:
+    """The parent run's figures and files: slot efficiency, the spec, the tables, the report, its plots."""
     client = tracker.client
     if efficiency["efficiency"] is not None:
         client.log_metric(parent, "efficiency", efficiency["efficiency"])
@@ -213,7 +296,6 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     for path in report["plots"]:
         client.log_artifact(parent, str(path), artifact_path="plots")
     client.set_terminated(parent, "FINISHED")
-    return SweepOutcome(spec, out, trials, curve_table, uri, parent, efficiency, changed, archive)
 
 
 def _forget_runs(tracker: MlflowTracker, parent: str, units: list[Unit]) -> None:

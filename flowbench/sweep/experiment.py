@@ -8,16 +8,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
+from ray import tune
+
+from flowbench import stopping
 from flowbench.errors import FlowbenchError
 from flowbench.sweep.search import METRIC, MODE, SweepScheduler, SweepSearch
 from flowbench.sweep.spec import SweepSpec
 from flowbench.sweep.storage import tune_storage
 from flowbench.sweep.units import Unit
-from flowbench.sweep.worker import tune_trial
+from flowbench.sweep.worker import StopBroadcast, stop_broadcast_name, tune_trial
 
 log = logging.getLogger(__name__)
+# how long a stopping sweep waits for its running trials to checkpoint their current step
+GRACE_SECONDS = float(os.environ.get("FLOWBENCH_STOP_GRACE_SECONDS", "20"))
 
 
 def start_ray(address: str | None, num_cpus: int | None = None, env: dict[str, str] | None = None) -> None:
@@ -35,24 +43,43 @@ def start_ray(address: str | None, num_cpus: int | None = None, env: dict[str, s
     from flowbench.flows.registry import plugin_env_vars
 
     runtime_env = {"env_vars": plugin_env_vars() | (env or {})}
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
-        else:  # an embedded local Ray that listens on loopback only
-            # address="local": a new Ray of our own, never a cluster that `ray start` left recorded in /tmp/ray
-            ray.init(
-                address="local",
-                num_cpus=num_cpus,
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                log_to_driver=False,
-                runtime_env=runtime_env,
-            )
-    except ConnectionError as err:
+    started = threading.Event()
+    failed: list[BaseException] = []
+
+    def init() -> None:
+        try:
+            if address:
+                ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+            else:  # an embedded local Ray that listens on loopback only
+                # address="local": a new Ray of our own, never a cluster that `ray start` left recorded in /tmp/ray
+                ray.init(
+                    address="local",
+                    num_cpus=num_cpus,
+                    include_dashboard=False,
+                    _node_ip_address="127.0.0.1",
+                    log_to_driver=False,
+                    runtime_env=runtime_env,
+                )
+        except BaseException as err:  # the caller's to raise
+            failed.append(err)
+        started.set()
+        # Ray's processes die with the thread that started them (Linux's parent-death signal, Ray's
+        # fate sharing): this one stays until the process ends
+        threading.Event().wait()
+
+    # ray.init in the main thread puts its own SIGTERM handler in place, which exits by a SystemExit
+    # raised wherever the process is, even where Python ignores it and prints it (a fork's hooks: the
+    # sweep then runs on). From another thread it leaves the process's handlers alone, and a stop
+    # asked for while Ray starts waits for Ray to have started
+    threading.Thread(target=init, name="flowbench-ray", daemon=True).start()
+    started.wait()
+    if failed and isinstance(failed[0], ConnectionError):
         raise FlowbenchError(
-            f"cannot reach the Ray cluster at {address!r} ({err}); start it with "
+            f"cannot reach the Ray cluster at {address!r} ({failed[0]}); start it with "
             "`ray up cluster.yaml` (or `ray start --head`) first"
         ) from None
+    if failed:
+        raise failed[0]
 
 
 def _trial_demand(spec: SweepSpec) -> dict[str, float]:
@@ -108,10 +135,47 @@ def trial_name(trial) -> str:
     return trial.config["trial"]["trial_id"]
 
 
+class StopInOrder(tune.Callback):
+    """flowbench's stop (``flowbench.stopping``) of a Tune experiment. Once asked: no trial starts
+    (``SweepScheduler``), and every running trial is asked to checkpoint its current step
+    (``StopBroadcast``), which Tune registers as it pauses the trial (``SweepScheduler``). When
+    none runs any more (paused, finished or failed), or after ``GRACE_SECONDS``, Tune's own stop
+    ends the run: SIGUSR1, the signal Tune's run loop listens to, saves the experiment's state and
+    ends the trials. Paused or still running, they are unfinished in that state and resume from
+    their latest checkpoint when the experiment is restored."""
+
+    def __init__(self, experiment: str):
+        self.experiment = experiment
+        self.deadline: float | None = None
+        self.ended = False
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.ended or not stopping.requested():
+            return
+        if self.deadline is None:
+            import ray
+
+            self.deadline = time.monotonic() + GRACE_SECONDS
+            ray.get_actor(stop_broadcast_name(self.experiment)).ask.remote()
+        waiting = [t for t in trials if t.status == t.RUNNING]
+        if waiting and time.monotonic() < self.deadline:
+            return
+        self.ended = True
+        log.info(
+            "ending the experiment (%d running trials not checkpointed within %.0f s)", len(waiting), GRACE_SECONDS
+        )
+        if callable(signal.getsignal(signal.SIGUSR1)):  # Tune listens when run from the main thread, as by the CLI
+            signal.raise_signal(signal.SIGUSR1)
+        else:  # no saved state now: the trials resume from their checkpoints Tune saved last
+            stop = stopping.current()
+            assert stop is not None, "a stop was requested"
+            stop.check("while trials ran, at their last checkpoint saved")
+
+
 def run_experiment(spec: SweepSpec, storage: str, name: str, units: list[Unit], slots: int, callbacks):
     """Run (or resume: an experiment of the same name holds the same units at the same hashes)
     the Tune experiment of ``units``; returns its results and whether it was resumed."""
-    from ray import tune
+    import ray
 
     # a data-parallel trial only drives its Ray Train workers, which ask for the resources
     # (Tune needs a non-empty request: a token of memory instead of a CPU the workers need)
@@ -162,18 +226,22 @@ def run_experiment(spec: SweepSpec, storage: str, name: str, units: list[Unit], 
                 # keeping one checkpoint makes Tune save its experiment state after every trial
                 # checkpoint, so a killed driver resumes each trial from its latest one
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=callbacks,
+                callbacks=[*callbacks, StopInOrder(name)],
                 verbose=0,
             ),
         )
-    grid = tuner.fit()
+    if stopping.current() is not None:  # Ctrl-C is flowbench's to handle (StopInOrder), not Tune's
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    broadcast = ray.remote(num_cpus=0)(StopBroadcast).options(name=stop_broadcast_name(name)).remote()
+    try:
+        grid = tuner.fit()
+    finally:
+        ray.kill(broadcast)  # type: ignore[arg-type]  # an actor handle, which ray.remote's overloads hide
     return [grid[i] for i in range(len(grid))], resumed
 
 
 def stored_results(storage: str, name: str):
     """The ResultGrid of an earlier experiment, read from its storage without running anything."""
-    from ray import tune
-
     filesystem, root = tune_storage(storage)
     path = f"{root.rstrip('/')}/{name}"
     if not tune.Tuner.can_restore(path, storage_filesystem=filesystem):

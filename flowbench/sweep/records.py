@@ -27,12 +27,21 @@ def error_reason(error: BaseException) -> str:
     return (lines[-1] if lines else type(error).__name__)[:500]
 
 
-def record_of(tune_config: dict, last: dict, error: BaseException | None) -> dict:
+def record_of(tune_config: dict, last: dict, error: BaseException | None) -> dict | None:
     """The trials.parquet row of a Tune trial from its config and last result; MLflow logs the same.
-    A trial stopped by ASHA or failed gets a row too, from its last evaluation."""
+    A failed trial and a search sample that ASHA stopped get a row too, from their last evaluation.
+
+    None for a trial that has not finished: never started, or interrupted because the sweep was
+    stopped (Tune's saved state keeps it running, and it resumes from its latest checkpoint).
+    ASHA's decision is in the last result: Tune marks the result a scheduler stopped a trial at
+    ``done`` (a finished trial's record too), and only ASHA stops trials here, search samples only.
+    """
     config = TrialConfig.model_validate(tune_config["trial"])
+    stopped = error is None and bool(last.get("done")) and tune_config["phase"] == "search"
     if error is None and "status" in last and "config_hash" in last:
         row = {k: last[k] for k in RECORD_COLUMNS}
+    elif error is None and not stopped:
+        return None
     else:
         status, reason = ("failed", error_reason(error)) if error is not None else ("stopped", "stopped early by ASHA")
         record = config.record(
@@ -63,7 +72,7 @@ def curve_of(result) -> list[dict]:
 
 class RecordStore:
     """``results/NAME/records/<unit>.json``: a finished unit's rows and curves under its hash.
-    A unit is finished when its final trials all ended without failing."""
+    A unit is finished when its final trials all ended without failing (ok or diverged)."""
 
     def __init__(self, out: Path):
         self.out, self.folder = out, out / "records"
@@ -76,7 +85,13 @@ class RecordStore:
         if not path.is_file():
             return None
         stored = json.loads(path.read_text())
-        return stored["trials"] if stored["unit_hash"] == unit.hash else None
+        if stored["unit_hash"] != unit.hash:
+            return None
+        # a final trial recorded "stopped" was interrupted (flowbench 0.1 took any trial that ended
+        # without a record for an ASHA stop; ASHA stops search samples only): not finished
+        if any(t["row"]["phase"] == "final" and t["row"]["status"] == "stopped" for t in stored["trials"]):
+            return None
+        return stored["trials"]
 
     def save(self, unit: Unit, trials: list[dict]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -92,8 +107,8 @@ class RecordStore:
 
 def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path) -> dict[str, list[dict]]:
     """Store every unit of ``results`` (a ResultGrid) that finished at its planned hash, with its
-    trials' figures; returns the trials of every unit found, finished or not (a failed trial is
-    in this run's tables, and runs again next time)."""
+    trials' figures; returns the ended trials of every unit found, finished or not (a failed trial
+    is in this run's tables, and runs again next time; an unfinished one is in no table)."""
     by_unit: dict[str, list] = {}
     for result in results:
         config: dict = result.config or {}
@@ -103,13 +118,12 @@ def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path) 
     found = {}
     for unit_id, unit_results in by_unit.items():
         unit = units[unit_id]
-        trials: list[dict] = [
-            {"row": record_of(r.config, r.metrics or {}, r.error), "curve": curve_of(r)} for r in unit_results
-        ]
+        ended = [(row, r) for r in unit_results if (row := record_of(r.config, r.metrics or {}, r.error)) is not None]
+        trials: list[dict] = [{"row": row, "curve": curve_of(r)} for row, r in ended]
         found[unit_id] = trials
         finals = [
             (t, r)
-            for t, r in zip(trials, unit_results, strict=True)
+            for t, (_, r) in zip(trials, ended, strict=True)
             if t["row"]["phase"] == "final" and t["row"]["status"] != "failed"
         ]
         if len(finals) < len(unit.configs):

@@ -16,11 +16,15 @@ from typing import Any
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
+from flowbench import stopping
 from flowbench.sweep.spec import TIME_ATTR, Search, SweepSpec, trial_config
 from flowbench.sweep.units import Unit, sample_id
 
 log = logging.getLogger(__name__)
 METRIC, MODE = "val_bpd", "min"  # selection (search, ASHA, the best sample) is on validation bits/dim
+# the report of a trial that checkpointed where it was because the sweep is stopping: not an
+# evaluation; the scheduler pauses the trial on it
+INTERRUPTED = "interrupted"
 
 
 # --------------------------------------------------------------------------- Tune: search and schedule
@@ -107,7 +111,7 @@ class SweepSearch(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         group = self.groups.get(self.live.get(trial_id))
-        if group is not None and trial_id in group["live"] and METRIC in result:  # a sample, not a final trial
+        if group is not None and trial_id in group["live"] and METRIC in result and not result.get(INTERRUPTED):
             group["optuna"].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -190,8 +194,16 @@ class SweepScheduler(FIFOScheduler):
             asha.on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
+        if result.get(INTERRUPTED):  # Tune's pause registers the checkpoint it carries; restored, it resumes
+            return TrialScheduler.PAUSE
         asha = self._for(trial)
-        return TrialScheduler.CONTINUE if asha is None else asha.on_trial_result(tune_controller, trial, result)
+        if asha is None:
+            return TrialScheduler.CONTINUE
+        # Tune marks the result of a STOP decision done=True: a trial's last result says ASHA stopped it
+        decision = asha.on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP:
+            log.info("ASHA stops %s at step %s", trial, result.get("step"))
+        return decision
 
     def on_trial_complete(self, tune_controller, trial, result):
         if (asha := self._for(trial)) is not None and trial.trial_id in asha._trial_info:
@@ -207,6 +219,8 @@ class SweepScheduler(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller):
         from ray.tune.experiment import Trial
 
+        if stopping.requested():  # the sweep is stopping: waiting trials stay waiting, in the saved state
+            return None
         for status in (Trial.PENDING, Trial.PAUSED):
             waiting = [t for t in tune_controller.get_trials() if t.status == status]
             if waiting:

@@ -16,15 +16,17 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from ray import tune
 
-from flowbench.errors import FlowbenchError
 from flowbench.record import FINAL_PREFIX, METRIC, PARAM, TAG, columns
 from flowbench.results.from_mlflow import PARENT_TAG
 from flowbench.results.tables import CURVE_METRICS
+from flowbench.sweep.search import INTERRUPTED
 from flowbench.sweep.storage import copy_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -33,57 +35,122 @@ KEY_TAG = "flowbench.key"  # a run's deterministic name: the sweep, or a trial's
 UNIT_TAG = "flowbench.unit"  # the hash of the planned unit (trial or search group) a trial run belongs to
 # MLflow's UI opens an experiment in its training-runs view (not the GenAI one) with this tag
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit on a log_batch call
+SAMPLES = "samples.png"  # a trial run's artifact: the samples figure of its checkpoint
 
 
 def default_tracking_uri(results_dir: Path) -> str:
     return f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
 
 
+# MLflow's HTTP client retries a refused or unanswered request 7 times with exponential backoff
+# and waits 120 s for each answer: minutes in which the trials' results would wait on a view of
+# them. A sweep asks little of it (a variable set in the environment wins)
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
 # SQLite's words for a store it cannot write (MLflow passes them on inside an MlflowException)
 _STORE_FAILURES = {
     "database or disk is full": "no space left on device",
     "attempt to write a readonly database": "read-only or not writable for you",
     "unable to open database file": "cannot be opened or created",
 }
+# words of a server that is not answering: requests' (MLflow's HTTP client) and the AWS SDK's (pyarrow's S3)
+_UNREACHABLE = (
+    "Connection refused",
+    "Read timed out",
+    "timed out",
+    "Timeout was reached",
+    "Couldn't connect to server",
+    "Could not connect to server",
+    "Connection reset",
+    "Name or service not known",
+)
+_outages: dict[str, str] = {}  # tracking URI -> what it failed to log, in this process's sweep
 
 
-def store_write_error(err: BaseException, uri: str) -> FlowbenchError | None:
-    """The one line for a tracking store that cannot be written (an sqlite file on a full or
-    read-only disk), found anywhere in ``err``'s chain (Tune re-raises a callback's error); None
-    for any other error."""
+def failure_reason(err: BaseException) -> str:
+    """What is wrong with a store, briefly, from anywhere in ``err``'s chain (Tune and MLflow
+    wrap): SQLite's words for a full or read-only disk, a refused or timed-out connection, else
+    the error's last line."""
     seen: set[int] = set()
     cause: BaseException | None = err
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        text = str(cause)
         for words, what in _STORE_FAILURES.items():
-            if words in str(cause):
-                return FlowbenchError(
-                    f"MLflow tracking store {uri}: {what} ({words}): free space there or pass another "
-                    "--mlflow-uri, then run the same command again (finished trials are kept)"
-                )
+            if words in text:
+                return f"{what} ({words})"
+        for words in _UNREACHABLE:
+            if words in text:
+                return f"unreachable ({words.lower()})"
         cause = cause.__cause__ or cause.__context__
-    return None
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(err).__name__)[:200]
+
+
+def clear_outage(uri: str) -> None:
+    """Try ``uri`` again (a new sweep run): the records say what it lacks."""
+    _outages.pop(uri, None)
 
 
 class MlflowTracker:
-    """A thin layer over ``MlflowClient``: get-or-create experiment, parent and child runs."""
+    """A thin layer over ``MlflowClient``: get-or-create experiment, parent and child runs.
+
+    MLflow is a view of the sweep's records (``trials.parquet``, ``records/``), so it is kept off
+    the sweep's critical path: ``attempt`` runs a call against the store, and the first one that
+    fails costs one warning naming the store and what was not logged; every later attempt in this
+    process's sweep returns None at once, and the next run logs what is missing (``log_missing``)."""
 
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        for name, value in HTTP_LIMITS.items():
+            os.environ.setdefault(name, value)
         from mlflow.tracking import MlflowClient
 
-        self.uri, self.experiment = uri, experiment
+        self.uri, self.experiment, self.artifact_location = uri, experiment, artifact_location
         self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = self._get_or_create_experiment(artifact_location)
+        self._experiment_id: str | None = None
 
-    def _get_or_create_experiment(self, artifact_location: str | None) -> str:
+    def attempt(self, what: str, call, *args, **kwargs):
+        """``call(*args, **kwargs)``, or None once the store has failed in this sweep."""
+        if self.uri in _outages:
+            return None
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:  # MLflow's, requests', SQLAlchemy's: the store is given up for this run
+            _outages[self.uri] = what
+            log.warning(
+                "MLflow tracking store %s: %s while logging %s; nothing more is logged there in this run, which "
+                "goes on (trials.parquet and records/ hold every record): run the same flowbench sweep again "
+                "to log what is missing",
+                self.uri,
+                failure_reason(err),
+                what,
+            )
+            return None
+
+    @property
+    def down(self) -> bool:
+        """Whether the store failed in this sweep."""
+        return self.uri in _outages
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = self._get_or_create_experiment()
+        return self._experiment_id
+
+    def _get_or_create_experiment(self) -> str:
         from mlflow.exceptions import MlflowException
 
         found = self.client.get_experiment_by_name(self.experiment)
         if found is None:
             try:
                 return self.client.create_experiment(
-                    self.experiment, artifact_location=artifact_location, tags=EXPERIMENT_KIND
+                    self.experiment, artifact_location=self.artifact_location, tags=EXPERIMENT_KIND
                 )
             except MlflowException:  # another driver created it between our look-up and create
                 found = self.client.get_experiment_by_name(self.experiment)
@@ -117,9 +184,28 @@ class MlflowTracker:
             self.client.update_run(run.info.run_id, status="RUNNING")
         return run.info.run_id
 
+    def trial_run(self, parent_id: str, row: dict, unit_hash: str) -> tuple[str, int]:
+        """A trial's child run and the last step of its curve logged so far."""
+        run_id = self.get_or_create_run(row["trial_id"], parent_id, tags={UNIT_TAG: unit_hash, "phase": row["phase"]})
+        return run_id, self.last_step(run_id)
+
     def last_step(self, run_id: str, metric: str = CURVE_METRICS[0]) -> int:
         history = self.client.get_metric_history(run_id, metric)
         return max((m.step for m in history), default=-1)
+
+    def log_points(self, run_id: str, points: list[dict]) -> None:
+        """Evaluations (curve points) as metric histories by step; non-finite values are left out."""
+        from mlflow.entities import Metric
+
+        now = time.time()  # a recorded curve point has no time of its own
+        metrics = [
+            Metric(name, float(point[name]), int(point.get("timestamp", now)) * 1000, int(point["step"]))
+            for point in points
+            for name in CURVE_METRICS
+            if _finite(point.get(name))
+        ]
+        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+            self.client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
 
     def log_record(self, run_id: str, row: dict) -> None:
         """A trial's record as ``flowbench.record`` declares it: params, final_ metrics, tags."""
@@ -133,18 +219,48 @@ class MlflowTracker:
         tags = [RunTag(name, _text(row[name])) for name in columns(TAG)]
         self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
 
+    def finish_run(self, run_id: str, row: dict, samples: Path | None) -> None:
+        """The record, the samples figure (as ``samples.png``) and the run's end: FAILED for a failed trial."""
+        self.log_record(run_id, row)
+        if samples is not None:
+            with tempfile.TemporaryDirectory(prefix="flowbench-samples-") as scratch:
+                named = Path(scratch) / SAMPLES
+                shutil.copyfile(samples, named)
+                self.client.log_artifact(run_id, str(named))
+        self.client.set_terminated(run_id, "FAILED" if row["status"] == "failed" else "FINISHED")
+
+
+def log_missing(tracker: MlflowTracker, parent_id: str, trials: list[tuple[str, dict]], figures: Path) -> int:
+    """Log the recorded ``trials`` ((unit hash, {"row", "curve"}) each) whose runs the store
+    missed (it was down, or the driver died before their end): the curve points after the last
+    one logged, the record, the samples; returns how many. One query when nothing is missing."""
+    done = {
+        run.data.tags.get(KEY_TAG)
+        for run in tracker.find_runs(f"tags.`{PARENT_TAG}` = '{parent_id}'")
+        if run.info.status != "RUNNING"
+    }
+    missing = [(unit_hash, t) for unit_hash, t in trials if t["row"]["trial_id"] not in done]
+    for unit_hash, trial in missing:
+        row = trial["row"]
+        run_id, last = tracker.trial_run(parent_id, row, unit_hash)
+        tracker.log_points(run_id, [p for p in trial["curve"] if p["step"] > last])
+        samples = figures / f"samples-{row['trial_id']}.png"
+        tracker.finish_run(run_id, row, samples if samples.is_file() else None)
+    return len(missing)
+
 
 def _text(value) -> str:
     return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
 
 
 class MlflowCallback(tune.Callback):
-    """Logs each Tune trial into a child run of the sweep's parent run, from the driver.
+    """Logs each Tune trial into a child run of the sweep's parent run, from the driver; nothing
+    when the store failed (``MlflowTracker.attempt``) or there is no parent run.
 
     ``record_of(tune_config, last_result, error)`` is the driver's one builder of a trial's row,
     so MLflow holds exactly what trials.parquet holds."""
 
-    def __init__(self, uri: str, experiment: str, parent_id: str, artifact_location: str | None, record_of):
+    def __init__(self, uri: str, experiment: str, parent_id: str | None, artifact_location: str | None, record_of):
         self.uri, self.experiment, self.parent_id = uri, experiment, parent_id
         self.artifact_location, self.record_of = artifact_location, record_of
         self._tracker: MlflowTracker | None = None
@@ -162,54 +278,62 @@ class MlflowCallback(tune.Callback):
             self._tracker = MlflowTracker(self.uri, self.experiment, self.artifact_location)
         return self._tracker
 
-    def _run_for(self, trial) -> tuple[str, int]:
-        if trial.trial_id not in self._runs:
+    def _run_for(self, trial) -> tuple[str, int] | None:
+        if trial.trial_id not in self._runs and self.parent_id is not None:
             config = trial.config
-            run_id = self.tracker.get_or_create_run(
-                config["trial"]["trial_id"],
+            key = config["trial"]["trial_id"]
+            found = self.tracker.attempt(
+                f"{key}'s run",
+                self.tracker.trial_run,
                 self.parent_id,
-                tags={UNIT_TAG: config["unit_hash"], "phase": config["phase"]},
+                {"trial_id": key, "phase": config["phase"]},
+                config["unit_hash"],
             )
-            self._runs[trial.trial_id] = (run_id, self.tracker.last_step(run_id))
-        return self._runs[trial.trial_id]
+            if found is not None:
+                self._runs[trial.trial_id] = found
+        return self._runs.get(trial.trial_id)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_for(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "status" in result:  # the final record, not a curve point
+        if "status" in result or result.get(INTERRUPTED):  # the final record or a stop, not a curve point
             return
-        run_id, last = self._run_for(trial)
-        if result["step"] <= last:  # a resumed trial re-reporting what is logged already
+        found = self._run_for(trial)
+        if found is None or result["step"] <= found[1]:  # a resumed trial re-reporting what is logged already
             return
-        from mlflow.entities import Metric
-
-        at = int(result.get("timestamp", 0)) * 1000
-        metrics = [
-            Metric(name, float(result[name]), at, int(result["step"]))
-            for name in CURVE_METRICS
-            if _finite(result.get(name))
-        ]
-        self.tracker.client.log_batch(run_id, metrics=metrics)
-        self._runs[trial.trial_id] = (run_id, int(result["step"]))
+        step = int(result["step"])
+        what = f"{trial.config['trial']['trial_id']}'s evaluation at step {step}"
+        self.tracker.attempt(what, self.tracker.log_points, found[0], [result])
+        self._runs[trial.trial_id] = (found[0], step)
 
     def _finish(self, trial, error: Exception | None) -> None:
-        run_id, _ = self._run_for(trial)
+        found = self._run_for(trial)
         row = self.record_of(trial.config, trial.last_result or {}, error)
-        self.tracker.log_record(run_id, row)
-        if trial.checkpoint is not None:  # fetched from the sweep's storage, local or S3
-            with tempfile.TemporaryDirectory(prefix="flowbench-samples-") as scratch:
-                samples = Path(scratch) / "samples.png"
-                if copy_from_checkpoint(trial.checkpoint, "samples.png", samples):
-                    self.tracker.client.log_artifact(run_id, str(samples))
-        self.tracker.client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+        if found is None or row is None:
+            return
+        self.tracker.attempt(f"{row['trial_id']}'s record", self._log_end, found[0], row, trial.checkpoint)
+
+    def _log_end(self, run_id: str, row: dict, checkpoint) -> None:
+        with tempfile.TemporaryDirectory(prefix="flowbench-samples-") as scratch:
+            samples = Path(scratch) / SAMPLES
+            try:  # fetched from the sweep's storage, local or S3; a diverged trial has none
+                found = checkpoint is not None and copy_from_checkpoint(checkpoint, SAMPLES, samples)
+            except OSError:  # Tune's storage, not MLflow's store: the driver says so if it has gone
+                found = False
+            self.tracker.finish_run(run_id, row, samples if found else None)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, None)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        # what Tune's ResultGrid gives as Result.error: the driver's tables see the same error
-        self._finish(trial, trial.get_pickled_error() or trial.get_error() or RuntimeError("failed"))
+        # what Tune's ResultGrid gives as Result.error: the driver's tables see the same error, read
+        # from Tune's storage (the driver stops with one line when that storage has gone)
+        try:
+            error = trial.get_pickled_error() or trial.get_error() or RuntimeError("failed")
+        except OSError as err:
+            error = RuntimeError(f"failed; its error is in Tune's storage, unreadable now ({failure_reason(err)})")
+        self._finish(trial, error)
 
 
 def _finite(value) -> bool:

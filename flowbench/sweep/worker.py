@@ -9,17 +9,22 @@ to Ray Tune.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import shutil
+import threading
 import time
 from pathlib import Path
 
+from flowbench.sweep.search import INTERRUPTED, METRIC
 from flowbench.sweep.spec import trial_config
 from flowbench.sweep.storage import tune_storage
 from flowbench.trial import (
     CHECKPOINT_FILE,
     SELECTED_FILE,
     TrialConfig,
+    TrialInterrupted,
     load_checkpoint,
     model_from_checkpoint,
     run_trial,
@@ -27,6 +32,57 @@ from flowbench.trial import (
 
 RECORD_FILE = "record.json"
 ATTEMPTS_FILE = "attempts.jsonl"
+
+
+# --------------------------------------------------------------------------- stopping in order
+def stop_broadcast_name(experiment: str) -> str:
+    """The driver's StopBroadcast of ``experiment``: named by its Ray job (the driver and its trials
+    share it), so a later driver of the same experiment never meets one that is still going away."""
+    import ray
+
+    return f"flowbench-stop-{ray.get_runtime_context().get_job_id()}-{experiment}"
+
+
+class StopBroadcast:
+    """A Ray actor of the driver's (named ``stop_broadcast_name``): ``ask`` tells every trial of
+    the experiment, each waiting in ``wait``, to checkpoint where it is and stop. Async, so all
+    the waits are pending at once and an ``ask`` answers them together."""
+
+    def __init__(self) -> None:
+        self._asked = asyncio.Event()
+
+    async def wait(self) -> None:
+        await self._asked.wait()
+
+    async def ask(self) -> None:
+        self._asked.set()
+
+
+_stop_asked: dict[str, threading.Event] = {}  # per broadcast: one waiting thread a process, however many trials
+
+
+def stop_asked(experiment: str) -> threading.Event:
+    """Set once the driver asks the experiment's trials to stop (``StopBroadcast``); never set
+    when the driver holds none."""
+    name = stop_broadcast_name(experiment)
+    if name not in _stop_asked:
+        import ray
+
+        event = _stop_asked[name] = threading.Event()
+        try:
+            broadcast = ray.get_actor(name)
+        except ValueError:
+            return event
+
+        def wait() -> None:
+            try:
+                ray.get(broadcast.wait.remote())
+            except ray.exceptions.RayError:  # the driver has gone: nobody left to stop for
+                return
+            event.set()
+
+        threading.Thread(target=wait, name="flowbench-stop", daemon=True).start()
+    return _stop_asked[name]
 
 
 def tune_trial(tune_config: dict) -> None:
@@ -61,11 +117,20 @@ def tune_trial(tune_config: dict) -> None:
         _data_parallel_trial(config, tune_config, final)
     else:
         how = "resumed" if restored else "fresh"
-        record = run_trial(
-            config,
-            lambda metrics, folder: report(metrics, folder, how),
-            resume_from=restored / CHECKPOINT_FILE if restored else None,
-        )
+        try:
+            record = run_trial(
+                config,
+                lambda metrics, folder: report(metrics, folder, how),
+                resume_from=restored / CHECKPOINT_FILE if restored else None,
+                stop=stop_asked(tune.get_context().get_experiment_name()).is_set,
+            )
+        except TrialInterrupted as stopped:
+            # the checkpoint of the current step (None: the one it resumed from is current); Tune's
+            # metric is asked of every result, so it is there, NaN
+            report({INTERRUPTED: True, "step": stopped.step, METRIC: math.nan}, stopped.checkpoint_dir, how)
+            # Tune pauses the trial on this report and ends this process; returning would end the
+            # trial as finished in Tune's saved state, where it stays unfinished to be resumed
+            threading.Event().wait()
         if (trial_dir / "checkpoint").is_dir():  # a trial that diverged at once has none
             shutil.copytree(trial_dir / "checkpoint", final, dirs_exist_ok=True)
         final.mkdir(exist_ok=True)

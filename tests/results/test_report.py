@@ -169,3 +169,19 @@ def test_curves_without_milestones_report_that_they_have_none(tmp_path):
     md = paths["md"].read_text()
     assert f"Validation bits/dim at each milestone ({NO_MILESTONES})" in md
     assert "## Paired comparisons along the budget" in md and "## The paper's claims" in md
+
+
+def test_the_report_names_trials_short_of_their_budget_and_an_interrupted_sweeps_unfinished(tmp_path):
+    from tests.results.test_table2 import short_budget_trials
+
+    trials = short_budget_trials()
+    paths = build_report(tmp_path, trials, curves_for(trials), unfinished=["glow--cifar10-seed5"])
+    for text in (paths["md"].read_text(), paths["html"].read_text()):
+        intro, table2 = text.split("Table 2 (test bits/dim")[:2]
+        assert "Incomplete" in intro and "1 planned trial(s) unfinished (glow--cifar10-seed5)" in intro
+        assert (
+            "1 trial(s) did not spend the whole budget and are left out of this table, the paired comparisons "
+            "and the claims: nxn_shift--cifar10-seed2 (ok: 6e+08 of 1e+09 flops)" in table2.split("Validation")[0]
+        )
+    again = build_report(tmp_path, trials.iloc[:5], curves_for(trials.iloc[:5]))["md"].read_text()
+    assert "Incomplete" not in again and "whole budget" not in again

@@ -7,7 +7,14 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from flowbench.results.table2 import holm, mean_interval, paired_comparisons, table2_frame
+from flowbench.results.table2 import (
+    compared,
+    holm,
+    mean_interval,
+    paired_comparisons,
+    short_of_budget,
+    table2_frame,
+)
 from tests.results.rows import trial
 
 # Student t quantile 0.975 at 2 degrees of freedom: the CDF there is 1/2 + t / (2 sqrt(2 + t²)),
@@ -123,3 +130,24 @@ def test_comparisons_of_another_metric_skip_unmeasured_seeds():
     # emerging comes first (registry order); nxn_shift's sample latency is 20 + seed: seeds 0 and 2 pair
     assert (row.model_a, row.model_b) == ("emerging", "nxn_shift")
     assert (row.metric, row.n_seeds, row.a_minus_b) == ("sample_latency_ms", 2, pytest.approx((50 - 20 + 60 - 22) / 2))
+
+
+def short_budget_trials() -> pd.DataFrame:
+    """glow on 3 seeds; nxn_shift on seeds 0, 1, and on seed 2 a trial recorded ok at 60% of the
+    budget (with the best figure of all); a search sample ASHA stopped early."""
+    rows = [trial("glow", "cifar10", s, 3.0 + s / 10) for s in range(3)]
+    rows += [trial("nxn_shift", "cifar10", s, 3.5) for s in range(2)]
+    rows += [trial("nxn_shift", "cifar10", 2, 2.0, train_flops=6e8)]
+    rows += [trial("glow", "cifar10", 9, 1.0, phase="search", status="stopped", train_flops=1e8)]
+    return pd.DataFrame(rows)
+
+
+def test_a_trial_short_of_its_budget_is_in_no_comparison():
+    """Equal budgets: a final trial that did not spend its whole budget is counted in n_trials
+    but is in no figure and no pairing; a search sample ASHA stopped is not a short final trial."""
+    trials = short_budget_trials()
+    nxn = table2_frame(trials, lambda m, d: None).set_index("model").loc["nxn_shift"]
+    assert (nxn.n_trials, nxn.n_seeds, nxn.test_bpd_mean) == (3, 2, 3.5)
+    assert paired_comparisons(trials).n_seeds.tolist() == [2]  # seed 2 has no full-budget nxn_shift trial
+    assert short_of_budget(trials).trial_id.tolist() == ["nxn_shift--cifar10-seed2"]
+    assert compared(trials).sum() == 5
