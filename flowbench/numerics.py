@@ -2,11 +2,14 @@
 
 Training amplifies rounding: the same trial and seed agree to every digit on one machine but not
 across machines whose CPUs pick other kernels (ATen's vectorised code per instruction set, MKL's
-code path, oneDNN's JIT kernels and their cache-dependent blocking) or another thread count.
-``environment()`` names those inputs in the record. ``numerics: portable`` pins them: ATen's
-kernels, MKL's conditional numerical reproducibility and oneDNN's instruction set are capped at
-values every x86-64 CPU runs, so the same trial gives the same bits to the last digit on any of
-them, at a cost in speed the README states (measured with ``benchmarks/bench_numerics.py``).
+code path, oneDNN's JIT kernels) or another thread count. ``environment()`` names those inputs in
+the record. ``numerics: portable`` pins them: ATen's baseline kernels, MKL's conditional numerical
+reproducibility in its compatible path and oneDNN capped at AVX2, on one thread, so that the same
+trial gives the same bits on any x86-64 CPU with AVX2 (every machine these runs happen on). Measured
+(README, "Reference results and numerics"): an AVX-512 machine and an emulated AVX2 one (qemu's
+Haswell) agree to every bit of the weights; capping every library at AVX2 but keeping ATen's AVX2
+kernels does not, and neither does oneDNN turned off. The cost in speed is measured by
+``benchmarks/bench_numerics.py``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ Numerics = Literal["native", "portable"]
 PORTABLE_ENV = {
     "ATEN_CPU_CAPABILITY": "default",
     "MKL_CBWR": "COMPATIBLE",
-    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",  # its AVX2 kernels agree across AVX2 and AVX-512 CPUs; SSE4.1's cost more
 }
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides which kernels a CPU runs
 
@@ -44,6 +47,11 @@ def check_in_effect(numerics: Numerics) -> None:
 
     if numerics != "portable":
         return
+    if "avx2" not in cpu_model_and_flags()[1]:
+        raise FlowbenchError(
+            f"numerics: portable needs a CPU with AVX2 (oneDNN's AVX2 kernels); this one is {cpu_description()}: "
+            "run the trial on another machine, or with numerics: native"
+        )
     capability = torch.backends.cpu.get_cpu_capability()
     wrong = {k: os.environ.get(k) for k, v in PORTABLE_ENV.items() if os.environ.get(k) != v}
     if capability != "DEFAULT" or wrong:
@@ -55,16 +63,22 @@ def check_in_effect(numerics: Numerics) -> None:
 
 
 @functools.cache
-def cpu_description() -> str:
-    """The CPU's model name and the instruction-set flags that decide its kernels."""
-    model, flags = platform.processor() or platform.machine(), set()
+def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and its instruction-set flags (``/proc/cpuinfo``, where there is one)."""
+    model, flags = platform.processor() or platform.machine(), frozenset()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         text = cpuinfo.read_text()
         if found := re.search(r"^model name\s*:\s*(.+)$", text, re.M):
             model = found.group(1).strip()
         if found := re.search(r"^flags\s*:\s*(.+)$", text, re.M):
-            flags = set(found.group(1).split())
+            flags = frozenset(found.group(1).split())
+    return model, flags
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the instruction-set flags that decide its kernels."""
+    model, flags = cpu_model_and_flags()
     present = [f for f in ISA_FLAGS if f in flags]
     return f"{model} ({' '.join(present)})" if present else model
 

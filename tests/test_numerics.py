@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flowbench.errors import FlowbenchError
+import flowbench.numerics
 from flowbench.numerics import PORTABLE_ENV, check_in_effect
 from flowbench.trial import TrialConfig, run_trial
 
@@ -25,6 +26,14 @@ def test_a_record_names_what_its_numbers_depend_on(tmp_path):
     flags = open("/proc/cpuinfo").read()
     assert ("avx2" in record.cpu) == (" avx2 " in flags)
     assert record.gpu == ""  # trained on the CPU
+
+
+def test_portable_numerics_on_a_cpu_without_avx2_is_refused_in_one_line(monkeypatch):
+    # oneDNN would fall back to its SSE4.1 kernels there: other bits, silently
+    monkeypatch.setattr(flowbench.numerics, "cpu_model_and_flags", lambda: ("Old CPU", frozenset({"sse4_1"})))
+    with pytest.raises(FlowbenchError, match=r"^numerics: portable needs a CPU with AVX2 .*this one is Old CPU: "):
+        check_in_effect("portable")
+    check_in_effect("native")
 
 
 def test_portable_numerics_in_a_process_started_without_them_is_one_line(tmp_path):

@@ -153,7 +153,7 @@ class SweepSpec(Strict):
     latency: Latency = Latency()
     power: Power = Power()
     max_failures: int = pydantic.Field(2, ge=0)
-    numerics: Numerics = "native"  # portable: the same bits on every x86-64 CPU (reference runs)
+    numerics: Numerics = "native"  # portable: the same bits on every x86-64 CPU with AVX2 (reference runs)
 
     @pydantic.field_validator("models", "datasets", "seeds")
     @classmethod

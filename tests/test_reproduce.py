@@ -1,0 +1,120 @@
+"""The committed reference runs come out again from this code.
+
+For each sweep under results/, its quickest final trial is planned again from the shipped spec (the
+configuration hash must be the record's; a search sweep's final trial with the searched values its
+record holds) and trained to its first milestone in a fresh process, with the numerics the record
+names (portable mode's environment; the record's thread count). Its validation and training bits/dim
+there must equal the committed curve's to the last digit where the numbers are portable or the
+machine is the record's kind; elsewhere within three of the reference's own standard deviations over
+seeds at that milestone. The test says which comparison it made. Training on after the first
+milestone is the same computation continued: the prefix tests what the whole trial would, at a
+fraction of the cost. The record's own figures are held to its curve (its validation bits/dim is the
+curve's at its selected step), so an altered record fails too.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from flowbench.numerics import PORTABLE_ENV, environment_for, math_libraries
+from flowbench.results.tables import read_table
+from flowbench.sweep.spec import load_spec, trial_config
+from flowbench.sweep.units import plan
+from flowbench.trial import TrialConfig
+
+ROOT = Path(__file__).parents[1]
+REFERENCES = sorted(p.parent.name for p in (ROOT / "results").glob("*/trials.parquet"))
+# what must be the same for the same bits when the numerics are native
+MACHINE_KEYS = ("cpu_capability", "math_libraries", "threads", "torch_version")
+
+FIRST_MILESTONE = """
+import json, sys, torch
+from flowbench.trial import TrialConfig, run_trial
+
+class Reached(Exception):
+    pass
+
+def first(metrics, _):
+    print(json.dumps({k: metrics[k] for k in ("step", "val_bpd", "train_bpd", "train_flops")}))
+    raise Reached
+
+config = TrialConfig.model_validate_json(sys.argv[1])
+torch.set_num_threads(int(sys.argv[2]))
+try:
+    run_trial(config, first)
+except Reached:
+    pass
+"""
+
+
+def reference_trial(sweep: str) -> tuple[pd.Series, pd.DataFrame, pd.DataFrame, TrialConfig]:
+    """The committed record and curve of the sweep's quickest final trial, its peers' first
+    milestones, and its config planned again from the shipped spec."""
+    trials = read_table(ROOT / "results" / sweep / "trials.parquet", "trials")
+    curves = read_table(ROOT / "results" / sweep / "curves.parquet", "curves")
+    finals = trials[(trials.status == "ok") & (trials.phase == "final")]
+    row = finals.sort_values(["train_seconds", "trial_id"]).iloc[0]
+    spec_path = ROOT / "sweeps" / f"{sweep}.yaml"
+    _, configs = plan(spec_path)
+    config = next(c for c in configs if c.trial_id == row.trial_id)
+    spec = load_spec(spec_path)
+    if spec.search is not None:  # the final trial runs its group's best sample's values, as recorded
+        recorded = json.loads(row.recipe) | json.loads(row.hparams) | row.to_dict()
+        searched = {k: recorded[k] for k in spec.search.space}
+        config = TrialConfig.model_validate(trial_config({"trial": config.model_dump(), "search": searched}))
+    # its peers: the final trials of the same model and variant on the other seeds
+    peers = finals[(finals.model == row.model) & (finals.variant == row.variant)].trial_id
+    first = curves[curves.trial_id.isin(peers) & (curves.milestone == 1)]
+    return row, curves[curves.trial_id == row.trial_id].sort_values("step"), first, config
+
+
+@pytest.mark.parametrize("sweep", REFERENCES)
+def test_a_committed_reference_run_comes_out_again(sweep, tmp_path, record_property):
+    row, curve, peers, config = reference_trial(sweep)
+    assert config.config_hash() == row.config_hash, "main's code plans another configuration than the record's"
+    selected = curve[curve.step == row.selected_step]
+    assert selected.val_bpd.tolist() == [row.val_bpd], "the record's validation bits/dim is not its curve's"
+
+    env = {k: v for k, v in os.environ.items() if k not in PORTABLE_ENV} | environment_for(row.numerics)
+    config = config.model_copy(update={"out_dir": str(tmp_path / "trial"), "device": "cpu"})
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_MILESTONE, config.model_dump_json(), str(row.threads)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = json.loads(done.stdout.strip().splitlines()[-1])
+    recorded = curve[curve.milestone == 1].iloc[0]
+    assert (again["step"], again["train_flops"]) == (recorded.step, recorded.train_flops)
+
+    here = {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "math_libraries": math_libraries(),
+        "threads": row.threads,  # set above
+        "torch_version": torch.__version__,
+    }
+    if row.numerics == "portable" or all(row[k] == here[k] for k in MACHINE_KEYS):
+        comparison = "exact: " + (
+            "portable numerics" if row.numerics == "portable" else f"the record's kind of machine ({row.cpu})"
+        )
+        assert (again["val_bpd"], again["train_bpd"]) == (recorded.val_bpd, recorded.train_bpd), comparison
+    else:
+        # the reference's own spread: the same model and variant over seeds at this milestone
+        tolerance = 3 * peers.val_bpd.std(ddof=1)
+        comparison = (
+            f"within 3 standard deviations over seeds ({tolerance:.4f} bits/dim): recorded with "
+            f"{row.cpu_capability} kernels, {row.math_libraries}, {row.threads} threads, torch {row.torch_version}; "
+            f"here {here}"
+        )
+        assert abs(again["val_bpd"] - recorded.val_bpd) <= tolerance, comparison
+    record_property("comparison", comparison)
+    print(f"{sweep}: {row.trial_id} at step {recorded.step}: {again['val_bpd']!r}, {recorded.val_bpd!r} recorded")
+    print(f"  {comparison}")
