@@ -26,12 +26,15 @@ def _shares_a_module_fixture(item: pytest.Item) -> bool:
     return any(d.baseid and d.scope != "function" for defs in definitions for d in defs)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """The group of a test that shares a module fixture: marked as it is collected, before any
+    ``pytest_collection_modifyitems`` (xdist's reads the marks there, in each worker, whose own
+    ``dist`` is "no": its ``loadgroup`` option says the groups count)."""
+    if getattr(item.config.option, "loadgroup", False) and _shares_a_module_fixture(item):
+        item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("dist", "no") == "loadgroup":
-        for item in items:
-            if _shares_a_module_fixture(item):
-                item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
     slow_groups = {
         mark.args[0] for item in items if item.get_closest_marker("slow") for mark in item.iter_markers("xdist_group")
     }
