@@ -65,7 +65,7 @@ def check_in_effect(numerics: Numerics) -> None:
 @functools.cache
 def cpu_model_and_flags() -> tuple[str, frozenset[str]]:
     """The CPU's model name and its instruction-set flags (``/proc/cpuinfo``, where there is one)."""
-    model, flags = platform.processor() or platform.machine(), frozenset()
+    model, flags = platform.processor() or platform.machine(), frozenset[str]()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         text = cpuinfo.read_text()

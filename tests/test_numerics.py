@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from flowbench.errors import FlowbenchError
 import flowbench.numerics
+from flowbench.errors import FlowbenchError
 from flowbench.numerics import PORTABLE_ENV, check_in_effect
 from flowbench.trial import TrialConfig, run_trial
 

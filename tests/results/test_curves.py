@@ -43,7 +43,9 @@ def along_tables():
     trials, curves = [], []
     for model, by_milestone in values.items():
         for seed in range(3):
-            row = trial(model, "cifar10", seed, by_milestone[4][seed] + 0.01, evaluations=4, budget=BUDGET, train_flops=BUDGET)
+            row = trial(
+                model, "cifar10", seed, by_milestone[4][seed] + 0.01, evaluations=4, budget=BUDGET, train_flops=BUDGET
+            )
             trials.append(row)
             per_step = 1e10 if model == "glow" else 1.3e10  # one step's FLOPs: milestones within one of each other
             for k, bpd in by_milestone.items():
