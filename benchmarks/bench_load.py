@@ -12,6 +12,8 @@ each) and runs it with ``flowbench.sweep.driver.run_sweep`` in this process, on 
   over the whole ``run_sweep`` call (collecting the records, tables, report and MLflow included);
 - the driver process's peak memory: VmHWM (the kernel's peak resident set) and RssAnon (anonymous
   memory, sampled every 0.1 s) with its growth from before the sweep to after it;
+- the driver's memory growth per trial: the slope of RssAnon against the number of trials ended,
+  read as each trial ends (a least-squares line over the second half of the trials, past start-up);
 - that every trial is ok and recorded once: trials.parquet holds exactly the planned trial ids,
   each once, all with status ``ok``. The exit status is non-zero otherwise.
 """
@@ -56,6 +58,33 @@ class PeakSampler(threading.Thread):
         return self.peak
 
 
+def trial_end_sampler():
+    """A Tune callback that reads RssAnon each time a trial ends: (trials ended, kB) pairs."""
+    from ray import tune
+
+    class RssPerTrial(tune.Callback):
+        def __init__(self):
+            self.points: list[tuple[int, int]] = []
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.points.append((len(self.points) + 1, status_kb("RssAnon")))
+
+        on_trial_error = on_trial_complete
+
+    return RssPerTrial()
+
+
+def growth_per_trial(points: list[tuple[int, int]]) -> float:
+    """MiB a trial: the least-squares slope of RssAnon over the second half of the trials."""
+    late = points[len(points) // 2 :]
+    if len(late) < 2:
+        return float("nan")
+    n = len(late)
+    mx, my = sum(x for x, _ in late) / n, sum(y for _, y in late) / n
+    sxx = sum((x - mx) ** 2 for x, _ in late)
+    return sum((x - mx) * (y - my) for x, y in late) / sxx / 1024
+
+
 def write_spec(folder: Path, name: str, trials: int, steps: int) -> Path:
     spec = folder / f"{name}.yaml"
     spec.write_text(f"""name: {name}
@@ -98,9 +127,10 @@ def main() -> int:
     rss_anon_before = status_kb("RssAnon")
     sampler = PeakSampler("RssAnon")
     sampler.start()
+    per_trial = trial_end_sampler()
     started = time.time()
     try:
-        run_sweep(spec, work / "results", num_cpus=args.slots)
+        run_sweep(spec, work / "results", num_cpus=args.slots, callbacks=(per_trial,))
     finally:
         total_wall = time.time() - started
         peak_anon = sampler.stop()
@@ -144,6 +174,13 @@ def main() -> int:
         f"{peak_anon / 1024:.0f} MiB; RssAnon {rss_anon_before / 1024:.0f} MiB before the sweep, "
         f"{rss_anon_after / 1024:.0f} MiB after"
     )
+    ends = per_trial.points
+    if ends:
+        half = ends[len(ends) // 2]
+        print(
+            f"  driver memory growth: {growth_per_trial(ends):.3f} MiB a trial (RssAnon as trials end, trials "
+            f"{half[0]}-{ends[-1][0]}: {half[1] / 1024:.0f} -> {ends[-1][1] / 1024:.0f} MiB)"
+        )
     print(
         f"  trials.parquet: {len(trials)} rows, {trials.trial_id.nunique()} unique trial ids, status "
         f"{trials.status.value_counts().to_dict()}: " + ("; ".join(problems) if problems else "all ok, each once")

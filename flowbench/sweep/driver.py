@@ -37,7 +37,7 @@ from flowbench.sweep.experiment import (
     start_ray,
     stored_results,
 )
-from flowbench.sweep.records import RecordStore, archive_stale, collect, record_of
+from flowbench.sweep.records import RecordStore, archive_stale, collect, curve_of, record_of
 from flowbench.sweep.search import INTERRUPTED
 from flowbench.sweep.spec import SweepSpec
 from flowbench.sweep.storage import tune_storage
@@ -220,7 +220,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     fresh: dict[str, list[dict]] = {}
     checkpointed = 0  # unfinished trials that checkpointed their current step when the sweep stopped
     if todo:
-        callbacks = [MlflowCallback(uri, spec.name, parent, artifacts, record_of), *callbacks]
+        callbacks = [MlflowCallback(uri, spec.name, parent, artifacts, record_of, curve_of), *callbacks]
         results, resumed = run_experiment(spec, storage, name, todo, slots, callbacks)
         lost = _storage_lost(storage, out, [r.error for r in results if r.error is not None])
         if lost is not None:

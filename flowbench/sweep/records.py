@@ -13,8 +13,9 @@ from flowbench.atomic import atomic_write
 from flowbench.record import RECORD_COLUMNS
 from flowbench.results.tables import CURVE_METRICS
 from flowbench.sweep.search import METRIC
-from flowbench.sweep.storage import copy_from_checkpoint, tune_storage
+from flowbench.sweep.storage import copy_from_checkpoint, read_from_checkpoint, tune_storage
 from flowbench.sweep.units import Unit
+from flowbench.sweep.worker import CURVE_FILE, RECORD_FILE
 from flowbench.trial import TrialConfig
 
 FIGURES = ("samples", "reconstructions")
@@ -27,19 +28,29 @@ def error_reason(error: BaseException) -> str:
     return (lines[-1] if lines else type(error).__name__)[:500]
 
 
-def record_of(tune_config: dict, last: dict, error: BaseException | None) -> dict | None:
-    """The trials.parquet row of a Tune trial from its config and last result; MLflow logs the same.
-    A failed trial and a search sample that ASHA stopped get a row too, from their last evaluation.
+def _evaluations(checkpoint) -> list[dict]:
+    """The trial's evaluations that its checkpoint carries (``CURVE_FILE``), as reported."""
+    text = read_from_checkpoint(checkpoint, CURVE_FILE) if checkpoint is not None else None
+    return [json.loads(line) for line in (text or "").splitlines()]
+
+
+def record_of(tune_config: dict, last: dict, error: BaseException | None, checkpoint) -> dict | None:
+    """The trials.parquet row of a Tune trial from its config, last result and latest checkpoint;
+    MLflow logs the same. A finished trial's checkpoint holds its record; a failed trial and a
+    search sample that ASHA stopped get a row too, from the last evaluation their checkpoint holds.
 
     None for a trial that has not finished: never started, or interrupted because the sweep was
     stopped (Tune's saved state keeps it running, and it resumes from its latest checkpoint).
     ASHA's decision is in the last result: Tune marks the result a scheduler stopped a trial at
     ``done`` (a finished trial's record too), and only ASHA stops trials here, search samples only.
+    Reading the checkpoint raises OSError when Tune's storage does not answer.
     """
     config = TrialConfig.model_validate(tune_config["trial"])
     stopped = error is None and bool(last.get("done")) and tune_config["phase"] == "search"
-    if error is None and "status" in last and "config_hash" in last:
-        row = {k: last[k] for k in RECORD_COLUMNS}
+    recorded = read_from_checkpoint(checkpoint, RECORD_FILE) if checkpoint is not None and error is None else None
+    if recorded is not None:
+        stored = json.loads(recorded)
+        row = {k: stored[k] for k in RECORD_COLUMNS}
     elif error is None and not stopped:
         return None
     else:
@@ -49,25 +60,28 @@ def record_of(tune_config: dict, last: dict, error: BaseException | None) -> dic
             reason=reason,
             node=last.get("node", ""),
         )
-        if "step" in last:  # the last evaluation: how far the trial got
+        evaluations = _evaluations(checkpoint)
+        if evaluations:  # the last evaluation: how far the trial got
+            point = evaluations[-1]
             record.steps, record.images_seen, record.epochs = (
-                int(last["step"]),
-                int(last["images_seen"]),
-                last["epochs"],
+                int(point["step"]),
+                int(point["images_seen"]),
+                point["epochs"],
             )
-            record.train_seconds, record.train_flops = last["train_seconds"], last.get("train_flops", 0.0)
-            record.val_bpd, record.train_bpd = last[METRIC], last["train_bpd"]
+            record.train_seconds, record.train_flops = point["train_seconds"], point.get("train_flops", 0.0)
+            record.val_bpd, record.train_bpd = point[METRIC], point["train_bpd"]
         row = record.row()
     # Tune stamps its own trial_id on every result: ours comes from the config
     return row | {"trial_id": config.trial_id, "phase": tune_config["phase"]}
 
 
-def curve_of(result) -> list[dict]:
-    history = result.metrics_dataframe
-    if history is None or "final" not in history.columns:
-        return []
-    evals = history[history["final"].notna()].drop_duplicates("step", keep="last").sort_values("step")
-    return evals[["step", *[k for k in CURVE_METRICS if k in evals.columns]]].to_dict("records")
+def curve_of(checkpoint) -> list[dict]:
+    """The evaluations (``CURVE_METRICS`` by step) that a trial's checkpoint carries; of a step
+    evaluated twice (a trial resumed from an earlier checkpoint), the later."""
+    by_step = {int(point["step"]): point for point in _evaluations(checkpoint)}
+    return [
+        {"step": step, **{k: point[k] for k in CURVE_METRICS if k in point}} for step, point in sorted(by_step.items())
+    ]
 
 
 class RecordStore:
@@ -118,8 +132,12 @@ def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path) 
     found = {}
     for unit_id, unit_results in by_unit.items():
         unit = units[unit_id]
-        ended = [(row, r) for r in unit_results if (row := record_of(r.config, r.metrics or {}, r.error)) is not None]
-        trials: list[dict] = [{"row": row, "curve": curve_of(r)} for row, r in ended]
+        ended = [
+            (row, r)
+            for r in unit_results
+            if (row := record_of(r.config, r.metrics or {}, r.error, r.checkpoint)) is not None
+        ]
+        trials: list[dict] = [{"row": row, "curve": curve_of(r.checkpoint)} for row, r in ended]
         found[unit_id] = trials
         finals = [
             (t, r)

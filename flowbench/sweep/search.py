@@ -27,6 +27,16 @@ METRIC, MODE = "val_bpd", "min"  # selection (search, ASHA, the best sample) is 
 INTERRUPTED = "interrupted"
 
 
+def tune_metrics(metrics: dict, budget_kind: str) -> dict:
+    """What of a trial's evaluation or record goes to Tune, which keeps every trial's last result
+    and running statistics of each number in it in the driver's memory for the whole sweep: the
+    selection metric and ASHA's time attribute, the step, the record's status (the searcher
+    prefers samples that reached the budget) and a stop's mark. The curve and the record travel
+    in the trial's checkpoints (``flowbench.sweep.worker``)."""
+    keys = (METRIC, "step", TIME_ATTR[budget_kind], "status", INTERRUPTED)
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
 # --------------------------------------------------------------------------- Tune: search and schedule
 def _search_space(search: Search) -> dict:
     from ray import tune

@@ -59,3 +59,14 @@ def copy_from_checkpoint(checkpoint, name: str, dest: Path) -> bool:
         src, str(dest), source_filesystem=checkpoint.filesystem, destination_filesystem=pyarrow.fs.LocalFileSystem()
     )
     return True
+
+
+def read_from_checkpoint(checkpoint, name: str) -> str | None:
+    """The text of the file ``name`` of a Tune checkpoint, local or in S3; None when it has none."""
+    import pyarrow.fs
+
+    src = f"{checkpoint.path}/{name}"
+    if checkpoint.filesystem.get_file_info(src).type != pyarrow.fs.FileType.File:
+        return None
+    with checkpoint.filesystem.open_input_stream(src) as stream:
+        return stream.read().decode()

@@ -26,7 +26,6 @@ from ray import tune
 from flowbench.record import FINAL_PREFIX, METRIC, PARAM, TAG, columns
 from flowbench.results.from_mlflow import PARENT_TAG
 from flowbench.results.tables import CURVE_METRICS
-from flowbench.sweep.search import INTERRUPTED
 from flowbench.sweep.storage import copy_from_checkpoint
 
 log = logging.getLogger(__name__)
@@ -257,12 +256,16 @@ class MlflowCallback(tune.Callback):
     """Logs each Tune trial into a child run of the sweep's parent run, from the driver; nothing
     when the store failed (``MlflowTracker.attempt``) or there is no parent run.
 
-    ``record_of(tune_config, last_result, error)`` is the driver's one builder of a trial's row,
-    so MLflow holds exactly what trials.parquet holds."""
+    ``record_of(tune_config, last_result, error, checkpoint)`` and ``curve_of(checkpoint)`` are the
+    driver's builders of a trial's row and curve, so MLflow holds exactly what trials.parquet and
+    curves.parquet hold. The curve points come with each checkpoint a trial reports (Tune's results
+    carry only what its scheduler and searcher use)."""
 
-    def __init__(self, uri: str, experiment: str, parent_id: str | None, artifact_location: str | None, record_of):
+    def __init__(
+        self, uri: str, experiment: str, parent_id: str | None, artifact_location: str | None, record_of, curve_of
+    ):
         self.uri, self.experiment, self.parent_id = uri, experiment, parent_id
-        self.artifact_location, self.record_of = artifact_location, record_of
+        self.artifact_location, self.record_of, self.curve_of = artifact_location, record_of, curve_of
         self._tracker: MlflowTracker | None = None
         self._runs: dict[str, tuple[str, int]] = {}
 
@@ -296,23 +299,32 @@ class MlflowCallback(tune.Callback):
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run_for(trial)
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if "status" in result or result.get(INTERRUPTED):  # the final record or a stop, not a curve point
-            return
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         found = self._run_for(trial)
-        if found is None or result["step"] <= found[1]:  # a resumed trial re-reporting what is logged already
+        if found is None:
             return
-        step = int(result["step"])
-        what = f"{trial.config['trial']['trial_id']}'s evaluation at step {step}"
-        self.tracker.attempt(what, self.tracker.log_points, found[0], [result])
-        self._runs[trial.trial_id] = (found[0], step)
+        try:  # Tune's storage, not MLflow's store: the driver says so if it has gone
+            # after the last step logged: a resumed trial's checkpoints repeat what is logged already
+            points = [p for p in self.curve_of(checkpoint) if p["step"] > found[1]]
+        except OSError:
+            return
+        if points:
+            what = f"{trial.config['trial']['trial_id']}'s evaluation at step {points[-1]['step']}"
+            self.tracker.attempt(what, self.tracker.log_points, found[0], points)
+            self._runs[trial.trial_id] = (found[0], points[-1]["step"])
 
     def _finish(self, trial, error: Exception | None) -> None:
         found = self._run_for(trial)
-        row = self.record_of(trial.config, trial.last_result or {}, error)
-        if found is None or row is None:
+        if found is None:
             return
-        self.tracker.attempt(f"{row['trial_id']}'s record", self._log_end, found[0], row, trial.checkpoint)
+        if trial.checkpoint is not None:  # a data-parallel trial's curve comes with its last checkpoint only
+            self.on_checkpoint(None, None, trial, trial.checkpoint)
+        try:
+            row = self.record_of(trial.config, trial.last_result or {}, error, trial.checkpoint)
+        except OSError:  # as in _log_end: the next run logs it from the records
+            return
+        if row is not None:
+            self.tracker.attempt(f"{row['trial_id']}'s record", self._log_end, found[0], row, trial.checkpoint)
 
     def _log_end(self, run_id: str, row: dict, checkpoint) -> None:
         with tempfile.TemporaryDirectory(prefix="flowbench-samples-") as scratch:

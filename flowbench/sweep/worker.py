@@ -17,7 +17,9 @@ import threading
 import time
 from pathlib import Path
 
-from flowbench.sweep.search import INTERRUPTED, METRIC
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from flowbench.sweep.search import INTERRUPTED, METRIC, tune_metrics
 from flowbench.sweep.spec import trial_config
 from flowbench.sweep.storage import tune_storage
 from flowbench.trial import (
@@ -32,6 +34,7 @@ from flowbench.trial import (
 
 RECORD_FILE = "record.json"
 ATTEMPTS_FILE = "attempts.jsonl"
+CURVE_FILE = "curve.jsonl"  # the trial's evaluations so far, one line each, in every checkpoint it reports
 
 
 # --------------------------------------------------------------------------- stopping in order
@@ -86,10 +89,12 @@ def stop_asked(experiment: str) -> threading.Event:
 
 
 def tune_trial(tune_config: dict) -> None:
-    """The Tune trainable: one trial, resumed from Tune's checkpoint when it has one. Its last
-    report carries the record and a checkpoint holding the weights, the sample figures and the
-    trial's attempts. Every report carries when this attempt started (``started_at``) and when
-    it reported (``reported_at``): the driver's measure of the slots' busy time.
+    """The Tune trainable: one trial, resumed from Tune's checkpoint when it has one. It reports
+    to Tune only what Tune's scheduler and searcher use (``tune_metrics``), with a checkpoint
+    that holds the curve so far (``CURVE_FILE``) and the trial's attempts; its last checkpoint
+    also holds the record (``RECORD_FILE``), the weights and the sample figures. Every report
+    carries when this attempt started (``started_at``) and when it reported (``reported_at``):
+    the driver's measure of the slots' busy time.
 
     Everything the driver reads travels in reports and checkpoints, never in the trial's
     working folder, which Tune does not sync when it reuses the trial's actor."""
@@ -100,13 +105,22 @@ def tune_trial(tune_config: dict) -> None:
     config = TrialConfig.model_validate(trial_config(tune_config) | {"out_dir": str(trial_dir)})
     checkpoint = tune.get_checkpoint()
     restored = Path(checkpoint.to_directory(str(trial_dir / "restored"))) if checkpoint is not None else None
-    earlier = _attempts(restored) if restored is not None else []
+    earlier = _lines(restored / ATTEMPTS_FILE) if restored is not None else []
+    curve = _lines(restored / CURVE_FILE) if restored is not None else []
 
     def report(metrics: dict, folder: Path | None, how: str) -> None:
         if folder is not None:
-            _write_attempts(folder, earlier + [{"at": stamp["started_at"], "how": how, "node": stamp["node"]}])
+            _write_lines(
+                folder / ATTEMPTS_FILE, earlier + [{"at": stamp["started_at"], "how": how, "node": stamp["node"]}]
+            )
+            _write_lines(folder / CURVE_FILE, curve)
         ckpt = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
-        tune.report(metrics | stamp | {"reported_at": time.time()}, checkpoint=ckpt)
+        reported = tune_metrics(metrics, config.budget_kind) | stamp | {"reported_at": time.time()}
+        tune.report(reported, checkpoint=ckpt)
+
+    def evaluated(point: dict, folder: Path | None, how: str) -> None:
+        curve.append(point)
+        report(point, folder, how)
 
     if restored is not None and (restored / RECORD_FILE).is_file():  # finished before the driver died
         report(json.loads((restored / RECORD_FILE).read_text()), restored, "finished already")
@@ -115,12 +129,13 @@ def tune_trial(tune_config: dict) -> None:
     if tune_config["resources"]["workers"] > 1:
         how = "data-parallel"  # Ray Train restarts and resumes its workers itself
         _data_parallel_trial(config, tune_config, final)
+        curve[:] = _lines(final / CURVE_FILE)  # rank 0 wrote it into each of its checkpoints
     else:
         how = "resumed" if restored else "fresh"
         try:
             record = run_trial(
                 config,
-                lambda metrics, folder: report(metrics, folder, how),
+                lambda point, folder: evaluated(point, folder, how),
                 resume_from=restored / CHECKPOINT_FILE if restored else None,
                 stop=stop_asked(tune.get_context().get_experiment_name()).is_set,
             )
@@ -144,12 +159,11 @@ def tune_trial(tune_config: dict) -> None:
 
 def _data_parallel_trial(config: TrialConfig, tune_config: dict, final: Path) -> None:
     """Run the trial as a Ray Train TorchTrainer inside this Tune trial and copy its final
-    checkpoint (weights and record) to ``final``. Ray Train's reports reach Tune through
-    TuneReportCallback; a failed worker group restarts from the run's latest checkpoint, as does
-    a re-run of the same trial (same run name and storage)."""
+    checkpoint (weights, curve and record) to ``final``. What Tune uses of Ray Train's reports
+    reaches it through ``TuneMetricsCallback``; a failed worker group restarts from the run's
+    latest checkpoint, as does a re-run of the same trial (same run name and storage)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     res = tune_config["resources"]
     per_worker = {"CPU": res["cpu"]} | ({"GPU": res["gpu"]} if res["gpu"] else {})
@@ -167,11 +181,23 @@ def _data_parallel_trial(config: TrialConfig, tune_config: dict, final: Path) ->
             checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest resumes
             # ray.train's RunConfig is Ray Train v2's at runtime (a UserCallback list); mypy follows the
             # v1 import ray.train makes before its is_v2_enabled() branch
-            callbacks=[TuneReportCallback()],  # type: ignore[list-item]
+            callbacks=[TuneMetricsCallback(config.budget_kind)],  # type: ignore[list-item]
         ),
     ).fit()
     assert result.checkpoint is not None, "rank 0 reports the record's checkpoint last"
     result.checkpoint.to_directory(str(final))
+
+
+class TuneMetricsCallback(TuneReportCallback):
+    """Ray Train's reports of a data-parallel trial passed on to Tune as ``tune_metrics`` keeps
+    them; the run's own result and checkpoints keep the whole record and curve."""
+
+    def __init__(self, budget_kind: str):
+        super().__init__()
+        self.budget_kind = budget_kind
+
+    def after_report(self, run_context, metrics, checkpoint):
+        super().after_report(run_context, [tune_metrics(metrics[0], self.budget_kind)], checkpoint)
 
 
 def ddp_worker(train_config: dict) -> None:
@@ -187,12 +213,16 @@ def ddp_worker(train_config: dict) -> None:
     with tempfile.TemporaryDirectory(prefix=f"flowbench-rank{rank}-") as scratch:
         out = Path(scratch)
         config = TrialConfig.model_validate(train_config["trial"] | {"out_dir": scratch})
-        resume = None
+        resume, curve = None, []
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
-            resume = Path(checkpoint.to_directory(str(out / "restored"))) / CHECKPOINT_FILE
+            restored = Path(checkpoint.to_directory(str(out / "restored")))
+            resume, curve = restored / CHECKPOINT_FILE, _lines(restored / CURVE_FILE)
 
         def report(metrics, checkpoint_dir):
+            curve.append(metrics)
+            if checkpoint_dir:  # rank 0's
+                _write_lines(Path(checkpoint_dir) / CURVE_FILE, curve)
             ckpt = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -202,6 +232,7 @@ def ddp_worker(train_config: dict) -> None:
         if rank == 0:  # the run's last checkpoint holds the record: the Tune trial reads it from there
             (out / "checkpoint").mkdir(exist_ok=True)  # a trial that diverged early has no checkpoint
             (out / "checkpoint" / RECORD_FILE).write_text(json.dumps(row))
+            _write_lines(out / "checkpoint" / CURVE_FILE, curve)
             final = ray.train.Checkpoint.from_directory(str(out / "checkpoint"))
         ray.train.report(row, checkpoint=final)
 
@@ -214,14 +245,14 @@ def ray_node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _attempts(folder: Path) -> list[dict]:
-    """Provenance carried in the trial's checkpoints: one line per time its process started."""
-    path = folder / ATTEMPTS_FILE
+def _lines(path: Path) -> list[dict]:
+    """A JSON-lines file carried in the trial's checkpoints (its attempts: one line per time its
+    process started; its curve: one per evaluation); none yet: empty."""
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _write_attempts(folder: Path, attempts: list[dict]) -> None:
-    (folder / ATTEMPTS_FILE).write_text("".join(json.dumps(a) + "\n" for a in attempts))
+def _write_lines(path: Path, lines: list[dict]) -> None:
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def write_figures(checkpoint: Path, folder: Path, seed: int) -> None:

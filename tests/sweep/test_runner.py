@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flowbench.results.tables import read_table
+from flowbench.record import RECORD_COLUMNS
+from flowbench.results.tables import CURVE_METRICS, read_table
 from flowbench.sweep.driver import run_sweep
 from flowbench.sweep.experiment import start_ray, stored_results
 from flowbench.sweep.search import SweepSearch
@@ -278,6 +279,16 @@ def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray):
     assert eff["trials_run"] == 4 and eff["slots"] == 2 and 0 < eff["efficiency"] <= 1
     assert json.loads((out / "sweep.json").read_text())["last_run"] == eff
     assert (out / "figures" / "samples-glow-digits-seed0.png").is_file()
+    # Tune keeps every trial's last result and a summary of each number it reported in the driver's
+    # memory for the whole sweep: it got what its scheduler and searcher use (and the driver's
+    # provenance stamp), while the curves and records above came from the trials' checkpoints
+    experiment = json.loads((out / "sweep.json").read_text())["experiment"]
+    for result in stored_results(str(out / "tune"), experiment):
+        reported = set(result.metrics) | set(result.metrics_dataframe.columns)
+        assert len(result.metrics_dataframe) == 5  # four evaluations and the record
+        # trial_id and hostname: Tune's own, on every result
+        expected = {"val_bpd", "train_flops", "status", "node", "trial_id", "hostname"}
+        assert reported & {*RECORD_COLUMNS, *CURVE_METRICS} == expected
 
     client, parents, children = child_runs(outcome.mlflow_uri, "e2e")
     exp = client.get_experiment_by_name("e2e")
