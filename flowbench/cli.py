@@ -615,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     except FlowbenchError as err:
         print(f"flowbench: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `flowbench … | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except OSError as err:  # a full disk or a closed folder outside atomic_write (MLflow, Ray, folders)
         translated = write_error(err.filename or "the output", err)
         if translated is None:

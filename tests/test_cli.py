@@ -1,6 +1,9 @@
 """The command line: train (and re-run to resume), sample, models, and one-line errors."""
 
 import json
+import shlex
+import subprocess
+import sys
 
 import numpy as np
 from PIL import Image
@@ -121,3 +124,10 @@ def test_sweep_folders_expand_the_home_of_the_machine_the_driver_runs_on(tmp_pat
     args = build_parser().parse_args(["sweep", "smoke", "--results", "~/results", "--storage", "~/tune"])
     assert (args.results, args.storage) == (str(tmp_path / "results"), str(tmp_path / "tune"))
     assert build_parser().parse_args(["sweep", "smoke", "--storage", "s3://bucket/tune"]).storage == "s3://bucket/tune"
+
+
+def test_output_its_reader_stops_reading_ends_quietly(tmp_path):
+    # `flowbench … | head`: the reader is gone before the plan is printed (`true` reads nothing)
+    command = f"{shlex.quote(sys.executable)} -m flowbench.cli sweep sweeps/ablations.yaml --dry-run | true"
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (0, "")
