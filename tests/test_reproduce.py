@@ -31,8 +31,8 @@ from flowbench.trial import TrialConfig
 
 ROOT = Path(__file__).parents[1]
 REFERENCES = sorted(p.parent.name for p in (ROOT / "results").glob("*/trials.parquet"))
-# what must be the same for the same bits when the numerics are native
-MACHINE_KEYS = ("cpu_capability", "math_libraries", "threads", "torch_version")
+# what must be the same for the same bits when the numerics are native (the rerun takes the record's threads)
+MACHINE_KEYS = ("cpu_capability", "math_libraries", "torch_version")
 
 # the trial in a process of its own (numerics are fixed at a process's start): to its first milestone,
 # or whole (argv[3] == "whole") for its record
@@ -102,7 +102,6 @@ def comparison(row: pd.Series) -> str | None:
     here = {
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "math_libraries": math_libraries(),
-        "threads": row.threads,  # the rerun sets the record's
         "torch_version": torch.__version__,
     }
     if row.numerics == "portable":
