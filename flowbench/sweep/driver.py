@@ -40,7 +40,7 @@ from flowbench.sweep.experiment import (
 from flowbench.sweep.records import RecordStore, archive_stale, collect, curve_of, record_of
 from flowbench.sweep.search import INTERRUPTED
 from flowbench.sweep.spec import SweepSpec
-from flowbench.sweep.storage import tune_storage
+from flowbench.sweep.storage import stored_checkpoints, tune_storage
 from flowbench.sweep.tracking import (
     UNIT_TAG,
     MlflowCallback,
@@ -229,14 +229,23 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
         checkpointed = sum(bool((r.metrics or {}).get(INTERRUPTED)) for r in results)
         left = [u for u in todo if store.load(u) is None]
         if resumed and left and not stopping.requested():
-            # Tune syncs its experiment state to storage in the background: a driver killed mid-sync
-            # leaves a state older than the trials' checkpoints (trials missing from it, or pointing
-            # at checkpoints deleted since), so what the restored experiment left unfinished runs
-            # once more, as a new experiment (its trials logged into their MLflow runs, once)
+            # Tune deletes a trial's older checkpoint as it registers a newer one but saves the
+            # experiment's state (which names the checkpoint to resume from) after, in the
+            # background: a driver killed in between leaves a state older than the trials'
+            # checkpoints (trials missing from it, or pointing at checkpoints deleted since), and
+            # Tune fails those trials on restore. What the restored experiment left unfinished runs
+            # once more as a new experiment, each grid trial from the newest whole checkpoint it
+            # left in storage (its evaluations logged into its MLflow run, once)
+            earlier = {c.trial_id: stored_checkpoints(storage, name, c.trial_id) for u in left for c in u.configs}
             name = f"{experiment_name(left)}-{stamp}"
-            log.warning("%d units unfinished after resuming; running them afresh as %s", len(left), name)
+            log.warning(
+                "%d units unfinished after resuming (%s); running them again as %s, from their latest checkpoints",
+                len(left),
+                ", ".join(u.id for u in left),
+                name,
+            )
             _write_meta(out, _read_meta(out) | {"experiment": name})
-            again, _ = run_experiment(spec, storage, name, left, slots, callbacks)
+            again, _ = run_experiment(spec, storage, name, left, slots, callbacks, earlier)
             fresh |= collect(again, {u.id: u for u in left}, store, out / "figures")
             results += again
         efficiency = slot_efficiency(results, started, time.time(), slots)

@@ -172,9 +172,19 @@ class StopInOrder(tune.Callback):
             stop.check("while trials ran, at their last checkpoint saved")
 
 
-def run_experiment(spec: SweepSpec, storage: str, name: str, units: list[Unit], slots: int, callbacks):
+def run_experiment(
+    spec: SweepSpec,
+    storage: str,
+    name: str,
+    units: list[Unit],
+    slots: int,
+    callbacks,
+    earlier: dict[str, list[str]] | None = None,
+):
     """Run (or resume: an experiment of the same name holds the same units at the same hashes)
-    the Tune experiment of ``units``; returns its results and whether it was resumed."""
+    the Tune experiment of ``units``; returns its results and whether it was resumed. A new
+    experiment's grid trials resume from the checkpoints ``earlier`` names (trial id -> paths in
+    storage, newest first), if any."""
     import ray
 
     # a data-parallel trial only drives its Ray Train workers, which ask for the resources
@@ -202,7 +212,7 @@ def run_experiment(spec: SweepSpec, storage: str, name: str, units: list[Unit], 
             trainable,
             param_space=shared,
             tune_config=tune.TuneConfig(
-                search_alg=SweepSearch(spec, units),
+                search_alg=SweepSearch(spec, units, earlier),
                 # two trials a slot out at once: the next trial waits beside each running one (its
                 # actor is then reused), every slot of a cluster is asked for at the start (with a
                 # custom searcher Tune otherwise keeps one trial pending: one node fills first), and

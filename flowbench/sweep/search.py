@@ -49,14 +49,18 @@ def _search_space(search: Search) -> dict:
     return space
 
 
-def tune_config(unit: Unit, phase: str, trial: dict) -> dict:
-    return {"trial": trial, "unit": unit.id, "unit_hash": unit.hash, "phase": phase, "cost": unit.cost}
+def tune_config(unit: Unit, phase: str, trial: dict, earlier: list[str] | None = None) -> dict:
+    """A Tune trial's config; ``earlier``: checkpoints an earlier experiment left of the same trial,
+    newest first, to resume from when Tune has none (``flowbench.sweep.worker``)."""
+    config = {"trial": trial, "unit": unit.id, "unit_hash": unit.hash, "phase": phase, "cost": unit.cost}
+    return config | ({"earlier_checkpoints": earlier} if earlier else {})
 
 
 class SweepSearch(Searcher):
     """Tune's searcher for a whole sweep: hands out every trial of ``units``, longest first.
 
-    Grid trials are ready from the start. A search group's samples come from its own Optuna
+    Grid trials are ready from the start (each with the checkpoints ``earlier`` names for its
+    trial id, if any). A search group's samples come from its own Optuna
     study (seeded by the group's first seed); once all of them have ended, the best sample by
     validation bits/dim (among those that reached the budget, else among all) is run on every
     seed of the group under the plain trial ids. At most two trials per slot are handed out
@@ -64,11 +68,16 @@ class SweepSearch(Searcher):
     and Optuna samples late enough to learn from the samples before.
     """
 
-    def __init__(self, spec: SweepSpec, units: list[Unit]):
+    def __init__(self, spec: SweepSpec, units: list[Unit], earlier: dict[str, list[str]] | None = None):
         from ray.tune.search.optuna import OptunaSearch
 
         super().__init__(metric=METRIC, mode=MODE)
-        self.ready: list[dict] = [tune_config(u, "final", u.configs[0].model_dump()) for u in units if not u.search]
+        earlier = earlier or {}
+        self.ready: list[dict] = [
+            tune_config(u, "final", u.configs[0].model_dump(), earlier.get(u.configs[0].trial_id))
+            for u in units
+            if not u.search
+        ]
         self.groups: dict = {}  # unit id -> its search group's state; looked up with ids that may be None
         for u in units:
             if u.search:

@@ -70,3 +70,18 @@ def read_from_checkpoint(checkpoint, name: str) -> str | None:
         return None
     with checkpoint.filesystem.open_input_stream(src) as stream:
         return stream.read().decode()
+
+
+def stored_checkpoints(storage: str, experiment: str, trial: str) -> list[str]:
+    """The checkpoint folders (Tune's ``checkpoint_NNNNNN``) that a trial of ``experiment`` left in
+    storage, newest first; paths in ``tune_storage(storage)``'s filesystem."""
+    import pyarrow.fs
+
+    filesystem, root = tune_storage(storage)
+    if filesystem is None:
+        filesystem, root = pyarrow.fs.LocalFileSystem(), str(Path(root).resolve())
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(f"{root}/{experiment}/{trial}", allow_not_found=True))
+    return sorted(
+        (f.path for f in found if f.type == pyarrow.fs.FileType.Directory and f.base_name.startswith("checkpoint_")),
+        reverse=True,
+    )

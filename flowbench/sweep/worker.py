@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from flowbench.errors import FlowbenchError
 from flowbench.sweep.search import INTERRUPTED, METRIC, tune_metrics
 from flowbench.sweep.spec import trial_config
 from flowbench.sweep.storage import tune_storage
@@ -104,7 +105,10 @@ def tune_trial(tune_config: dict) -> None:
     trial_dir = Path(tune.get_context().get_trial_dir())
     config = TrialConfig.model_validate(trial_config(tune_config) | {"out_dir": str(trial_dir)})
     checkpoint = tune.get_checkpoint()
-    restored = Path(checkpoint.to_directory(str(trial_dir / "restored"))) if checkpoint is not None else None
+    if checkpoint is not None:
+        restored: Path | None = Path(checkpoint.to_directory(str(trial_dir / "restored")))
+    else:
+        restored = whole_checkpoint(tune_config.get("earlier_checkpoints", []), tune_config["storage"], trial_dir)
     earlier = _lines(restored / ATTEMPTS_FILE) if restored is not None else []
     curve = _lines(restored / CURVE_FILE) if restored is not None else []
 
@@ -155,6 +159,30 @@ def tune_trial(tune_config: dict) -> None:
     if row["status"] == "ok":
         write_figures(weights, final, config.seed)
     report(row, final, how)
+
+
+def whole_checkpoint(paths: list[str], storage: str, trial_dir: Path) -> Path | None:
+    """The newest of ``paths`` (checkpoints of this trial that an earlier experiment left in
+    storage, newest first) that is whole, copied into ``trial_dir``; None if none is. A driver
+    killed while a trial uploaded its checkpoint leaves that one partial: its weights must load
+    and the files every report writes must be there and readable."""
+    from ray import tune
+
+    filesystem = tune_storage(storage)[0]
+    for index, path in enumerate(paths):
+        folder = Path(tune.Checkpoint(path, filesystem=filesystem).to_directory(str(trial_dir / f"earlier-{index}")))
+        try:
+            step = load_checkpoint(folder)["progress"]["step"]
+            curve = [json.loads(line) for line in (folder / CURVE_FILE).read_text().splitlines()]
+            for line in (folder / ATTEMPTS_FILE).read_text().splitlines():
+                json.loads(line)
+            if (folder / RECORD_FILE).is_file():
+                json.loads((folder / RECORD_FILE).read_text())
+        except (OSError, FlowbenchError, ValueError, KeyError):  # a file missing or cut short
+            continue
+        if all(point["step"] <= step for point in curve):
+            return folder
+    return None
 
 
 def _data_parallel_trial(config: TrialConfig, tune_config: dict, final: Path) -> None:
