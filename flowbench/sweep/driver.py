@@ -64,7 +64,7 @@ class SweepOutcome:
     curves: pd.DataFrame
     mlflow_uri: str
     parent_run_id: str
-    efficiency: dict  # efficiency, busy_seconds, slots, wall_seconds, trials_run (efficiency None: nothing ran)
+    efficiency: dict  # efficiency, busy_seconds, slots, wall_seconds, trials_run (efficiency, slots None: nothing ran)
     changed: list[str]  # units re-run because their configuration changed
     archive: Path | None  # where their old records went
     tracked: bool  # whether MLflow holds everything (False: its store failed; the next run logs the rest)
@@ -151,10 +151,12 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
 
     started = time.time()
     store = RecordStore(out)
-    start_ray(address, num_cpus, environment_for(spec.numerics))
-    _stop_if_asked("while Ray was starting", units, store)
-    check_resources(spec, address)
-    slots = cluster_slots(spec)
+    slots = None  # a run with nothing left to train starts no Ray
+    if any(store.load(u) is None for u in units):
+        start_ray(address, num_cpus, environment_for(spec.numerics))
+        _stop_if_asked("while Ray was starting", units, store)
+        check_resources(spec, address)
+        slots = cluster_slots(spec)
     # Tune's trial state and checkpoints; a multi-node cluster needs storage every node reaches
     storage = storage or str(out / "tune")
     tune_storage(storage)  # an unreachable --storage fails here, before anything is tracked
@@ -220,6 +222,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     fresh: dict[str, list[dict]] = {}
     checkpointed = 0  # unfinished trials that checkpointed their current step when the sweep stopped
     if todo:
+        assert slots is not None, "Ray started: units without a record at the start"
         callbacks = [MlflowCallback(uri, spec.name, parent, artifacts, record_of, curve_of), *callbacks]
         results, resumed = run_experiment(spec, storage, name, todo, slots, callbacks)
         lost = _storage_lost(storage, out, [r.error for r in results if r.error is not None])

@@ -109,6 +109,8 @@ def test_a_tracking_server_lost_mid_sweep_costs_one_warning_and_the_next_run_log
         again = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0 and "MLflow" not in again.stderr, again.stderr[-3000:]
         assert "ran      nothing" in again.stdout and "incomplete" not in again.stdout
+        # nothing left to train: no Ray started (the first run's is the one in the log)
+        assert (results / "served" / "sweep.log").read_text().count("Started a local Ray instance") == 1
         client, parents, children = child_runs(uri, "served")
         assert len(parents) == 1 and parents[0].info.status == "FINISHED"
         assert {"report.md", "trials.parquet"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
