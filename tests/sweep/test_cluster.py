@@ -130,10 +130,36 @@ def attempts(storage: Path, trial: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+# a checkpoint of a trial training on the worker node, not its last: the worker node's raylet killed
+KILL_THE_WORKER = """\
+python - "$WORKER_RAYLET" > "$OUT/killed.json" <<'EOF'
+import json, os, signal, sys, time
+from pathlib import Path
+worker = json.loads(Path(os.environ["OUT"], "nodes.json").read_text())["worker"]
+storage = Path(os.environ["OUT"], "results", "lost", "tune")
+deadline = time.time() + 600
+while time.time() < deadline:
+    for path in storage.glob("*/*/checkpoint_*/attempts.jsonl"):
+        try:
+            lines = [json.loads(l) for l in path.read_text().splitlines()]
+        except (OSError, ValueError):  # being written or rotated
+            continue
+        if lines and lines[-1]["node"] == worker and not (path.parent / "record.json").exists():
+            os.kill(int(sys.argv[1]), signal.SIGKILL)
+            print(json.dumps({"trial": path.parent.parent.name, "at": time.time()}))
+            raise SystemExit
+    time.sleep(0.1)
+raise SystemExit("no trial checkpointed on the worker node within 600 s")
+EOF
+"""
+
+
 @pytest.fixture(scope="module")
 def two_node_sweeps(tmp_path_factory):
-    """One cluster, two sweeps: a grid sweep with Tune's storage in S3 (moto) and a search sweep
-    with Tune's storage in a local folder that both nodes see."""
+    """One cluster, three sweeps: a grid sweep with Tune's storage in S3 (moto), a search sweep
+    with Tune's storage in a local folder that both nodes see, and last a grid sweep whose worker
+    node is killed (its raylet, once a trial running there has checkpointed). The GCS declares a
+    node dead after three missed health checks a second apart, not Ray's default of a minute."""
     if UNAVAILABLE:
         pytest.skip(UNAVAILABLE)
     out = tmp_path_factory.mktemp("two-nodes")
@@ -150,6 +176,9 @@ def two_node_sweeps(tmp_path_factory):
           space: {lr: {loguniform: [1.0e-4, 3.0e-3]}}
         """,
     )
+    spec_file(out, "lost", seeds=(0, 1), steps=200, extra="max_failures: 2\n")
+    text = (out / "lost.yaml").read_text().replace("evaluations: 20", "evaluations: 10")
+    (out / "lost.yaml").write_text(text)
     nodes = run_in_cluster(
         out,
         S3
@@ -164,7 +193,12 @@ def two_node_sweeps(tmp_path_factory):
         EOF
         flowbench sweep "$OUT/search.yaml" --address 127.0.0.1:{PORT} --results "$OUT/results" \\
             --storage "$OUT/shared-storage" > "$OUT/search.log" 2>&1
-        """),
+        flowbench sweep "$OUT/lost.yaml" --address 127.0.0.1:{PORT} --results "$OUT/results" > "$OUT/sweep.log" 2>&1 &
+        SWEEP=$!
+        """)
+        + KILL_THE_WORKER
+        + "wait $SWEEP\n",
+        env={"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"},
     )
     return out, nodes
 
@@ -220,51 +254,13 @@ def test_search_sweep_on_two_nodes_with_a_shared_folder(two_node_sweeps):
 
 
 @needs_namespaces
-def test_a_lost_worker_node_costs_no_trial(tmp_path):
-    """Kill the worker node's raylet once a trial running there has checkpointed: the sweep ends
+def test_a_lost_worker_node_costs_no_trial(two_node_sweeps):
+    """The worker node's raylet killed once a trial running there has checkpointed: the sweep ends
     with every trial ok, the lost one resumed on the head from its last checkpoint, nothing
     trained twice and nothing logged twice."""
-    spec_file(
-        tmp_path,
-        "lost",
-        seeds=(0, 1),
-        steps=200,
-        extra="""\
-        max_failures: 2
-        """,
-    )
-    text = (tmp_path / "lost.yaml").read_text().replace("evaluations: 20", "evaluations: 10")
-    (tmp_path / "lost.yaml").write_text(text)
-    nodes = run_in_cluster(
-        tmp_path,
-        f"""\
-        flowbench sweep "$OUT/lost.yaml" --address 127.0.0.1:{PORT} --results "$OUT/results" > "$OUT/sweep.log" 2>&1 &
-        SWEEP=$!
-        python - "$WORKER_RAYLET" > "$OUT/killed.json" <<'EOF'
-        import json, os, signal, sys, time
-        from pathlib import Path
-        worker = json.loads(Path(os.environ["OUT"], "nodes.json").read_text())["worker"]
-        storage = Path(os.environ["OUT"], "results", "lost", "tune")
-        deadline = time.time() + 600
-        while time.time() < deadline:  # a checkpoint of a trial training on the worker node, not its last
-            for path in storage.glob("*/*/checkpoint_*/attempts.jsonl"):
-                try:
-                    lines = [json.loads(l) for l in path.read_text().splitlines()]
-                except (OSError, ValueError):  # being written or rotated
-                    continue
-                if lines and lines[-1]["node"] == worker and not (path.parent / "record.json").exists():
-                    os.kill(int(sys.argv[1]), signal.SIGKILL)  # the worker node's raylet
-                    print(json.dumps({{"trial": path.parent.parent.name, "at": time.time()}}))
-                    raise SystemExit
-            time.sleep(0.1)
-        raise SystemExit("no trial checkpointed on the worker node within 600 s")
-        EOF
-        wait $SWEEP
-        """,
-        env={"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"},
-    )
-    killed = json.loads((tmp_path / "killed.json").read_text())
-    out = tmp_path / "results" / "lost"
+    folder, nodes = two_node_sweeps
+    killed = json.loads((folder / "killed.json").read_text())
+    out = folder / "results" / "lost"
     trials = read_table(out / "trials.parquet", "trials")
     assert len(trials) == 4 and trials.trial_id.is_unique
     assert (trials.status == "ok").all() and (trials.steps == 200).all()
