@@ -151,8 +151,9 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
 
     started = time.time()
     store = RecordStore(out)
+    todo = [u for u in units if store.load(u) is None]
     slots = None  # a run with nothing left to train starts no Ray
-    if any(store.load(u) is None for u in units):
+    if todo:
         start_ray(address, num_cpus, environment_for(spec.numerics))
         _stop_if_asked("while Ray was starting", units, store)
         check_resources(spec, address)
@@ -188,7 +189,6 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     # units whose records are of another configuration: archived, run again
     stale = store.stale(units)
     changed = sorted(p.stem for p in stale if p.stem in by_id)
-    todo = [u for u in units if store.load(u) is None]
     name, previous = experiment_name(todo), meta.get("experiment")
     if todo and previous not in (None, name):
         # another set of units than the earlier (perhaps killed) run's: keep what it finished
@@ -222,7 +222,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     fresh: dict[str, list[dict]] = {}
     checkpointed = 0  # unfinished trials that checkpointed their current step when the sweep stopped
     if todo:
-        assert slots is not None, "Ray started: units without a record at the start"
+        assert slots is not None, "Ray started: todo only shrinks after the start"
         callbacks = [MlflowCallback(uri, spec.name, parent, artifacts, record_of, curve_of), *callbacks]
         results, resumed = run_experiment(spec, storage, name, todo, slots, callbacks)
         lost = _storage_lost(storage, out, [r.error for r in results if r.error is not None])

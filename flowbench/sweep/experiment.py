@@ -148,7 +148,7 @@ def _malloc_trim():
 class ReturnFreedMemory(tune.Callback):
     """glibc's ``malloc_trim(0)`` each time a trial ends: the driver's heap gives back to the system
     the memory Tune and MLflow freed for that trial, which glibc otherwise keeps (a 300-trial sweep's
-    driver grew 0.213 MiB a trial without, 0.113 with: ``benchmarks/bench_load.py``). A no-op where
+    driver grew 0.213 MiB a trial without, 0.124 with: ``benchmarks/bench_load.py --trials 300``). A no-op where
     the C library has no malloc_trim (musl, macOS)."""
 
     def on_trial_complete(self, iteration, trials, trial, **info):
