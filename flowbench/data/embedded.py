@@ -11,10 +11,13 @@ tenth of its patch rows, cut so that no validation patch shares a pixel with a t
 from __future__ import annotations
 
 import functools
+import gzip
+from pathlib import Path
 
 import numpy as np
 
 from flowbench.data.base import Source
+from flowbench.errors import FlowbenchError
 
 TRAIN_IMAGES = ("astronaut", "coffee", "immunohistochemistry", "stereo_motorcycle")
 TEST_IMAGES = ("chelsea",)
@@ -80,13 +83,24 @@ def embedded_source(size: int = 32) -> Source:
 
 
 def digits_source() -> Source:
-    """1×8×8 digits, 0–16 scaled onto 0–255; the last 297 of the 1797 images are the test split."""
-    import sklearn
-    from sklearn.datasets import load_digits
+    """1×8×8 digits, 0–16 scaled onto 0–255; the last 297 of the 1797 images are the test split.
+
+    Read from the file in scikit-learn's wheel as ``sklearn.datasets.load_digits`` reads it, without
+    importing scikit-learn: its import (scipy.stats and more) cost every trial on the digits 1.5 CPU
+    seconds, more than a test's tiny trial trains."""
+    import importlib.metadata
+    import importlib.util
 
     @functools.cache
     def pixels() -> np.ndarray:
-        images = load_digits().images  # float 0..16
+        package = importlib.util.find_spec("sklearn")  # where the package lies, without running it
+        if package is None or not package.submodule_search_locations:
+            raise FlowbenchError("the digits data set needs scikit-learn: pip install scikit-learn")
+        path = Path(package.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+        with gzip.open(path, "rt") as file:
+            images = np.loadtxt(file, delimiter=",")[:, :-1].reshape(
+                -1, 8, 8
+            )  # float 0..16; the last column is the label
         return np.round(images * (255 / 16)).astype(np.uint8)[:, None]
 
     def chunks(split: str):
@@ -100,5 +114,5 @@ def digits_source() -> Source:
         8,
         lambda: {"train": len(pixels()) - DIGITS_TEST, "test": DIGITS_TEST},
         chunks,
-        f"scikit-learn {sklearn.__version__}; last {DIGITS_TEST} test",
+        f"scikit-learn {importlib.metadata.version('scikit-learn')}; last {DIGITS_TEST} test",
     )

@@ -13,7 +13,6 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 GROUP = ["model", "variant", "dataset"]  # one Table 2 row each; variant "" is the card's model
 CONFIDENCE = 0.95
@@ -63,6 +62,8 @@ def mean_interval(values) -> tuple[float, float]:
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return math.nan, math.nan
+    from scipy import stats  # here: every trial's process imports this module (for ALPHA), few use scipy
+
     with warnings.catch_warnings():  # identical values (a deterministic figure) warn of precision loss
         warnings.simplefilter("ignore", RuntimeWarning)
         ci = stats.ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE)
@@ -75,6 +76,8 @@ def paired_test(a, b) -> tuple[float, float, float]:
     none at all."""
     if len(a) < 2:
         return math.nan, math.nan, math.nan
+    from scipy import stats
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         result = stats.ttest_rel(np.asarray(a, dtype=float), np.asarray(b, dtype=float))

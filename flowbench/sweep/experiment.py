@@ -20,9 +20,10 @@ from flowbench import stopping
 from flowbench.errors import FlowbenchError
 from flowbench.sweep.search import METRIC, MODE, SweepScheduler, SweepSearch
 from flowbench.sweep.spec import SweepSpec
+from flowbench.sweep.stop_broadcast import StopBroadcast, stop_broadcast_name
 from flowbench.sweep.storage import tune_storage
 from flowbench.sweep.units import Unit
-from flowbench.sweep.worker import StopBroadcast, stop_broadcast_name, tune_trial
+from flowbench.sweep.worker import tune_trial
 
 log = logging.getLogger(__name__)
 # how long a stopping sweep waits for its running trials to checkpoint their current step
