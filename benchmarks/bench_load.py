@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 
@@ -58,16 +59,20 @@ class PeakSampler(threading.Thread):
         return self.peak
 
 
-def trial_end_sampler():
-    """A Tune callback that reads RssAnon each time a trial ends: (trials ended, kB) pairs."""
+def trial_end_sampler(trials: int):
+    """A Tune callback that reads RssAnon each time a trial ends: (trials ended, kB) pairs; with
+    tracemalloc tracing, it also takes a snapshot of Python's allocations at the middle trial and the last."""
     from ray import tune
 
     class RssPerTrial(tune.Callback):
         def __init__(self):
             self.points: list[tuple[int, int]] = []
+            self.snapshots: dict[int, tracemalloc.Snapshot] = {}
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
+        def on_trial_complete(self, iteration, trials_now, trial, **info):
             self.points.append((len(self.points) + 1, status_kb("RssAnon")))
+            if tracemalloc.is_tracing() and len(self.points) in (trials // 2, trials):
+                self.snapshots[len(self.points)] = tracemalloc.take_snapshot()
 
         on_trial_error = on_trial_complete
 
@@ -107,6 +112,14 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=4, help="training steps per trial")
     p.add_argument("--slots", type=int, default=2, help="CPUs of the local Ray: trials at once")
     p.add_argument("--keep", action="store_true", help="keep the results folder (its path is printed)")
+    p.add_argument(
+        "--tracemalloc",
+        type=int,
+        metavar="FRAMES",
+        default=0,
+        help="trace Python's allocations (FRAMES deep; slower): print where the driver's Python heap grew "
+        "between the middle trial and the last",
+    )
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="fbload-"))
@@ -127,7 +140,9 @@ def main() -> int:
     rss_anon_before = status_kb("RssAnon")
     sampler = PeakSampler("RssAnon")
     sampler.start()
-    per_trial = trial_end_sampler()
+    per_trial = trial_end_sampler(args.trials)
+    if args.tracemalloc:
+        tracemalloc.start(args.tracemalloc)
     started = time.time()
     try:
         run_sweep(spec, work / "results", num_cpus=args.slots, callbacks=(per_trial,))
@@ -181,6 +196,19 @@ def main() -> int:
             f"  driver memory growth: {growth_per_trial(ends):.3f} MiB a trial (RssAnon as trials end, trials "
             f"{half[0]}-{ends[-1][0]}: {half[1] / 1024:.0f} -> {ends[-1][1] / 1024:.0f} MiB)"
         )
+    if len(per_trial.snapshots) == 2:
+        (middle, half), (last, end) = sorted(per_trial.snapshots.items())
+        grown = end.compare_to(half, "traceback")
+        total = sum(d.size_diff for d in grown)
+        print(
+            f"  Python heap growth (tracemalloc), trials {middle}-{last}: "
+            f"{total / (last - middle) / 1024:.1f} KiB a trial; largest:"
+        )
+        for diff in grown[:12]:
+            where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in diff.traceback)
+            print(
+                f"    {diff.size_diff / (last - middle) / 1024:8.2f} KiB a trial  {diff.count_diff:+7d} blocks  {where}"
+            )
     print(
         f"  trials.parquet: {len(trials)} rows, {trials.trial_id.nunique()} unique trial ids, status "
         f"{trials.status.value_counts().to_dict()}: " + ("; ".join(problems) if problems else "all ok, each once")

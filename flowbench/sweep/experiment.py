@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -116,7 +118,10 @@ def cluster_slots(spec: SweepSpec) -> int:
 @contextlib.contextmanager
 def ray_log_to(path: Path):
     """Ray's, Tune's and Optuna's output (start-up box, experiment box, TensorBoard hints, status
-    lines, warnings) goes to ``path`` while the block runs: the terminal is flowbench's."""
+    lines, warnings) goes to ``path`` while the block runs: the terminal is flowbench's. So does
+    what native code writes to file descriptor 2 (Ray's C++ core, Arrow's S3 client: "Error ignored
+    when destroying file …" once a storage stops answering), while Python's ``sys.stderr`` (flowbench's
+    progress and errors) still reaches the terminal."""
     with open(path, "a", buffering=1) as stream, contextlib.redirect_stdout(stream):  # Tune prints its boxes
         handler = logging.StreamHandler(stream)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -127,10 +132,52 @@ def ray_log_to(path: Path):
         for logger in loggers:
             logger.handlers[:], logger.propagate = [handler], False
         try:
-            yield
+            with _native_stderr_to(stream):
+                yield
         finally:
             for logger, (handlers, propagate) in zip(loggers, saved, strict=True):
                 logger.handlers[:], logger.propagate = handlers, propagate
+
+
+@contextlib.contextmanager
+def _native_stderr_to(stream):
+    """File descriptor 2 points at ``stream`` while the block runs. What Python writes to standard error
+    goes on to the terminal: ``sys.stderr`` and the logging handlers that write to it (the CLI's) are
+    given a copy of the terminal's descriptor. Left alone where ``sys.stderr`` is not descriptor 2 (a
+    test's captured stream)."""
+    try:
+        python_writes_to_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        python_writes_to_fd2 = False
+    if not python_writes_to_fd2:
+        yield
+        return
+    python_stderr = sys.stderr
+    handlers = [
+        h
+        for logger in (logging.getLogger(), logging.getLogger("flowbench"))
+        for h in logger.handlers
+        if isinstance(h, logging.StreamHandler) and h.stream is python_stderr
+    ]
+    python_stderr.flush()
+    terminal_fd = os.dup(2)
+    os.dup2(stream.fileno(), 2)
+    terminal = open(terminal_fd, "w", buffering=1, encoding=python_stderr.encoding, errors="backslashreplace")
+    sys.stderr = terminal
+    for handler in handlers:
+        handler.setStream(terminal)
+    try:
+        yield
+    finally:
+        # what failed uploads left behind (Arrow's streams, held by exceptions' frames) is destroyed now,
+        # while its last words still go to the log
+        gc.collect()
+        for handler in handlers:
+            handler.setStream(python_stderr)
+        sys.stderr = python_stderr
+        terminal.flush()
+        os.dup2(terminal_fd, 2)
+        terminal.close()  # and its descriptor, the copy
 
 
 def trial_name(trial) -> str:
