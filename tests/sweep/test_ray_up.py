@@ -96,7 +96,7 @@ EOF
 }
 """
 
-# Four trials on the cluster's four slots (two CPUs a machine), each training for 25 s: longer than a cold
+# Four trials on the cluster's four slots (two CPUs a machine), each training for 10 s: longer than a cold
 # worker machine takes to start its trial actors, so that Tune does not hand the worker's trials to actors
 # freed on the head (it reuses actors) and both machines train.
 SPEC = """\
@@ -104,7 +104,7 @@ name: onprem
 models: [glow, nxn_shift]
 datasets: [digits]
 seeds: [0, 1]
-budget: {seconds: 25}
+budget: {seconds: 10}
 train: {batch_size: 32, evaluations: 1}
 overrides:
   glow: {depth: 2, levels: 2, hidden_channels: 8}
@@ -148,7 +148,10 @@ kill -- -$tunnel
 ray down -y "$CONFIG" > "$OUT/down.log" 2>&1
 seconds down
 flowbench report "$OUT/local/onprem" > "$OUT/report.log" 2>&1  # while the worker's Ray ends itself
-for _ in $(seq 150); do  # the head's Ray stops at once; the worker's once it has lost the head
+# the head's Ray stops at once; the worker's once it has lost the head: its raylet within 10 s
+# (RAY_gcs_rpc_server_reconnect_timeout_s), its two agents a minute later (each first tries to tell the gone
+# head that the raylet died, for a fixed 60 s: ray/_private/utils.py publish_error_to_driver)
+for _ in $(seq 150); do
     [ -z "$(ray_processes)" ] && break
     sleep 1
 done
