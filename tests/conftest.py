@@ -8,6 +8,7 @@ other workers idle while it runs.
 """
 
 import os
+import sys
 
 import pytest
 
@@ -16,6 +17,13 @@ import pytest
 # outnumber the cores, and OpenMP threads that share oversubscribed cores wait on each other at
 # every parallel region: the tests' tiny models took 4-12x longer on two threads (README).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The test command installs with `pip install --no-compile`: pip compiles every module it installs on
+# one core (some 45 of its 70 s), while the suite imports a tenth of them. Its processes compile what
+# they import once and keep it, even where PYTHONDONTWRITEBYTECODE is set (as on this project's
+# machines), which would have each of the suite's hundreds of processes compile its imports again.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 
 def _shares_a_module_fixture(item: pytest.Item) -> bool:

@@ -399,6 +399,24 @@ def flowbench_command(*argv) -> list[str]:
     return [sys.executable, "-m", "flowbench.cli", *argv]
 
 
+def wait_until_gone(marker: dict, timeout: float = 120) -> None:
+    """Wait until no process has ``marker`` (one environment variable) in its environment."""
+    import psutil
+
+    ((name, value),) = marker.items()
+
+    def marked(process: psutil.Process) -> bool:
+        try:
+            return process.environ().get(name) == value
+        except (psutil.Error, OSError):  # gone meanwhile, or not ours to read
+            return False
+
+    deadline = time.time() + timeout
+    while any(marked(p) for p in psutil.process_iter()):
+        assert time.time() < deadline, f"processes with {name}={value} still running after {timeout} s"
+        time.sleep(0.2)
+
+
 def lock_holder(folder: Path, timeout: float = 120) -> dict:
     """The owner record of ``folder``'s lock once one is written."""
     deadline = time.time() + timeout
@@ -514,7 +532,10 @@ def test_a_second_driver_is_refused_and_a_killed_driver_resumes_losing_and_dupli
     tune_dir = results / "killed" / "tune"
     cmd = flowbench_command("sweep", str(spec), "--results", str(results), "--num-cpus", "2")
     first = (tmp_path / "first.out").open("w")
-    driver = subprocess.Popen(cmd, stdout=first, stderr=subprocess.STDOUT, start_new_session=True)
+    marker = {"FLOWBENCH_TEST_KILLED_DRIVER": str(tmp_path)}  # inherited by its Ray's processes, trial actors too
+    driver = subprocess.Popen(
+        cmd, stdout=first, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ | marker
+    )
     try:
         assert lock_holder(results / "killed")["pid"] == driver.pid
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -547,6 +568,8 @@ def test_a_second_driver_is_refused_and_a_killed_driver_resumes_losing_and_dupli
         os.killpg(driver.pid, signal.SIGKILL)
         killed_at = time.time()
         driver.wait()
+    # its Ray's processes end once they notice: a trial actor may still write a checkpoint until then
+    wait_until_gone(marker)
     assert lock_holder(results / "killed")["pid"] == driver.pid  # left behind by the dead driver
     (experiment,) = tune_dir.iterdir()
     names = registered()
