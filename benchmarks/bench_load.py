@@ -59,7 +59,7 @@ class PeakSampler(threading.Thread):
         return self.peak
 
 
-def trial_end_sampler(trials: int):
+def trial_end_sampler(planned: int):
     """A Tune callback that reads RssAnon each time a trial ends: (trials ended, kB) pairs; with
     tracemalloc tracing, it also takes a snapshot of Python's allocations at the middle trial and the last."""
     from ray import tune
@@ -69,9 +69,9 @@ def trial_end_sampler(trials: int):
             self.points: list[tuple[int, int]] = []
             self.snapshots: dict[int, tracemalloc.Snapshot] = {}
 
-        def on_trial_complete(self, iteration, trials_now, trial, **info):
+        def on_trial_complete(self, iteration, trials, trial, **info):
             self.points.append((len(self.points) + 1, status_kb("RssAnon")))
-            if tracemalloc.is_tracing() and len(self.points) in (trials // 2, trials):
+            if tracemalloc.is_tracing() and len(self.points) in (planned // 2, planned):
                 self.snapshots[len(self.points)] = tracemalloc.take_snapshot()
 
         on_trial_error = on_trial_complete

@@ -107,3 +107,13 @@ def test_readme_gives_each_path_and_submits_jobs_through_the_forwarded_dashboard
     assert re.search(r"^sbatch .*cluster-slurm\.sbatch", section, re.M)
     for package in ("openssh-server", "rsync", "slurm-wlm", "munge"):  # what .ci/run installs
         assert f"`{package}`" in section and package in (ROOT / ".ci" / "run").read_text()
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    """.ci/run's last line is the README's test command, character for character: an install step the
+    README lacks fails CI, and a faster command measured in CI is the one users type."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("Install and run the tests:", 1)[1]
+    command = section.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.strip()]
+    assert "\n" not in command and ci_lines[-1] == command
