@@ -559,10 +559,15 @@ def test_a_second_driver_is_refused_and_a_killed_driver_resumes_losing_and_dupli
                 t for t, c in names.items() if c and Path(c.path).is_dir() and not Path(c.path, "record.json").exists()
             }
 
+        def finished_ones(names: dict) -> set:
+            return {t for t, c in names.items() if c is not None and (Path(c.path) / "record.json").is_file()}
+
         deadline = time.time() + 300
-        while time.time() < deadline:  # one trial finished, another one checkpointed
-            if list(tune_dir.glob("*/*/checkpoint_*/record.json")) and unfinished_with_checkpoint(registered()):
-                break
+        while time.time() < deadline:  # one trial finished, another one checkpointed, both as Tune's state says
+            if list(tune_dir.glob("*/*/checkpoint_*/record.json")):  # on disk first: cheap; the state may lag
+                names = registered()
+                if finished_ones(names) and unfinished_with_checkpoint(names):
+                    break
             time.sleep(0.5)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
@@ -573,7 +578,7 @@ def test_a_second_driver_is_refused_and_a_killed_driver_resumes_losing_and_dupli
     assert lock_holder(results / "killed")["pid"] == driver.pid  # left behind by the dead driver
     (experiment,) = tune_dir.iterdir()
     names = registered()
-    finished = {t for t, c in names.items() if c is not None and (Path(c.path) / "record.json").is_file()}
+    finished = finished_ones(names)
     checkpointed = unfinished_with_checkpoint(names)
     assert finished and checkpointed, "no trial finished and another checkpointed before the deadline"
     # Tune's race, made to happen: the checkpoint the state names is gone, a newer one is there (the
