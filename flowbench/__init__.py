@@ -13,7 +13,7 @@ __all__ = ["FlowbenchError", "build_model", "list_models", "__version__"]
 
 def __getattr__(name: str):
     # the registry imports torch: loaded on first use, so that a module of the package that needs no
-    # torch (the sweep's stop broadcast in its Ray actor, the CLI's argument errors) imports without it
+    # torch (the sweep's stop broadcast, in a Ray actor of its own) imports without it
     if name in ("build_model", "list_models"):
         from flowbench.flows import registry
 

@@ -97,10 +97,8 @@ def digits_source() -> Source:
         if package is None or not package.submodule_search_locations:
             raise FlowbenchError("the digits data set needs scikit-learn: pip install scikit-learn")
         path = Path(package.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
-        with gzip.open(path, "rt") as file:
-            images = np.loadtxt(file, delimiter=",")[:, :-1].reshape(
-                -1, 8, 8
-            )  # float 0..16; the last column is the label
+        with gzip.open(path, "rt") as file:  # 64 pixels (float 0..16), then the label
+            images = np.loadtxt(file, delimiter=",")[:, :-1].reshape(-1, 8, 8)
         return np.round(images * (255 / 16)).astype(np.uint8)[:, None]
 
     def chunks(split: str):
