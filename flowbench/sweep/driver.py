@@ -16,6 +16,7 @@ report, which say the sweep is incomplete, and ``Interrupted`` says how many are
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -223,7 +224,8 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     checkpointed = 0  # unfinished trials that checkpointed their current step when the sweep stopped
     if todo:
         assert slots is not None, "Ray started: todo only shrinks after the start"
-        callbacks = [MlflowCallback(uri, spec.name, parent, artifacts, record_of, curve_of), *callbacks]
+        trial_row = functools.partial(record_of, units=by_id)
+        callbacks = [MlflowCallback(uri, spec.name, parent, artifacts, trial_row, curve_of), *callbacks]
         results, resumed = run_experiment(spec, storage, name, todo, slots, callbacks)
         lost = _storage_lost(storage, out, [r.error for r in results if r.error is not None])
         if lost is not None:

@@ -25,7 +25,7 @@ from flowbench.sweep.spec import SweepSpec
 from flowbench.sweep.stop_broadcast import StopBroadcast, stop_broadcast_name
 from flowbench.sweep.storage import tune_storage
 from flowbench.sweep.units import Unit
-from flowbench.sweep.worker import tune_trial
+from flowbench.sweep.worker import TrialContext, tune_trial
 
 log = logging.getLogger(__name__)
 # how long a stopping sweep waits for its running trials to checkpoint their current step
@@ -181,7 +181,7 @@ def _native_stderr_to(stream):
 
 
 def trial_name(trial) -> str:
-    return trial.config["trial"]["trial_id"]
+    return trial.config["trial_id"]
 
 
 @functools.cache
@@ -265,23 +265,23 @@ def run_experiment(
         if spec.resources.workers > 1
         else {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     )
-    trainable = tune.with_resources(tune_trial, own)
     filesystem, root = tune_storage(storage)
+    context = TrialContext(
+        units={u.id: u for u in units},
+        resources=spec.resources.model_dump(),
+        max_failures=spec.max_failures,
+        storage=storage,
+        train_storage=f"{root.rstrip('/')}/{name}-train",
+    )
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, context=context), own)
     path = f"{root.rstrip('/')}/{name}"
     resumed = tune.Tuner.can_restore(path, storage_filesystem=filesystem)
     if resumed:
         log.info("resuming %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=filesystem)
     else:
-        shared = {
-            "resources": spec.resources.model_dump(),
-            "max_failures": spec.max_failures,
-            "storage": storage,
-            "train_storage": f"{root.rstrip('/')}/{name}-train",
-        }
         tuner = tune.Tuner(
             trainable,
-            param_space=shared,
             tune_config=tune.TuneConfig(
                 search_alg=SweepSearch(spec, units, earlier),
                 # two trials a slot out at once: the next trial waits beside each running one (its
@@ -335,9 +335,9 @@ def slot_efficiency(results, started: float, ended: float, slots: int) -> dict:
     worker to its record written, or its last report if stopped or failed) over slots × wall."""
     busy, ran = 0.0, 0
     for result in results:
-        last = result.metrics or {}
-        if last.get("started_at", 0) >= started:
-            busy += last["reported_at"] - last["started_at"]
+        began, reported = (result.metrics or {}).get("busy", (0.0, 0.0))
+        if began >= started:
+            busy += reported - began
             ran += 1
     wall = ended - started
     return {

@@ -14,9 +14,8 @@ from flowbench.record import RECORD_COLUMNS
 from flowbench.results.tables import CURVE_METRICS
 from flowbench.sweep.search import METRIC
 from flowbench.sweep.storage import copy_from_checkpoint, read_from_checkpoint, tune_storage
-from flowbench.sweep.units import Unit
+from flowbench.sweep.units import Unit, trial_of
 from flowbench.sweep.worker import CURVE_FILE, RECORD_FILE
-from flowbench.trial import TrialConfig
 
 FIGURES = ("samples", "reconstructions")
 
@@ -34,9 +33,11 @@ def _evaluations(checkpoint) -> list[dict]:
     return [json.loads(line) for line in (text or "").splitlines()]
 
 
-def record_of(tune_config: dict, last: dict, error: BaseException | None, checkpoint) -> dict | None:
-    """The trials.parquet row of a Tune trial from its config, last result and latest checkpoint;
-    MLflow logs the same. A finished trial's checkpoint holds its record; a failed trial and a
+def record_of(
+    tune_config: dict, last: dict, error: BaseException | None, checkpoint, units: dict[str, Unit]
+) -> dict | None:
+    """The trials.parquet row of a Tune trial from its config (its unit among ``units``), last result
+    and latest checkpoint; MLflow logs the same. A finished trial's checkpoint holds its record; a failed trial and a
     search sample that ASHA stopped get a row too, from the last evaluation their checkpoint holds.
 
     None for a trial that has not finished: never started, or interrupted because the sweep was
@@ -45,7 +46,7 @@ def record_of(tune_config: dict, last: dict, error: BaseException | None, checkp
     ``done`` (a finished trial's record too), and only ASHA stops trials here, search samples only.
     Reading the checkpoint raises OSError when Tune's storage does not answer.
     """
-    config = TrialConfig.model_validate(tune_config["trial"])
+    config = trial_of(tune_config, units[tune_config["unit"]])
     stopped = error is None and bool(last.get("done")) and tune_config["phase"] == "search"
     recorded = read_from_checkpoint(checkpoint, RECORD_FILE) if checkpoint is not None and error is None else None
     if recorded is not None:
@@ -127,7 +128,8 @@ def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path) 
     for result in results:
         config: dict = result.config or {}
         unit = units.get(config.get("unit", ""))  # no unit: not a trial of this sweep
-        if unit is not None and config.get("unit_hash") == unit.hash:
+        # no trial_id: a config of another layout (``TUNE_CONFIG_LAYOUT``), which ``trial_of`` cannot read
+        if unit is not None and config.get("unit_hash") == unit.hash and "trial_id" in config:
             by_unit.setdefault(unit.id, []).append(result)
     found = {}
     for unit_id, unit_results in by_unit.items():
@@ -135,7 +137,7 @@ def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path) 
         ended = [
             (row, r)
             for r in unit_results
-            if (row := record_of(r.config, r.metrics or {}, r.error, r.checkpoint)) is not None
+            if (row := record_of(r.config, r.metrics or {}, r.error, r.checkpoint, units)) is not None
         ]
         trials: list[dict] = [{"row": row, "curve": curve_of(r.checkpoint)} for row, r in ended]
         found[unit_id] = trials

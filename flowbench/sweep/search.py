@@ -17,7 +17,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray.tune.search import Searcher
 
 from flowbench import stopping
-from flowbench.sweep.spec import TIME_ATTR, Search, SweepSpec, trial_config
+from flowbench.sweep.spec import TIME_ATTR, Search, SweepSpec
 from flowbench.sweep.units import Unit, sample_id
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,19 @@ def _search_space(search: Search) -> dict:
     return space
 
 
-def tune_config(unit: Unit, phase: str, trial: dict, earlier: list[str] | None = None) -> dict:
-    """A Tune trial's config; ``earlier``: checkpoints an earlier experiment left of the same trial,
-    newest first, to resume from when Tune has none (``flowbench.sweep.worker``)."""
-    config = {"trial": trial, "unit": unit.id, "unit_hash": unit.hash, "phase": phase, "cost": unit.cost}
-    return config | ({"earlier_checkpoints": earlier} if earlier else {})
+def tune_config(
+    unit: Unit, phase: str, trial_id: str, search: dict | None = None, earlier: list[str] | None = None
+) -> dict:
+    """A Tune trial's config: what names the trial (its id, unit and phase; the values searched), the
+    searcher's and scheduler's keys (``cost``, ``phase``, ``unit``), and ``earlier``: checkpoints an
+    earlier experiment left of the same trial, newest first, to resume from when Tune has none
+    (``flowbench.sweep.worker``). The configuration itself is the unit's: ``trial_of``."""
+    config = {"trial_id": trial_id, "unit": unit.id, "unit_hash": unit.hash, "phase": phase, "cost": unit.cost}
+    return (
+        config
+        | ({"search": search} if search is not None else {})
+        | ({"earlier_checkpoints": earlier} if earlier else {})
+    )
 
 
 class SweepSearch(Searcher):
@@ -74,7 +82,7 @@ class SweepSearch(Searcher):
         super().__init__(metric=METRIC, mode=MODE)
         earlier = earlier or {}
         self.ready: list[dict] = [
-            tune_config(u, "final", u.configs[0].model_dump(), earlier.get(u.configs[0].trial_id))
+            tune_config(u, "final", u.configs[0].trial_id, earlier=earlier.get(u.configs[0].trial_id))
             for u in units
             if not u.search
         ]
@@ -118,10 +126,8 @@ class SweepSearch(Searcher):
         else:
             group = self.groups[key]
             values = group["optuna"].suggest(trial_id)
-            base, unit = group["unit"].configs[0], group["unit"]
-            trial = trial_config({"trial": base.model_dump(), "search": values})
-            trial["trial_id"] = sample_id(base, group["index"], values)
-            config = tune_config(unit, "search", trial)
+            unit = group["unit"]
+            config = tune_config(unit, "search", sample_id(unit.configs[0], group["index"], values), values)
             group["left"] -= 1
             group["index"] += 1
             group["live"][trial_id] = values
@@ -160,9 +166,7 @@ class SweepSearch(Searcher):
             log.warning("%s: no search sample gave a finite %s; its final trials are not run", unit.id, METRIC)
             return
         best = min(pool, key=lambda e: e["value"])
-        for c in unit.configs:
-            trial = trial_config({"trial": c.model_dump(), "search": best["search"]}) | {"trial_id": c.trial_id}
-            self.ready.append(tune_config(unit, "final", trial))
+        self.ready += [tune_config(unit, "final", c.trial_id, best["search"]) for c in unit.configs]
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

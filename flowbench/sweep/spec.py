@@ -388,11 +388,12 @@ def expand(spec: SweepSpec, infos: dict[str, DatasetInfo]) -> list[TrialConfig]:
     return configs
 
 
-def trial_config(tune_config: dict) -> dict:
-    """The TrialConfig dict a Tune trial runs: the fixed part with searched values merged in."""
-    config = dict(tune_config["trial"])
+def trial_config(searched: dict) -> dict:
+    """A TrialConfig dict with searched values merged in: ``searched["trial"]`` the dict planned,
+    ``searched["search"]`` the values (training settings or the model's hyperparameters)."""
+    config = dict(searched["trial"])
     config["hparams"] = dict(config["hparams"])
-    for key, value in tune_config.get("search", {}).items():
+    for key, value in searched.get("search", {}).items():
         if key in TRAIN_KEYS:
             config[key] = value
         else:

@@ -284,7 +284,7 @@ class MlflowCallback(tune.Callback):
     def _run_for(self, trial) -> tuple[str, int] | None:
         if trial.trial_id not in self._runs and self.parent_id is not None:
             config = trial.config
-            key = config["trial"]["trial_id"]
+            key = config["trial_id"]
             found = self.tracker.attempt(
                 f"{key}'s run",
                 self.tracker.trial_run,
@@ -309,7 +309,7 @@ class MlflowCallback(tune.Callback):
         except OSError:
             return
         if points:
-            what = f"{trial.config['trial']['trial_id']}'s evaluation at step {points[-1]['step']}"
+            what = f"{trial.config['trial_id']}'s evaluation at step {points[-1]['step']}"
             self.tracker.attempt(what, self.tracker.log_points, found[0], points)
             self._runs[trial.trial_id] = (found[0], points[-1]["step"])
 

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from flowbench.data import DatasetInfo
-from flowbench.sweep.spec import SweepSpec, check_data, expand, load_sweep_spec
+from flowbench.sweep.spec import SweepSpec, check_data, expand, load_sweep_spec, trial_config
 from flowbench.trial import TrialConfig
 
 
@@ -85,6 +85,19 @@ def plan_units(spec: SweepSpec, configs: list[TrialConfig], infos: dict[str, Dat
     return units
 
 
+def trial_of(tune_config: dict, unit: Unit) -> TrialConfig:
+    """The trial a Tune trial runs. Its Tune config only names it (``flowbench.sweep.search.tune_config``:
+    its id, its unit, the values searched), as Tune keeps every trial's config in the driver for the
+    whole sweep, several times over, and sends it back with every result: the configuration itself
+    is the unit's (a search sample: the unit's first trial) with the searched values merged in."""
+    trial_id = tune_config["trial_id"]
+    base = (
+        unit.configs[0] if tune_config["phase"] == "search" else next(c for c in unit.configs if c.trial_id == trial_id)
+    )
+    trial = trial_config({"trial": base.model_dump(), "search": tune_config.get("search", {})})
+    return TrialConfig.model_validate(trial | {"trial_id": trial_id})
+
+
 def sample_id(base: TrialConfig, index: int, values: dict) -> str:
     """A search sample's trial id: unique (the sample's index in its group) and stable (the same
     sampled values under the same index give the same id on a re-run)."""
@@ -92,6 +105,11 @@ def sample_id(base: TrialConfig, index: int, values: dict) -> str:
     return f"{stem}-search{index}-{digest(values)[:6]}"
 
 
+# the layout of Tune's trial configs: 2 since they name their trial (``trial_of``) instead of holding it.
+# An experiment of another layout (an older flowbench's, killed) is neither resumed nor read back: its trials run anew
+TUNE_CONFIG_LAYOUT = 2
+
+
 def experiment_name(units: list[Unit]) -> str:
     """The Tune experiment of exactly these units at these configurations."""
-    return "trials-" + digest(sorted((u.id, u.hash) for u in units))[:10]
+    return "trials-" + digest([TUNE_CONFIG_LAYOUT, sorted((u.id, u.hash) for u in units)])[:10]

@@ -2,13 +2,14 @@
 
 Ray imports this module in the trial's process (and in Ray Train's worker processes of a
 data-parallel trial), so everything here must be importable on any node from the installed
-package and everything passed in must be serialisable: plain dicts of the trial's config. The
-driver (``flowbench.sweep.driver``) never runs these functions itself; it hands ``tune_trial``
-to Ray Tune.
+package and everything passed in must be serialisable: the trial's Tune config (a plain dict) and
+the sweep's ``TrialContext``. The driver (``flowbench.sweep.driver``) never runs these functions
+itself; it hands ``tune_trial`` to Ray Tune.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -20,9 +21,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from flowbench.errors import FlowbenchError
 from flowbench.sweep.search import INTERRUPTED, METRIC, tune_metrics
-from flowbench.sweep.spec import trial_config
 from flowbench.sweep.stop_broadcast import stop_asked
 from flowbench.sweep.storage import tune_storage
+from flowbench.sweep.units import Unit, trial_of
 from flowbench.trial import (
     CHECKPOINT_FILE,
     SELECTED_FILE,
@@ -38,37 +39,48 @@ ATTEMPTS_FILE = "attempts.jsonl"
 CURVE_FILE = "curve.jsonl"  # the trial's evaluations so far, one line each, in every checkpoint it reports
 
 
-def tune_trial(tune_config: dict) -> None:
+@dataclasses.dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a Tune experiment shares, handed to the trainable once for all of them
+    (``tune.with_parameters``, through Ray's object store) rather than in each trial's config."""
+
+    units: dict[str, Unit]  # the experiment's units by id: each trial's configuration (``trial_of``)
+    resources: dict  # ``ResourcesSpec``: per trial, or per data-parallel worker
+    max_failures: int
+    storage: str  # Tune's storage, as the user gave it
+    train_storage: str  # where a data-parallel trial's Ray Train run keeps its state
+
+
+def tune_trial(tune_config: dict, context: TrialContext) -> None:
     """The Tune trainable: one trial, resumed from Tune's checkpoint when it has one. It reports
     to Tune only what Tune's scheduler and searcher use (``tune_metrics``), with a checkpoint
     that holds the curve so far (``CURVE_FILE``) and the trial's attempts; its last checkpoint
     also holds the record (``RECORD_FILE``), the weights and the sample figures. Every report
-    carries when this attempt started (``started_at``) and when it reported (``reported_at``):
-    the driver's measure of the slots' busy time.
+    carries ``busy``: when this attempt started and when it reported, the driver's measure of the
+    slots' busy time (a pair: Tune keeps running statistics of every number a result holds, for
+    every trial, all sweep long; a list it keeps as it is).
 
     Everything the driver reads travels in reports and checkpoints, never in the trial's
     working folder, which Tune does not sync when it reuses the trial's actor."""
     from ray import tune
 
-    stamp = {"started_at": time.time(), "node": ray_node_id()}
+    started_at, node = time.time(), ray_node_id()
     trial_dir = Path(tune.get_context().get_trial_dir())
-    config = TrialConfig.model_validate(trial_config(tune_config) | {"out_dir": str(trial_dir)})
+    config = trial_of(tune_config, context.units[tune_config["unit"]]).model_copy(update={"out_dir": str(trial_dir)})
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         restored: Path | None = Path(checkpoint.to_directory(str(trial_dir / "restored")))
     else:
-        restored = whole_checkpoint(tune_config.get("earlier_checkpoints", []), tune_config["storage"], trial_dir)
+        restored = whole_checkpoint(tune_config.get("earlier_checkpoints", []), context.storage, trial_dir)
     earlier = _lines(restored / ATTEMPTS_FILE) if restored is not None else []
     curve = _lines(restored / CURVE_FILE) if restored is not None else []
 
     def report(metrics: dict, folder: Path | None, how: str) -> None:
         if folder is not None:
-            _write_lines(
-                folder / ATTEMPTS_FILE, earlier + [{"at": stamp["started_at"], "how": how, "node": stamp["node"]}]
-            )
+            _write_lines(folder / ATTEMPTS_FILE, earlier + [{"at": started_at, "how": how, "node": node}])
             _write_lines(folder / CURVE_FILE, curve)
         ckpt = tune.Checkpoint.from_directory(str(folder)) if folder is not None else None
-        reported = tune_metrics(metrics, config.budget_kind) | stamp | {"reported_at": time.time()}
+        reported = tune_metrics(metrics, config.budget_kind) | {"node": node, "busy": [started_at, time.time()]}
         tune.report(reported, checkpoint=ckpt)
 
     def evaluated(point: dict, folder: Path | None, how: str) -> None:
@@ -79,9 +91,9 @@ def tune_trial(tune_config: dict) -> None:
         report(json.loads((restored / RECORD_FILE).read_text()), restored, "finished already")
         return
     final = trial_dir / "final"
-    if tune_config["resources"]["workers"] > 1:
+    if context.resources["workers"] > 1:
         how = "data-parallel"  # Ray Train restarts and resumes its workers itself
-        _data_parallel_trial(config, tune_config, final)
+        _data_parallel_trial(config, context, final)
         curve[:] = _lines(final / CURVE_FILE)  # rank 0 wrote it into each of its checkpoints
     else:
         how = "resumed" if restored else "fresh"
@@ -134,7 +146,7 @@ def whole_checkpoint(paths: list[str], storage: str, trial_dir: Path) -> Path | 
     return None
 
 
-def _data_parallel_trial(config: TrialConfig, tune_config: dict, final: Path) -> None:
+def _data_parallel_trial(config: TrialConfig, context: TrialContext, final: Path) -> None:
     """Run the trial as a Ray Train TorchTrainer inside this Tune trial and copy its final
     checkpoint (weights, curve and record) to ``final``. What Tune uses of Ray Train's reports
     reaches it through ``TuneMetricsCallback``; a failed worker group restarts from the run's
@@ -142,7 +154,7 @@ def _data_parallel_trial(config: TrialConfig, tune_config: dict, final: Path) ->
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    res = tune_config["resources"]
+    res = context.resources
     per_worker = {"CPU": res["cpu"]} | ({"GPU": res["gpu"]} if res["gpu"] else {})
     result = TorchTrainer(
         ddp_worker,
@@ -152,9 +164,9 @@ def _data_parallel_trial(config: TrialConfig, tune_config: dict, final: Path) ->
         ),
         run_config=RunConfig(
             name=config.trial_id,
-            storage_path=tune_config["train_storage"],
-            storage_filesystem=tune_storage(tune_config["storage"])[0],
-            failure_config=FailureConfig(max_failures=tune_config["max_failures"]),
+            storage_path=context.train_storage,
+            storage_filesystem=tune_storage(context.storage)[0],
+            failure_config=FailureConfig(max_failures=context.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=1),  # the latest resumes
             # ray.train's RunConfig is Ray Train v2's at runtime (a UserCallback list); mypy follows the
             # v1 import ray.train makes before its is_v2_enabled() branch

@@ -3,6 +3,7 @@ sweeps on a local Ray (loopback only) with tiny budgets, end to end (slow)."""
 
 import json
 import logging
+import numbers
 import re
 import textwrap
 from pathlib import Path
@@ -11,14 +12,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from ray.tune.result import AUTO_RESULT_KEYS
 
 from flowbench.record import RECORD_COLUMNS
 from flowbench.results.tables import CURVE_METRICS, read_table
 from flowbench.sweep.driver import run_sweep
 from flowbench.sweep.experiment import start_ray, stored_results
-from flowbench.sweep.search import SweepSearch
+from flowbench.sweep.search import INTERRUPTED, SweepSearch
 from flowbench.sweep.spec import check_data, load_sweep_spec
-from flowbench.sweep.units import Unit, plan, plan_units, sample_id
+from flowbench.sweep.units import Unit, plan, plan_units, sample_id, trial_of
 from flowbench.trial import TrialConfig
 
 TINY = "{depth: 2, levels: 2, hidden_channels: 8}"
@@ -96,7 +98,7 @@ def test_grid_trials_are_handed_out_longest_first(tmp_path):
     spec, units = _units(spec)
     search = SweepSearch(spec, units)
     first, second = search.suggest("a"), search.suggest("b")
-    assert first["trial"]["model"] == "nxn_shift" and second["trial"]["model"] == "glow"  # wider: longer
+    assert first["trial_id"].startswith("nxn_shift") and second["trial_id"].startswith("glow")  # wider: longer
     from ray.tune.search import Searcher
 
     assert search.suggest("c") == Searcher.FINISHED  # a grid sweep has nothing to wait for
@@ -120,17 +122,23 @@ def test_search_samples_then_the_best_on_every_seed(tmp_path):
     search = SweepSearch(spec, units)
     samples = [search.suggest(f"t{i}") for i in range(3)]
     assert [s["phase"] for s in samples] == ["search"] * 3
-    ids = [s["trial"]["trial_id"] for s in samples]
+    # Tune's config names the trial; the trial it runs is the unit's first seed's with the sampled values
+    trials = [trial_of(s, unit) for s in samples]
+    assert [t.seed for t in trials] == [0, 0, 0] and [t.lr for t in trials] == [s["search"]["lr"] for s in samples]
+    ids = [t.trial_id for t in trials]
     assert len(set(ids)) == 3 and all(i.startswith("glow-digits-search") for i in ids)
     assert search.suggest("t3") is None  # finals wait for the search to end
     # the best reached the budget; the lower value of a sample stopped early does not count
     results = [{"val_bpd": 4.0, "status": "ok"}, {"val_bpd": 3.0, "status": "ok"}, {"val_bpd": 2.0, "step": 10}]
     for i, result in enumerate(results):
         search.on_trial_complete(f"t{i}", result)
-    finals = [search.suggest("f0"), search.suggest("f1")]
-    assert sorted(f["trial"]["trial_id"] for f in finals) == ["glow-digits-seed0", "glow-digits-seed1"]
-    assert {f["trial"]["lr"] for f in finals} == {samples[1]["trial"]["lr"]}
-    assert {f["trial"]["seed"] for f in finals} == {0, 1}
+    finals = sorted((trial_of(search.suggest(f"f{i}"), unit) for i in range(2)), key=lambda f: f.trial_id)
+    assert sorted(f.trial_id for f in finals) == ["glow-digits-seed0", "glow-digits-seed1"]
+    assert {f.lr for f in finals} == {trials[1].lr}
+    assert {f.seed for f in finals} == {0, 1}
+    assert [f.model_dump() for f in finals] == [  # the planned trials but for the best sample's values
+        c.model_copy(update={"lr": trials[1].lr}).model_dump() for c in sorted(unit.configs, key=lambda c: c.trial_id)
+    ]
 
 
 def test_a_search_sample_id_is_stable_and_unique():
@@ -397,7 +405,12 @@ def test_search_groups_run_side_by_side_then_the_best_on_every_seed(tmp_path, lo
     spans: dict[str, list[tuple[float, float]]] = {}
     for result in stored_results(str(outcome.results_dir / "tune"), experiment):
         unit, last = result.config["unit"], result.metrics
-        spans.setdefault(unit, []).append((last["started_at"], last["reported_at"]))
+        spans.setdefault(unit, []).append(tuple(last["busy"]))
+        # what Tune keeps of every trial all sweep long: a config that names the trial, and of the
+        # numbers it keeps statistics of, the searcher's and ASHA's only (besides its own)
+        assert set(result.config) <= {"trial_id", "unit", "unit_hash", "phase", "cost", "search"}
+        ours = {k for k, v in last.items() if isinstance(v, numbers.Number) and k not in AUTO_RESULT_KEYS}
+        assert ours <= {"val_bpd", "step", INTERRUPTED, "done", "should_checkpoint"}, ours  # the last two: Tune's
     assert sorted(spans) == ["search-glow-digits", "search-nxn_shift-digits"]
     assert any(
         a0 < b1 and b0 < a1 for a0, a1 in spans["search-glow-digits"] for b0, b1 in spans["search-nxn_shift-digits"]
