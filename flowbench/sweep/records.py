@@ -37,8 +37,9 @@ def record_of(
     tune_config: dict, last: dict, error: BaseException | None, checkpoint, units: dict[str, Unit]
 ) -> dict | None:
     """The trials.parquet row of a Tune trial from its config (its unit among ``units``), last result
-    and latest checkpoint; MLflow logs the same. A finished trial's checkpoint holds its record; a failed trial and a
-    search sample that ASHA stopped get a row too, from the last evaluation their checkpoint holds.
+    and latest checkpoint; MLflow logs the same. A finished trial's checkpoint holds its record; a
+    failed trial and a search sample that ASHA stopped get a row too, from the last evaluation their
+    checkpoint holds.
 
     None for a trial that has not finished: never started, or interrupted because the sweep was
     stopped (Tune's saved state keeps it running, and it resumes from its latest checkpoint).

@@ -12,13 +12,15 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from ray.tune import Result
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from flowbench.record import RECORD_COLUMNS
 from flowbench.results.tables import CURVE_METRICS, read_table
 from flowbench.sweep.driver import run_sweep
 from flowbench.sweep.experiment import start_ray, stored_results
-from flowbench.sweep.search import INTERRUPTED, SweepSearch
+from flowbench.sweep.records import RecordStore, collect
+from flowbench.sweep.search import INTERRUPTED, SweepSearch, tune_config
 from flowbench.sweep.spec import check_data, load_sweep_spec
 from flowbench.sweep.units import Unit, plan, plan_units, sample_id, trial_of
 from flowbench.trial import TrialConfig
@@ -139,6 +141,40 @@ def test_search_samples_then_the_best_on_every_seed(tmp_path):
     assert [f.model_dump() for f in finals] == [  # the planned trials but for the best sample's values
         c.model_copy(update={"lr": trials[1].lr}).model_dump() for c in sorted(unit.configs, key=lambda c: c.trial_id)
     ]
+
+
+def test_a_tune_trials_row_is_built_from_the_unit_its_config_names(tmp_path):
+    """A failed final trial of a search group: its row is the unit's trial with the group's best
+    values (Tune's config names the trial, it does not hold it). A config of the older layout, which
+    held the trial, is not read back: its unit runs again."""
+    spec = spec_file(
+        tmp_path,
+        "s",
+        models=("glow",),
+        seeds=(0, 1),
+        extra="""\
+        search:
+          num_samples: 2
+          space: {lr: {loguniform: [1.0e-4, 3.0e-2]}}
+        """,
+    )
+    _, (unit,) = _units(spec)
+    failed = Result(
+        metrics={"config": tune_config(unit, "final", "glow-digits-seed1", {"lr": 0.004}), "node": "n1"},
+        checkpoint=None,
+        error=RuntimeError("the worker died"),
+        path=str(tmp_path),
+    )
+    older_layout = {"trial": unit.configs[0].model_dump(), "unit": unit.id, "unit_hash": unit.hash, "phase": "final"}
+    older = Result(metrics={"config": older_layout}, checkpoint=None, error=RuntimeError("x"), path=str(tmp_path))
+    store = RecordStore(tmp_path / "out")
+    found = collect([failed, older], {unit.id: unit}, store, tmp_path / "figures")
+    ((trial,),) = found.values()
+    row = trial["row"]
+    assert (row["trial_id"], row["seed"], row["lr"], row["phase"]) == ("glow-digits-seed1", 1, 0.004, "final")
+    assert row["status"] == "failed" and "the worker died" in row["reason"] and row["node"] == "n1"
+    assert row["config_hash"] != unit.configs[1].config_hash()  # the searched lr is part of what ran
+    assert store.load(unit) is None  # a final trial failed: the unit is not finished
 
 
 def test_a_search_sample_id_is_stable_and_unique():
