@@ -106,20 +106,26 @@ def test_grid_trials_are_handed_out_longest_first(tmp_path):
     assert search.suggest("c") == Searcher.FINISHED  # a grid sweep has nothing to wait for
 
 
-def test_search_samples_then_the_best_on_every_seed(tmp_path):
+def _lr_search(tmp_path, num_samples: int):
+    """A search group over the learning rate, glow on the digits, seeds 0 and 1: (spec, its unit)."""
     spec = spec_file(
         tmp_path,
         "s",
         models=("glow",),
         seeds=(0, 1),
-        extra="""\
+        extra=f"""\
         search:
-          num_samples: 3
-          space: {lr: {loguniform: [1.0e-4, 3.0e-2]}}
+          num_samples: {num_samples}
+          space: {{lr: {{loguniform: [1.0e-4, 3.0e-2]}}}}
         """,
     )
-    spec, units = _units(spec)
-    (unit,) = units
+    spec, (unit,) = _units(spec)
+    return spec, unit
+
+
+def test_search_samples_then_the_best_on_every_seed(tmp_path):
+    spec, unit = _lr_search(tmp_path, 3)
+    units = [unit]
     assert unit.search and unit.id == "search-glow-digits" and len(unit.configs) == 2
     search = SweepSearch(spec, units)
     samples = [search.suggest(f"t{i}") for i in range(3)]
@@ -147,18 +153,7 @@ def test_a_tune_trials_row_is_built_from_the_unit_its_config_names(tmp_path):
     """A failed final trial of a search group: its row is the unit's trial with the group's best
     values (Tune's config names the trial, it does not hold it). A config of the older layout, which
     held the trial, is not read back: its unit runs again."""
-    spec = spec_file(
-        tmp_path,
-        "s",
-        models=("glow",),
-        seeds=(0, 1),
-        extra="""\
-        search:
-          num_samples: 2
-          space: {lr: {loguniform: [1.0e-4, 3.0e-2]}}
-        """,
-    )
-    _, (unit,) = _units(spec)
+    _, unit = _lr_search(tmp_path, 2)
     failed = Result(
         metrics={"config": tune_config(unit, "final", "glow-digits-seed1", {"lr": 0.004}), "node": "n1"},
         checkpoint=None,
