@@ -74,7 +74,7 @@ def reference_trial(sweep: str) -> tuple[pd.Series, pd.DataFrame, pd.DataFrame, 
     if spec.search is not None:  # the final trial runs its group's best sample's values, as recorded
         recorded = json.loads(row.recipe) | json.loads(row.hparams) | row.to_dict()
         searched = {k: recorded[k] for k in spec.search.space}
-        config = TrialConfig.model_validate(trial_config({"trial": config.model_dump(), "search": searched}))
+        config = TrialConfig.model_validate(trial_config(config.model_dump(), searched))
     # its peers: the final trials of the same model and variant on the other seeds
     peers = finals[(finals.model == row.model) & (finals.variant == row.variant)].trial_id
     first = curves[curves.trial_id.isin(peers) & (curves.milestone == 1)]

@@ -47,7 +47,6 @@ def record_of(
     ``done`` (a finished trial's record too), and only ASHA stops trials here, search samples only.
     Reading the checkpoint raises OSError when Tune's storage does not answer.
     """
-    config = trial_of(tune_config, units[tune_config["unit"]])
     stopped = error is None and bool(last.get("done")) and tune_config["phase"] == "search"
     recorded = read_from_checkpoint(checkpoint, RECORD_FILE) if checkpoint is not None and error is None else None
     if recorded is not None:
@@ -57,7 +56,7 @@ def record_of(
         return None
     else:
         status, reason = ("failed", error_reason(error)) if error is not None else ("stopped", "stopped early by ASHA")
-        record = config.record(
+        record = trial_of(tune_config, units[tune_config["unit"]]).record(
             status=status,
             reason=reason,
             node=last.get("node", ""),
@@ -74,7 +73,7 @@ def record_of(
             record.val_bpd, record.train_bpd = point[METRIC], point["train_bpd"]
         row = record.row()
     # Tune stamps its own trial_id on every result: ours comes from the config
-    return row | {"trial_id": config.trial_id, "phase": tune_config["phase"]}
+    return row | {"trial_id": tune_config["trial_id"], "phase": tune_config["phase"]}
 
 
 def curve_of(checkpoint) -> list[dict]:

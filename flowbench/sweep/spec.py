@@ -388,12 +388,12 @@ def expand(spec: SweepSpec, infos: dict[str, DatasetInfo]) -> list[TrialConfig]:
     return configs
 
 
-def trial_config(searched: dict) -> dict:
-    """A TrialConfig dict with searched values merged in: ``searched["trial"]`` the dict planned,
-    ``searched["search"]`` the values (training settings or the model's hyperparameters)."""
-    config = dict(searched["trial"])
+def trial_config(trial: dict, search: dict) -> dict:
+    """A TrialConfig dict (``trial``, as planned) with searched values merged in: training settings
+    at the top, the model's hyperparameters under ``hparams``."""
+    config = dict(trial)
     config["hparams"] = dict(config["hparams"])
-    for key, value in searched.get("search", {}).items():
+    for key, value in search.items():
         if key in TRAIN_KEYS:
             config[key] = value
         else:

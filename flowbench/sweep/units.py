@@ -94,7 +94,7 @@ def trial_of(tune_config: dict, unit: Unit) -> TrialConfig:
     base = (
         unit.configs[0] if tune_config["phase"] == "search" else next(c for c in unit.configs if c.trial_id == trial_id)
     )
-    trial = trial_config({"trial": base.model_dump(), "search": tune_config.get("search", {})})
+    trial = trial_config(base.model_dump(), tune_config.get("search", {}))
     return TrialConfig.model_validate(trial | {"trial_id": trial_id})
 
 
