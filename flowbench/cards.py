@@ -1,5 +1,6 @@
 """Model cards (``models/<name>.yaml``): the paper each architecture follows, its
-hyperparameters per data set, and the bits/dim the n×n-convolution paper's Table 2 reports."""
+hyperparameters per data set, the bits/dim the n×n-convolution paper's Table 2 reports and the
+bits/dim the architecture's own paper reports (``published``, with the table it comes from)."""
 
 from __future__ import annotations
 
@@ -69,11 +70,27 @@ class Recipe(pydantic.BaseModel):
         return self.model_dump(include={"optimizer", "lr", "warmup_steps", "batch_size", "grad_clip"})
 
 
+class Published(pydantic.BaseModel):
+    """The bits/dim the architecture's own paper reports on a data set, and where: a table of that
+    paper, or "not reported" (bpd null). A figure from a secondary source says so in ``source``."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
+    bpd: float | None = pydantic.Field(gt=0)
+    source: str = pydantic.Field(min_length=1)
+
+    @pydantic.model_validator(mode="after")
+    def _not_reported_said(self):
+        if self.bpd is None and "not reported" not in self.source:
+            raise ValueError('a null bpd needs source "not reported" (and where it was looked for)')
+        return self
+
+
 class DatasetCard(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
     hparams: dict = {}
     recipe: Recipe | None = None
-    paper_bpd: float | None = pydantic.Field(None, gt=0)
+    paper_bpd: float | None = pydantic.Field(None, gt=0)  # the n×n paper's Table 2
+    published: Published | None = None  # the architecture's own paper
 
 
 class ModelCard(pydantic.BaseModel):
@@ -82,6 +99,10 @@ class ModelCard(pydantic.BaseModel):
     paper: str
     url: str | None = None
     code: str | None = None  # the authors' released code the card follows
+    # how the mixer is inverted: "closed form" (a matrix inverse), "parallel solve" (independent
+    # solves, e.g. per frequency), "wavefront" (parallel within anti-diagonals, sequential across),
+    # "sequential" (pixel by pixel), "series" (a truncated power series); none for a flow without one
+    inverse: Literal["closed form", "parallel solve", "wavefront", "sequential", "series"] | None = None
     datasets: dict[str, DatasetCard]
 
     @pydantic.model_validator(mode="after")
@@ -109,6 +130,10 @@ class ModelCard(pydantic.BaseModel):
     def paper_bpd(self, dataset: str) -> float | None:
         card = self.datasets.get(dataset)
         return card.paper_bpd if card else None
+
+    def published(self, dataset: str) -> Published | None:
+        card = self.datasets.get(dataset)
+        return card.published if card else None
 
 
 def cards_dir() -> Path:

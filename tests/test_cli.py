@@ -8,6 +8,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+import flowbench
 from flowbench.cli import build_parser, main
 from flowbench.results.tables import read_table
 
@@ -74,7 +75,9 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
 def test_models_lists_the_registry_with_parameter_counts(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
-    assert "glow       44.05M" in out and "nxn_shift" in out and "3.35" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if line.strip()}
+    assert rows["glow"][0] == "44.05M" and "3.35" in rows["glow"]
+    assert set(rows) >= set(flowbench.list_models())  # every registered model has its row
 
 
 def test_the_progress_bar_moves_every_step_and_never_shows_a_rate_above_the_steps_own(tmp_path, monkeypatch):
@@ -85,10 +88,10 @@ def test_the_progress_bar_moves_every_step_and_never_shows_a_rate_above_the_step
 
     import tqdm
 
-    import flowbench.trial
+    import flowbench.trial.loop
 
     step_seconds: list[float] = []
-    real_step = flowbench.trial.train_step
+    real_step = flowbench.trial.loop.train_step
 
     def timed_step(*args, **kwargs):
         start = time.perf_counter()
@@ -108,7 +111,7 @@ def test_the_progress_bar_moves_every_step_and_never_shows_a_rate_above_the_step
             frames.append((frame["n"], frame["n"] - frame["initial"], frame["elapsed"], len(step_seconds)))
             return shown
 
-    monkeypatch.setattr(flowbench.trial, "train_step", timed_step)
+    monkeypatch.setattr(flowbench.trial.loop, "train_step", timed_step)
     monkeypatch.setattr(tqdm, "tqdm", Watched)
     argv = ["train", "--model", "glow", "--dataset", "digits", "--budget-steps", "30", "--evaluations", "2"]
     assert main([*argv, "--batch-size", "16", "--out", str(tmp_path / "run"), *TINY]) == 0

@@ -177,7 +177,7 @@ def build_emerging(
 ):
     """Hoogeboom et al. 2019: ActNorm → emerging k×k conv → affine coupling."""
 
-    def mixer(channels):
+    def mixer(channels, size):
         return EmergingConv2d(channels, kernel_size=kernel_size, lu=lu)
 
     return glow_architecture(

@@ -35,7 +35,8 @@ def glow_architecture(
     actnorm: bool = True,
     learned_prior: bool = True,
 ) -> FlowModel:
-    """Glow's multi-scale flow with ``make_mixer(channels)`` as each step's invertible convolution.
+    """Glow's multi-scale flow with ``make_mixer(channels, (height, width))`` as each step's invertible
+    mixer (the size is the level's, after its squeeze: a spatial mixer's parameters depend on it).
 
     ``actnorm=False`` drops the steps' ActNorm layers (the coupling networks keep theirs: they
     are part of the network, not of the flow); ``learned_prior=False`` makes every factored-out
@@ -43,10 +44,12 @@ def glow_architecture(
     """
 
     def steps(level, c):
-        c = 4 * c
+        c, size = 4 * c, (image_shape[1] >> (level + 1), image_shape[2] >> (level + 1))
         flow_steps = [
             FlowStep(
-                *([ActNorm(c)] if actnorm else []), make_mixer(c), AffineCoupling(c, hidden_channels, additive=additive)
+                *([ActNorm(c)] if actnorm else []),
+                make_mixer(c, size),
+                AffineCoupling(c, hidden_channels, additive=additive),
             )
             for _ in range(depth)
         ]
@@ -54,6 +57,11 @@ def glow_architecture(
 
     flow = multiscale_flow(image_shape, levels, levels, steps, learned_prior)
     return FlowModel(image_shape, CenterPreprocess(), flow, n_bits)
+
+
+def channel_mixer(make_mixer):
+    """A mixer that depends on the channel count only, as ``glow_architecture`` calls it."""
+    return lambda channels, size: make_mixer(channels)
 
 
 @register_model(
@@ -71,7 +79,7 @@ def build_glow(
     learned_prior=True,
 ):
     """Glow: ActNorm → invertible 1×1 conv (``lu``: LU-parametrised) → affine coupling."""
-    mixer = partial(make_conv1x1, lu=lu)
+    mixer = channel_mixer(partial(make_conv1x1, lu=lu))
     return glow_architecture(
         image_shape, mixer, depth, levels, hidden_channels, additive, n_bits, actnorm, learned_prior
     )

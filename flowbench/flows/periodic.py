@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowbench.flows.base import Flow, exact_conv2d
-from flowbench.flows.glow import glow_architecture
+from flowbench.flows.glow import channel_mixer, glow_architecture
 from flowbench.flows.registry import register_model
 
 
@@ -69,7 +69,7 @@ def build_periodic(
     learned_prior=True,
 ):
     """Hoogeboom et al. 2019: ActNorm → periodic (Fourier) conv → affine coupling."""
-    mixer = partial(PeriodicConv2d, kernel_size=kernel_size)
+    mixer = channel_mixer(partial(PeriodicConv2d, kernel_size=kernel_size))
     return glow_architecture(
         image_shape, mixer, depth, levels, hidden_channels, additive, n_bits, actnorm, learned_prior
     )

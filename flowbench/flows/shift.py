@@ -17,7 +17,7 @@ from torch import nn
 from flowbench.flows.actnorm import ActNorm
 from flowbench.flows.base import Flow, FlowStep, spatial_size
 from flowbench.flows.conv1x1 import InvConv1x1, InvConv1x1LU, conv1x1, make_conv1x1
-from flowbench.flows.glow import TINY, glow_architecture
+from flowbench.flows.glow import TINY, channel_mixer, glow_architecture
 from flowbench.flows.models import FlowModel
 from flowbench.flows.registry import register_model
 
@@ -90,7 +90,7 @@ def build_nxn_shift(
     learned_prior=True,
 ):
     """Truong et al. 2021: ActNorm → invertible n×n conv (shift function + 1×1) → affine coupling."""
-    mixer = partial(InvertibleNxNConv, lu=lu)
+    mixer = channel_mixer(partial(InvertibleNxNConv, lu=lu))
     return glow_architecture(
         image_shape, mixer, depth, levels, hidden_channels, additive, n_bits, actnorm, learned_prior
     )
