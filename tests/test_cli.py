@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import flowbench
@@ -134,3 +135,13 @@ def test_output_its_reader_stops_reading_ends_quietly(tmp_path):
     command = f"{shlex.quote(sys.executable)} -m flowbench.cli sweep sweeps/ablations.yaml --dry-run | true"
     done = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=300)
     assert (done.returncode, done.stderr) == (0, "")
+
+
+def test_version_names_the_release_the_commit_and_torchs_build(capsys):
+    import torch
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    out = capsys.readouterr().out.strip()
+    assert exit_info.value.code == 0 and out.startswith("flowbench 0.1.0 (commit ")
+    assert f"torch {torch.__version__}" in out and ("CPU only" in out or "CUDA" in out)

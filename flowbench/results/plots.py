@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from flowbench.atomic import atomic_write
+from flowbench.results.table2 import final_trials
+
+PLOTS = "plots"  # the report's folder of figures
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
@@ -32,3 +37,95 @@ def save_png(picture: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     with atomic_write(path) as tmp:
         Image.fromarray(picture).save(tmp, format="PNG")
     return Path(path)
+
+
+def series_label(model: str, variant: str) -> str:
+    return f"{model} ({variant})" if variant else model
+
+
+def report_plots(out: Path, summary: pd.DataFrame, table2: pd.DataFrame) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir = out / PLOTS
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    labels = list(dict.fromkeys(series_label(m, v) for m, v in zip(table2["model"], table2["variant"], strict=True)))
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(labels)}
+    written = []
+
+    def save(fig, name):
+        path = plot_dir / name
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+
+    for dataset in table2["dataset"].unique():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        part = summary[summary["dataset"] == dataset]
+        for (model, variant), c in part.groupby(["model", "variant"], sort=False):
+            c = c.sort_values("train_flops_mean")
+            label = series_label(model, variant)
+            ax.plot(c["train_flops_mean"], c["val_bpd_mean"], color=colours.get(label), label=label, marker=".")
+            ax.fill_between(
+                c["train_flops_mean"], c["val_bpd_ci_low"], c["val_bpd_ci_high"], color=colours.get(label), alpha=0.2
+            )
+        ax.set(
+            xlabel="training FLOPs",
+            ylabel="validation bits/dim",
+            title=f"{dataset}: along the budget (mean, 95% interval over seeds)",
+        )
+        ax.grid(alpha=0.3)
+        if len(part):
+            ax.legend()
+        save(fig, f"curves-{dataset}.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    markers = dict(zip(table2["dataset"].unique(), "osD^vP*", strict=False))
+    for row in table2.itertuples():
+        label = series_label(row.model, row.variant)
+        half = (row.test_bpd_ci_high - row.test_bpd_ci_low) / 2
+        ax.errorbar(
+            row.num_params / 1e6,
+            row.test_bpd_mean,
+            yerr=0 if math.isnan(half) else half,
+            fmt=markers[row.dataset],
+            color=colours[label],
+            capsize=3,
+            label=f"{label} ({row.dataset})",
+        )
+    ax.set(
+        xlabel="effective parameters (millions)", ylabel="test bits/dim (mean ± 95% CI)", title="bits/dim against size"
+    )
+    ax.grid(alpha=0.3)
+    if len(table2):  # an interrupted sweep may have finished nothing yet
+        ax.legend(fontsize=8)
+    save(fig, "bpd-vs-params.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [f"{series_label(r.model, r.variant)}\n{r.dataset}" for r in table2.itertuples()]
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, table2["density_latency_ms"], 0.4, label="log_prob")
+    ax.bar(x + 0.2, table2["sample_latency_ms"], 0.4, label="sample")
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set(ylabel="ms per batch (median over seeds)", title="inference latency")
+    ax.legend()
+    save(fig, "latency.png")
+    return written
+
+
+def sample_figures(out: Path, trials: pd.DataFrame) -> list[tuple[str, Path, Path | None]]:
+    """(caption, samples.png, reconstructions.png) for the lowest-seed ok trial per model, variant and data set."""
+    finals = final_trials(trials)
+    ok = finals[finals["status"] == "ok"].sort_values("seed")
+    figures = []
+    for (model, variant, dataset), group in ok.groupby(["model", "variant", "dataset"], sort=False):
+        trial = group.iloc[0]["trial_id"]
+        samples = out / "figures" / f"samples-{trial}.png"
+        recon = out / "figures" / f"reconstructions-{trial}.png"
+        if samples.is_file():
+            caption = f"{series_label(model, variant)} on {dataset} (seed {group.iloc[0]['seed']})"
+            figures.append((caption, samples, recon if recon.is_file() else None))
+    return figures

@@ -3,18 +3,12 @@ regenerated from the trials and curves tables alone."""
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import html
 import json
 import math
-import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from flowbench.atomic import atomic_write
 from flowbench.results.claims import METRIC_NAMES, PAPER, PAPER_IMAGE_SHAPES, rule_claims, seeds_text
 from flowbench.results.curves import (
     along_budget,
@@ -24,11 +18,12 @@ from flowbench.results.curves import (
     milestone_comparisons,
     milestone_values,
 )
+from flowbench.results.plots import report_plots, sample_figures, series_label
 from flowbench.results.power import DETECT_BPD, TARGET_POWER, seeds_needed
+from flowbench.results.render import Section, html_page, markdown_page, write_text_atomic
 from flowbench.results.table2 import ALPHA, SPENT, final_trials, paired_comparisons, short_of_budget, table2_frame
 from flowbench.results.tables import read_table, write_table
 
-PLOTS = "plots"
 ABLATIONS = "ablations"  # a sibling results folder of that name holds the ablation sweep
 LATENCY_METRICS = ("density_latency_ms", "sample_latency_ms")
 SPLITS = (
@@ -43,15 +38,6 @@ NXN_GLOW = (
     "affine, so S folds into the ActNorm before it (flowbench.flows.shift.fold_shift_into_actnorm); any "
     "difference in bits/dim between them is one of optimisation."
 )
-
-
-@dataclasses.dataclass
-class Section:
-    title: str
-    paragraphs: list[str] = dataclasses.field(default_factory=list)
-    table: pd.DataFrame | None = None
-    bullets: list[str] = dataclasses.field(default_factory=list)
-    plots: list[Path] = dataclasses.field(default_factory=list)  # shown in the section, not under Plots
 
 
 def paper_bpd_from_cards(model: str, dataset: str):
@@ -71,10 +57,6 @@ def _si(value) -> str:
     return "—" if value is None or math.isnan(value) else f"{value:.3g}"
 
 
-def _label(model: str, variant: str) -> str:
-    return f"{model} ({variant})" if variant else model
-
-
 def _bpd_cell(row) -> str:
     if not row.n_seeds:
         return f"— ({row.n_trials} failed)"
@@ -84,7 +66,7 @@ def _bpd_cell(row) -> str:
 
 def paper_shaped(table2: pd.DataFrame) -> pd.DataFrame:
     """Models (and variants) × datasets of test 'mean ± CI', with the paper's figure beside each dataset."""
-    labels = [_label(m, v) for m, v in zip(table2["model"], table2["variant"], strict=True)]
+    labels = [series_label(m, v) for m, v in zip(table2["model"], table2["variant"], strict=True)]
     table2 = table2.assign(label=labels)
     out = pd.DataFrame(index=pd.Index(list(dict.fromkeys(labels)), name="model"))
     for dataset in table2["dataset"].unique():
@@ -97,7 +79,7 @@ def paper_shaped(table2: pd.DataFrame) -> pd.DataFrame:
 def cost_table(table2: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
-            "model": [_label(m, v) for m, v in zip(table2["model"], table2["variant"], strict=True)],
+            "model": [series_label(m, v) for m, v in zip(table2["model"], table2["variant"], strict=True)],
             "dataset": table2["dataset"],
             "val bpd": [_fmt(v, 3) for v in table2["val_bpd_mean"]],
             "test bpd": [_fmt(v, 3) for v in table2["test_bpd_mean"]],
@@ -155,12 +137,12 @@ def _milestone(fraction: float, at: float, kind: str) -> str:
 def along_table(summary: pd.DataFrame, table2: pd.DataFrame) -> pd.DataFrame:
     """The along-the-budget plot's numbers: per data set and milestone, each model's mean validation
     bits/dim [95% interval] over seeds (models in Table 2's order)."""
-    found = {_label(m, v) for m, v in zip(summary["model"], summary["variant"], strict=True)}
-    labels = [x for x in dict.fromkeys(map(_label, table2["model"], table2["variant"])) if x in found]
+    found = {series_label(m, v) for m, v in zip(summary["model"], summary["variant"], strict=True)}
+    labels = [x for x in dict.fromkeys(map(series_label, table2["model"], table2["variant"])) if x in found]
     rows = []
     for (dataset, fraction), group in summary.groupby(["dataset", "fraction"], sort=True):
         cells = {
-            _label(r.model, r.variant): _fmt(r.val_bpd_mean, 3)
+            series_label(r.model, r.variant): _fmt(r.val_bpd_mean, 3)
             + ("" if math.isnan(r.val_bpd_ci_low) else f" [{r.val_bpd_ci_low:.3f}, {r.val_bpd_ci_high:.3f}]")
             for r in group.itertuples()
         }
@@ -235,94 +217,6 @@ def _budget_note(trials: pd.DataFrame) -> list[str]:
         f"Equal budgets: {len(short)} trial(s) did not spend the whole budget and are left out of this table, "
         f"the paired comparisons and the claims: {listed}."
     ]
-
-
-def _plots(out: Path, summary: pd.DataFrame, table2: pd.DataFrame) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plot_dir = out / PLOTS
-    plot_dir.mkdir(parents=True, exist_ok=True)
-    labels = list(dict.fromkeys(_label(m, v) for m, v in zip(table2["model"], table2["variant"], strict=True)))
-    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(labels)}
-    written = []
-
-    def save(fig, name):
-        path = plot_dir / name
-        with atomic_write(path) as tmp:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-
-    for dataset in table2["dataset"].unique():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        part = summary[summary["dataset"] == dataset]
-        for (model, variant), c in part.groupby(["model", "variant"], sort=False):
-            c = c.sort_values("train_flops_mean")
-            label = _label(model, variant)
-            ax.plot(c["train_flops_mean"], c["val_bpd_mean"], color=colours.get(label), label=label, marker=".")
-            ax.fill_between(
-                c["train_flops_mean"], c["val_bpd_ci_low"], c["val_bpd_ci_high"], color=colours.get(label), alpha=0.2
-            )
-        ax.set(
-            xlabel="training FLOPs",
-            ylabel="validation bits/dim",
-            title=f"{dataset}: along the budget (mean, 95% interval over seeds)",
-        )
-        ax.grid(alpha=0.3)
-        if len(part):
-            ax.legend()
-        save(fig, f"curves-{dataset}.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    markers = dict(zip(table2["dataset"].unique(), "osD^vP*", strict=False))
-    for row in table2.itertuples():
-        label = _label(row.model, row.variant)
-        half = (row.test_bpd_ci_high - row.test_bpd_ci_low) / 2
-        ax.errorbar(
-            row.num_params / 1e6,
-            row.test_bpd_mean,
-            yerr=0 if math.isnan(half) else half,
-            fmt=markers[row.dataset],
-            color=colours[label],
-            capsize=3,
-            label=f"{label} ({row.dataset})",
-        )
-    ax.set(
-        xlabel="effective parameters (millions)", ylabel="test bits/dim (mean ± 95% CI)", title="bits/dim against size"
-    )
-    ax.grid(alpha=0.3)
-    if len(table2):  # an interrupted sweep may have finished nothing yet
-        ax.legend(fontsize=8)
-    save(fig, "bpd-vs-params.png")
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    names = [f"{_label(r.model, r.variant)}\n{r.dataset}" for r in table2.itertuples()]
-    x = np.arange(len(names))
-    ax.bar(x - 0.2, table2["density_latency_ms"], 0.4, label="log_prob")
-    ax.bar(x + 0.2, table2["sample_latency_ms"], 0.4, label="sample")
-    ax.set_xticks(x, names, fontsize=8)
-    ax.set(ylabel="ms per batch (median over seeds)", title="inference latency")
-    ax.legend()
-    save(fig, "latency.png")
-    return written
-
-
-def _sample_figures(out: Path, trials: pd.DataFrame) -> list[tuple[str, Path, Path | None]]:
-    """(caption, samples.png, reconstructions.png) for the lowest-seed ok trial per model, variant and data set."""
-    finals = final_trials(trials)
-    ok = finals[finals["status"] == "ok"].sort_values("seed")
-    figures = []
-    for (model, variant, dataset), group in ok.groupby(["model", "variant", "dataset"], sort=False):
-        trial = group.iloc[0]["trial_id"]
-        samples = out / "figures" / f"samples-{trial}.png"
-        recon = out / "figures" / f"reconstructions-{trial}.png"
-        if samples.is_file():
-            caption = f"{_label(model, variant)} on {dataset} (seed {group.iloc[0]['seed']})"
-            figures.append((caption, samples, recon if recon.is_file() else None))
-    return figures
 
 
 def _claims_section(trials: pd.DataFrame, table2: pd.DataFrame, pairs: pd.DataFrame, along: pd.DataFrame) -> Section:
@@ -401,8 +295,8 @@ def build_report(
     values = milestone_values(trials, curves)
     summary, along = curve_summary(values), milestone_comparisons(values)
     paths: dict[str, Path | list[Path]] = {"table2": write_table(table2, out / "table2.parquet", "table2")}
-    plots = _plots(out, summary, table2)
-    figures = _sample_figures(out, trials)
+    plots = report_plots(out, summary, table2)
+    figures = sample_figures(out, trials)
     name = trials["sweep"].iloc[0] if len(trials) else out.name
     finals = final_trials(trials)
     status = ", ".join(f"{n} {s}" for s, n in finals["status"].value_counts().items())
@@ -465,83 +359,10 @@ def build_report(
     ]
     shown = {p for s in sections for p in s.plots}
     rest = [p for p in plots if p not in shown]
-    paths["md"] = _write_atomic(out / "report.md", _markdown(name, intro, sections, rest, figures, out))
-    paths["html"] = _write_atomic(out / "report.html", _html(name, intro, sections, rest, figures))
+    paths["md"] = write_text_atomic(out / "report.md", markdown_page(name, intro, sections, rest, figures, out))
+    paths["html"] = write_text_atomic(out / "report.html", html_page(name, intro, sections, rest, figures))
     paths["plots"] = plots
     return paths
-
-
-def _markdown(name, intro, sections, plots, figures, out: Path) -> str:
-    lines = [f"# flowbench report: {name}", ""]
-    for paragraph in intro:
-        lines += [paragraph, ""]
-    for s in sections:
-        lines += [f"## {s.title}", ""]
-        for paragraph in s.paragraphs:
-            lines += [paragraph, ""]
-        if s.table is not None:
-            lines += [s.table.to_markdown(index=False, disable_numparse=True) if len(s.table) else "(none)", ""]
-        lines += [f"![{p.stem}]({p.relative_to(out)})" for p in s.plots] + ([""] if s.plots else [])
-        if s.bullets:
-            lines += [f"- {b}" for b in s.bullets] + [""]
-    lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out)})" for p in plots] + [""]
-    if figures:
-        lines += ["## Samples (temperature 0.7) and reconstructions (top: data, bottom: decode(encode(x)))", ""]
-        for caption, samples, recon in figures:
-            lines += [f"**{caption}**", "", f"![samples]({samples.relative_to(out)})"]
-            lines += [f"![reconstructions]({recon.relative_to(out)})"] if recon else []
-            lines.append("")
-    return "\n".join(lines)
-
-
-def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _inline(text: str) -> str:
-    """Markdown's **bold** and ../x/report.md links as HTML; everything else escaped."""
-    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
-    return re.sub(r"(\.\./[\w-]+/)report\.md", r'<a href="\1report.html">\1report.html</a>', text)
-
-
-def _html(name, intro, sections, plots, figures) -> str:
-    body = [f"<h1>flowbench report: {html.escape(name)}</h1>"] + [f"<p>{_inline(p)}</p>" for p in intro]
-    for s in sections:
-        body.append(f"<h2>{html.escape(s.title)}</h2>")
-        body += [f"<p>{_inline(p)}</p>" for p in s.paragraphs]
-        if s.table is not None:
-            body.append(s.table.to_html(index=False, border=0, na_rep="—") if len(s.table) else "<p>(none)</p>")
-        if s.plots:
-            body += ['<div class="row">'] + [_img(p, p.stem) for p in s.plots] + ["</div>"]
-        if s.bullets:
-            body.append("<ul>" + "".join(f"<li>{html.escape(b)}</li>" for b in s.bullets) + "</ul>")
-    body += ["<h2>Plots</h2>", '<div class="row">'] + [_img(p, p.stem) for p in plots] + ["</div>"]
-    if figures:
-        body.append("<h2>Samples (temperature 0.7) and reconstructions</h2>")
-        for caption, samples, recon in figures:
-            body += [
-                f"<figure>{_img(samples, 'samples')}"
-                + (_img(recon, "reconstructions") if recon else "")
-                + f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-            ]
-    style = (
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{padding:4px 10px;border-bottom:1px solid #ddd;"
-        "text-align:left;vertical-align:top}th{background:#f3f3f3}img{max-width:100%;margin:4px}"
-        ".row img{width:48%}figure{display:inline-block;margin:8px;vertical-align:top}"
-        "figcaption{font-size:90%;color:#555}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>flowbench: {html.escape(name)}</title>"
-        f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
-    )
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    with atomic_write(path) as tmp:
-        tmp.write_text(text)
-    return path
 
 
 def report_from_dir(results_dir: str | Path) -> dict:

@@ -1,0 +1,7 @@
+"""``python -m flowbench.cli``: the ``flowbench`` command."""
+
+import sys
+
+from flowbench.cli import main
+
+sys.exit(main())
