@@ -6,7 +6,7 @@ code path, oneDNN's JIT kernels) or another thread count. ``environment()`` name
 the record. ``numerics: portable`` pins them: ATen's baseline kernels, MKL's conditional numerical
 reproducibility in its compatible path and oneDNN capped at AVX2, on one thread, so that the same
 trial gives the same bits on any x86-64 CPU with AVX2 (every machine these runs happen on). Measured
-(README, "Reference results and numerics"): an AVX-512 machine and an emulated AVX2 one (qemu's
+(docs/results.md): an AVX-512 machine and an emulated AVX2 one (qemu's
 Haswell) agree to every bit of the weights; capping every library at AVX2 but keeping ATen's AVX2
 kernels does not, and neither does oneDNN turned off. The cost in speed is measured by
 ``benchmarks/bench_numerics.py``.

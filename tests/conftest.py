@@ -15,7 +15,7 @@ import pytest
 # Set before torch starts, and inherited by every process a test starts (CLI runs, spawned ranks;
 # Ray gives its 1-CPU workers one thread anyway): the workers, their subprocesses and Ray's
 # outnumber the cores, and OpenMP threads that share oversubscribed cores wait on each other at
-# every parallel region: the tests' tiny models took 4-12x longer on two threads (README).
+# every parallel region: the tests' tiny models took 4-12x longer on two threads (docs/testing.md).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The test command installs with `pip install --no-compile`: pip compiles every module it installs on

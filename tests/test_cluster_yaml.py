@@ -1,5 +1,5 @@
 """The cluster configs as `ray up` reads them (Ray's defaults filled in, then Ray's own autoscaler schema), the
-SLURM batch script's directives, and the README's cluster section. tests/sweep/test_ray_up.py and
+SLURM batch script's directives, and docs/cluster.md. tests/sweep/test_ray_up.py and
 tests/sweep/test_slurm.py run the on-prem config and the batch script for real."""
 
 import copy
@@ -94,9 +94,8 @@ def test_the_slurm_script_asks_for_sigterm_before_the_time_limit():
     assert directives["ntasks-per-node"] == "1"  # one Ray node per SLURM node
 
 
-def test_readme_gives_each_path_and_submits_jobs_through_the_forwarded_dashboard():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## A Ray cluster", 1)[1].split("\n## ", 1)[0]
+def test_the_cluster_page_gives_each_path_and_submits_jobs_through_the_forwarded_dashboard():
+    section = (ROOT / "docs" / "cluster.md").read_text()
     for config in ("cluster.yaml", "cluster-onprem.yaml"):
         for step in ("ray up", "ray dashboard", "ray rsync-down", "ray down"):
             assert re.search(rf"^{step} (-y )?{config}", section, re.M), (step, config)

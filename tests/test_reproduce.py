@@ -25,8 +25,7 @@ import torch
 
 from flowbench.numerics import PORTABLE_ENV, environment_for, math_libraries
 from flowbench.results.tables import read_table
-from flowbench.sweep.spec import trial_config
-from flowbench.sweep.units import plan
+from flowbench.sweep.plan import plan_sweep, trial_config
 from flowbench.trial import TrialConfig
 
 ROOT = Path(__file__).parents[1]
@@ -69,7 +68,8 @@ def reference_trial(sweep: str) -> tuple[pd.Series, pd.DataFrame, pd.DataFrame, 
     finals = trials[(trials.status == "ok") & (trials.phase == "final")]
     row = finals.sort_values(["train_seconds", "trial_id"]).iloc[0]
     spec_path = ROOT / "sweeps" / f"{sweep}.yaml"
-    spec, configs = plan(spec_path)
+    planned = plan_sweep(spec_path)
+    spec, configs = planned.spec, planned.configs
     config = next(c for c in configs if c.trial_id == row.trial_id)
     if spec.search is not None:  # the final trial runs its group's best sample's values, as recorded
         recorded = json.loads(row.recipe) | json.loads(row.hparams) | row.to_dict()

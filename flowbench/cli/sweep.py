@@ -10,41 +10,6 @@ from pathlib import Path
 from flowbench.errors import FlowbenchError
 
 
-class SweepProgress:
-    """A Tune callback drawing the sweep's live state: done/running/failed and the best bits/dim."""
-
-    def __init__(self):
-        from ray import tune
-
-        class _Callback(tune.Callback):
-            def on_trial_result(cb, iteration, trials, trial, result, **info):
-                self.show(trials)
-
-            def on_trial_complete(cb, iteration, trials, trial, **info):
-                self.show(trials, trial)
-
-            def on_trial_error(cb, iteration, trials, trial, **info):
-                self.show(trials, trial)
-
-        self.callback, self.best = _Callback(), None
-
-    def show(self, trials, finished=None) -> None:
-        counts = {s: sum(t.status == s for t in trials) for s in ("TERMINATED", "RUNNING", "ERROR", "PENDING")}
-        for t in trials:
-            bpd = (t.last_result or {}).get("val_bpd")
-            if isinstance(bpd, float) and bpd == bpd and (self.best is None or bpd < self.best[0]):
-                self.best = (bpd, str(t))
-        best = f"best validation bpd {self.best[0]:.3f} ({self.best[1]})" if self.best else "no evaluation yet"
-        line = (
-            f"[{counts['TERMINATED']} done, {counts['RUNNING']} running, {counts['ERROR']} failed, "
-            f"{counts['PENDING']} pending] {best}"
-        )
-        if finished is not None:
-            status = (finished.last_result or {}).get("status", "failed" if finished.status == "ERROR" else "stopped")
-            line += f"  <- {finished} {status}"
-        print(line, file=sys.stderr, flush=True)
-
-
 def _sweep_spec(text: str) -> Path:
     """A sweep spec file, else the spec of that name shipped in the package (``table2-cpu``, or
     ``sweeps/table2-cpu.yaml`` run from outside the checkout): a wheel carries the examples."""
@@ -73,8 +38,8 @@ def _flops(value: float) -> str:
 
 
 def print_plan(spec_path: Path, measure: bool, mfu: float | None) -> None:
-    """The sweep's trials and what they will cost (``flowbench.sweep.plan``), without running them."""
-    from flowbench.sweep.plan import ACCELERATORS, DEFAULT_MFU, plan_cost
+    """The sweep's trials and what they will cost (``flowbench.sweep.cost``), without running them."""
+    from flowbench.sweep.cost import ACCELERATORS, DEFAULT_MFU, plan_cost
 
     cost = plan_cost(spec_path, measure)
     spec, trials = cost.spec, cost.trials
@@ -137,7 +102,7 @@ def print_plan(spec_path: Path, measure: bool, mfu: float | None) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from flowbench.sweep.units import plan  # no Ray: a dry run validates a spec where Ray is not installed
+    from flowbench.sweep.plan import plan_sweep  # no Ray: a dry run validates a spec where Ray is not installed
 
     args.spec = _sweep_spec(args.spec)
     if not args.dry_run and (args.measure or args.mfu is not None):
@@ -155,11 +120,36 @@ def cmd_sweep(args) -> None:
     if not own:
         del os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"]
 
-    spec, _ = plan(args.spec)
-    progress = SweepProgress()
-    outcome = run_sweep(
-        args.spec, args.results, args.address, args.mlflow_uri, (progress.callback,), args.num_cpus, args.storage
+    from flowbench.cli.progress import (
+        SweepProgress,
+        headline,
+        local_slots,
+        opening_line,
+        planned_trials,
+        recorded_trials,
     )
+
+    planned = plan_sweep(args.spec)
+    spec = planned.spec
+    total, recorded = planned_trials(planned), recorded_trials(planned, Path(args.results).resolve() / spec.name)
+    slots = None if args.address else local_slots(planned, args.num_cpus)
+    print(opening_line(planned, total, recorded, slots), file=sys.stderr, flush=True)
+    progress = SweepProgress(planned, total, len(recorded))
+    try:
+        outcome = run_sweep(
+            args.spec,
+            args.results,
+            args.address,
+            args.mlflow_uri,
+            (progress.callback,),
+            args.num_cpus,
+            args.storage,
+            planned,
+        )
+    finally:
+        progress.close()
+    for line in headline(outcome.trials):
+        print(line)
     counts = outcome.trials["status"].value_counts().to_dict()
     print(f"sweep {spec.name}: {len(outcome.trials)} trials ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     if outcome.changed:
@@ -178,6 +168,10 @@ def cmd_sweep(args) -> None:
         f"  mlflow   {outcome.mlflow_uri} (experiment {spec.name})"
         + ("" if outcome.tracked else ": incomplete, its store failed; run the same command again to log the rest")
     )
+    if outcome.mlflow_uri.startswith(("http://", "https://")):
+        print(f"  browse   {outcome.mlflow_uri}")
+    else:
+        print(f"  browse   mlflow ui --backend-store-uri {outcome.mlflow_uri}  (then http://127.0.0.1:5000)")
 
 
 def cmd_report(args) -> None:

@@ -49,7 +49,7 @@ def cmd_train(args) -> None:
     from flowbench.data import dataset_info
     from flowbench.locks import exclusive_lock
     from flowbench.results.tables import curves_frame, trials_frame, write_table
-    from flowbench.sweep.spec import data_fingerprint
+    from flowbench.sweep.plan import data_fingerprint
     from flowbench.trial import CHECKPOINT_FILE, TrialConfig, TrialInterrupted, load_checkpoint, run_trial
 
     budgets = {k: getattr(args, f"budget_{k}") for k in BUDGET_KINDS}

@@ -1,6 +1,6 @@
 """The sweep driver: it runs in the process that called ``flowbench sweep``, never on a worker.
 
-Top to bottom, a sweep: plan its units (``units``), drop what is recorded at its current
+Top to bottom, a sweep: plan its units (``plan``), drop what is recorded at its current
 configuration and archive what changed (``records``), run the rest as ONE Ray Tune experiment
 (``experiment``, with the searcher and scheduler of ``search``), collect each trial's record and
 curve, write the tables and the report and log them to MLflow. What runs inside a trial lives in
@@ -38,6 +38,7 @@ from flowbench.sweep.experiment import (
     start_ray,
     stored_results,
 )
+from flowbench.sweep.plan import SweepPlan, Unit, experiment_name, plan_sweep
 from flowbench.sweep.records import RecordStore, archive_stale, collect, curve_of, record_of
 from flowbench.sweep.search import INTERRUPTED
 from flowbench.sweep.spec import SweepSpec
@@ -51,9 +52,8 @@ from flowbench.sweep.tracking import (
     failure_reason,
     log_missing,
 )
-from flowbench.sweep.units import Unit, experiment_name, plan, plan_sweep, plan_units
 
-__all__ = ["SweepOutcome", "plan", "run_sweep"]
+__all__ = ["SweepOutcome", "run_sweep"]
 log = logging.getLogger(__name__)
 
 
@@ -90,17 +90,20 @@ def run_sweep(
     callbacks: tuple = (),
     num_cpus: int | None = None,
     storage: str | None = None,
+    planned: SweepPlan | None = None,
 ) -> SweepOutcome:
     """Run (or resume) every trial of the spec; write the tables and the report, log them to MLflow.
+    ``planned``: the spec's plan when the caller has made it already (``plan_sweep``).
 
     ``storage`` is Tune's storage (default ``results/NAME/tune``): on a multi-node cluster give one
     that every node reaches (``s3://bucket/prefix``, an NFS path). The results folder is held
     with an exclusive lock for the whole run: a second driver of the same sweep is refused.
     """
-    spec, configs, infos = plan_sweep(spec_path)
+    planned = planned or plan_sweep(spec_path)
+    spec = planned.spec
     out = Path(results_root).resolve() / spec.name
     with exclusive_lock(out, f"flowbench sweep {spec.name}"), ray_log_to(out / "sweep.log"):
-        units = plan_units(spec, configs, infos)
+        units = planned.units
         try:
             return _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num_cpus, storage)
         except FlowbenchError:

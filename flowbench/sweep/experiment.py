@@ -20,11 +20,11 @@ from ray import tune
 
 from flowbench import stopping
 from flowbench.errors import FlowbenchError
+from flowbench.sweep.plan import Unit
 from flowbench.sweep.search import METRIC, MODE, SweepScheduler, SweepSearch
 from flowbench.sweep.spec import SweepSpec
 from flowbench.sweep.stop_broadcast import StopBroadcast, stop_broadcast_name
 from flowbench.sweep.storage import tune_storage
-from flowbench.sweep.units import Unit
 from flowbench.sweep.worker import TrialContext, tune_trial
 
 log = logging.getLogger(__name__)

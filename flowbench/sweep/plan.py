@@ -1,225 +1,270 @@
-"""What a sweep will cost, before it runs: per trial and in total, its FLOPs and its time.
+"""The plan: a sweep spec expanded into what the sweep runs, and the identity of each piece. The one
+place a spec becomes trials: ``plan_sweep`` (the driver and the CLI call it once).
 
-Every figure comes from the trial's own configuration, without its data (shapes, not images:
-``check_data`` falls back on a data set's published shape and sizes where its files are not here):
-
-- FLOPs per image: PyTorch's FlopCounterMode on one training step (forward and backward) of the
-  trial's model at its batch (per data-parallel worker) on the meta device: the model is built as the
-  trial builds it, then moved to ``meta``, so no arithmetic runs and the count is the one the trial
-  records (``flowbench.trial.measure_training_flops``); its forward alone is an evaluation's;
-- steps and images: the trial's own batch plan walked to its budget (``batch_plan``,
-  ``Milestones``), so the FLOPs budget's last step, an epoch's short last batch and the evaluations
-  one step passes together count as in the trial; a seconds budget has no FLOPs before it runs;
-- evaluation FLOPs: each evaluation's validation images and, at the end, the whole validation and
-  test splits on the selected weights, times the forward FLOPs per image (latency runs not counted);
-- time on an accelerator: the FLOPs over its datasheet's dense peak at the trial's precision
-  (TF32 for float32 couplings, whose convolutions cuDNN runs in TF32; bfloat16 for bfloat16 ones)
-  times a fraction of it (``DEFAULT_MFU`` unless given: an assumption, not a measurement);
-- time on this machine (``measure=True``): a few real training steps and an evaluation batch of
-  each distinct model, timed here on random images of the data set's shape.
+A sweep is planned in *units*: a grid trial, or a search group (Optuna samples of one model, data
+set and variant, then the best sample on every seed). A unit's identity is the hash of its fully
+expanded configuration (``TrialConfig.config_hash``): a re-run runs exactly the units without a
+record of their current hash. Planning needs shapes, never images (``check_data``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import hashlib
+import itertools
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 
-from flowbench.data import DatasetInfo
-from flowbench.sweep.spec import SweepSpec, check_data, expand, load_sweep_spec, one_thread
-from flowbench.trial import (
-    Milestones,
-    Progress,
-    TrialConfig,
-    batch_plan,
-    prepare_training,
-    resolve_device,
-    train_step,
-)
-
-MEASURE_STEPS = 3  # timed training steps per model with measure=True, after one untimed
-DEFAULT_MFU = 0.3  # the fraction of the dense peak assumed when none is given
-
-
-@dataclasses.dataclass(frozen=True)
-class Accelerator:
-    name: str
-    tf32: float  # dense TFLOP/s (float32 matmuls and convolutions on TF32 tensor cores)
-    bf16: float  # dense TFLOP/s
-    source: str
-
-
-# Datasheet peaks without sparsity. NVIDIA's H100 and H200 pages give them with 2:4 sparsity
-# (TF32 989, BF16 1,979 TFLOPS, footnoted "with sparsity"): halved here. The A100 datasheet lists
-# dense and sparse side by side (TF32 156 | 312, BF16 312 | 624).
-ACCELERATORS = (
-    Accelerator("H100 SXM", 494.5, 989.5, "https://www.nvidia.com/en-us/data-center/h100/"),
-    Accelerator("H200 SXM", 494.5, 989.5, "https://www.nvidia.com/en-us/data-center/h200/"),
-    Accelerator(
-        "A100 80GB SXM",
-        156.0,
-        312.0,
-        "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
-        "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf",
-    ),
-)
+import flowbench
+from flowbench.cards import load_card, training_settings
+from flowbench.data import NEEDS_ROOT, DatasetInfo, dataset_info, published_info
+from flowbench.data.remote import is_remote
+from flowbench.errors import FlowbenchError
+from flowbench.flows.registry import model_entry
+from flowbench.sweep.spec import TRAIN_KEYS, SweepSpec, load_sweep_spec, variant_text
+from flowbench.trial import TrialConfig
 
 
 @dataclasses.dataclass
-class TrialCost:
-    config: TrialConfig
-    flops_per_image: float  # training, forward and backward, at the trial's batch (per worker)
-    forward_flops_per_image: float  # evaluation
-    steps: float  # NaN for a seconds budget (unless measured here)
-    images: float
-    evaluations: int  # along the budget (one step may pass several milestones: fewer)
-    eval_images: int  # validation images each
-    validation: int  # images of the whole validation split (the selected weights' final evaluation)
-    test: int
-    seconds_here: float = math.nan  # measured on this machine: training and evaluation
-    step_seconds_here: float = math.nan
+class SweepPlan:
+    """A valid spec, its data sets' shapes and sizes, its trials and the units they run in."""
 
-    @property
-    def train_flops(self) -> float:
-        return self.images * self.flops_per_image
-
-    @property
-    def eval_flops(self) -> float:
-        images = self.evaluations * self.eval_images + self.validation + self.test
-        return images * self.forward_flops_per_image
-
-    @property
-    def flops(self) -> float:
-        return self.train_flops + self.eval_flops
-
-    def seconds_on(self, accelerator: Accelerator, mfu: float) -> float:
-        """On one ``accelerator`` at ``mfu`` of its peak (data-parallel workers share the work: the
-        same GPU-seconds)."""
-        peak = accelerator.bf16 if self.config.coupling_precision == "bfloat16" else accelerator.tf32
-        return self.flops / (peak * 1e12 * mfu)
-
-
-@dataclasses.dataclass
-class SweepCost:
     spec: SweepSpec
-    trials: list[TrialCost]
-    absent: dict[str, str]  # data sets planned from their published shape: why their files were not used
     infos: dict[str, DatasetInfo]
+    configs: list[TrialConfig]
 
-    def total(self, field: str) -> float:
-        return float(sum(getattr(t, field) for t in self.trials))
-
-    def gpu_hours(self, accelerator: Accelerator, mfu: float) -> float:
-        return sum(t.seconds_on(accelerator, mfu) for t in self.trials) / 3600
-
-
-def _build(config: TrialConfig, info: DatasetInfo):
-    import flowbench
-    from flowbench.flows.actnorm import ActNorm
-
-    hparams = {"n_bits": info.n_bits} | config.hparams
-    with one_thread():
-        model = flowbench.build_model(config.model, info.image_shape, **hparams)
-    model.set_gradient_checkpointing(config.memory_saving)
-    model.set_coupling_precision(torch.bfloat16 if config.coupling_precision == "bfloat16" else None)
-    for layer in model.modules():  # as after the trial's data-dependent initialisation
-        if isinstance(layer, ActNorm):
-            layer.mark_initialized()
-    return model
+    @functools.cached_property
+    def units(self) -> list[Unit]:
+        return plan_units(self.spec, self.configs, self.infos)
 
 
-def count_flops(config: TrialConfig, info: DatasetInfo, workers: int = 1) -> tuple[float, float]:
-    """(training FLOPs per image, forward FLOPs per image) of ``config``'s model, counted by
-    FlopCounterMode on the meta device in a training step on the batch one data-parallel worker of
-    ``workers`` holds: the forward and backward together are what the trial measures, the forward
-    alone what an evaluation costs (at the training batch: the few batch-independent FLOPs, such as
-    building a 1×1 convolution's weight from its LU factors, are spread over it instead of 256)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = _build(config, info).to("meta").train()
-    batch = math.ceil(config.batch_size / workers)
-    x, logdet = model.preprocess_pixels(torch.zeros(batch, *info.image_shape, dtype=torch.uint8, device="meta"))
-    with FlopCounterMode(display=False) as forward:
-        bpd = model.bits_per_dim_of(model(x), logdet).mean()
-    with FlopCounterMode(display=False) as backward:
-        bpd.backward()
-    return (forward.get_total_flops() + backward.get_total_flops()) / batch, forward.get_total_flops() / batch
-
-
-def walk_budget(config: TrialConfig, n_train: int, flops_per_image: float) -> tuple[int, int, int]:
-    """(steps, images, evaluations) of the trial to its budget, walked as the trial walks it (not a
-    seconds budget: that one ends when the clock says)."""
-    progress = Progress(flops_per_image=flops_per_image)
-    along = Milestones(config.budget, config.evaluations)
-    evaluations = 0
-    for indices, epoch, position in batch_plan(config, n_train, dataclasses.replace(progress)):
-        progress.step += 1
-        progress.images_seen += len(indices)
-        progress.epoch, progress.position = epoch, position
-        evaluations += along.due(progress.spent(config.budget_kind, n_train))
-    return progress.step, progress.images_seen, evaluations
-
-
-def measure_here(config: TrialConfig, info: DatasetInfo) -> tuple[float, float]:
-    """(seconds per training step, seconds per evaluated image) of ``config``'s model on this
-    machine, timed on random images of the data set's shape: ``MEASURE_STEPS`` steps after one."""
-    device = resolve_device(config.device)
-    model = _build(config, info)
-    optimizer = prepare_training(model, device, config.lr, config.optimizer)
-    gen = torch.Generator(device).manual_seed(0)
-    pixels = torch.randint(0, 2**info.n_bits, (config.batch_size, *info.image_shape), dtype=torch.uint8)
-    pixels = pixels.to(device)
-
-    def timed(run) -> float:
-        run()  # once untimed: allocations, kernel choices
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(MEASURE_STEPS):
-            run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) / MEASURE_STEPS
-
-    step = timed(lambda: train_step(model, optimizer, pixels, gen, config.grad_clip).item())
-    model.eval()
-    with torch.no_grad():
-        forward = timed(lambda: model.bits_per_dim(pixels, gen).sum().item())
-    return step, forward / len(pixels)
-
-
-def plan_cost(spec_path: str | Path, measure: bool = False) -> SweepCost:
-    """The sweep's trials and what each will cost; data sets need not be present."""
+def plan_sweep(spec_path: str | Path) -> SweepPlan:
+    """Validate everything a sweep needs (spec, models, data) and expand its trials."""
     spec = load_sweep_spec(spec_path)
-    absent: dict[str, str] = {}
-    infos = check_data(spec, spec_path, absent)
-    configs = expand(spec, infos)
-    counted: dict[str, tuple] = {}  # seeds of one model share its counts (and its timing)
-    trials = []
-    for config in configs:
-        info = infos[config.dataset]
-        key = json.dumps(config.model_dump(exclude={"seed", "trial_id", *config.NOT_IDENTITY}), sort_keys=True)
-        if key not in counted:
-            flops = count_flops(config, info, spec.resources.workers)
-            walked = walk_budget(config, info.sizes["train"], flops[0]) if config.budget_kind != "seconds" else None
-            counted[key] = (flops, walked, measure_here(config, info) if measure else (math.nan, math.nan))
-        (per_image, forward), walked, (step_s, image_s) = counted[key]
-        validation = info.sizes["validation"]
-        eval_images = min(config.eval_images or validation, validation)
-        if walked is None:  # a seconds budget: its steps are what the clock allows
-            steps = config.budget / step_s
-            walked = (steps, steps * config.batch_size, config.evaluations)
-        steps, images, evaluations = walked
-        cost = TrialCost(
-            config, per_image, forward, steps, images, evaluations, eval_images, validation, info.sizes["test"]
-        )
-        if measure:
-            evaluated = evaluations * eval_images + validation + info.sizes["test"]
-            cost.step_seconds_here = step_s
-            cost.seconds_here = steps * step_s + evaluated * image_s
-        trials.append(cost)
-    return SweepCost(spec, trials, absent, infos)
+    infos = check_data(spec, spec_path)
+    return SweepPlan(spec, infos, expand(spec, infos))
+
+
+# --------------------------------------------------------------------------- trials: the spec expanded
+@contextlib.contextmanager
+def one_thread():
+    """Build models on one thread: their orthogonal initialisations (many small QRs) crawl when
+    threads contend on a busy machine, and nothing built for planning is large enough to share."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def match_width(model: str, image_shape, hparams: dict, target: int) -> dict:
+    """hparams with ``hidden_channels`` chosen so the model has about ``target`` parameters.
+
+    Parameter count grows monotonically with width: bisection over integer widths.
+    """
+    if "hidden_channels" not in model_entry(model).hparams():
+        raise FlowbenchError(f"match_params: model {model!r} has no hidden_channels to scale")
+
+    def count(width):
+        return flowbench.build_model(model, image_shape, **(hparams | {"hidden_channels": width})).num_parameters()
+
+    low, high = 1, 8
+    while count(high) < target:
+        low, high = high, high * 2
+        if high > 1 << 14:
+            raise FlowbenchError(f"match_params: {model} cannot reach {target:,} parameters by width alone")
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if count(mid) < target else (low, mid)
+    best = min((low, high), key=lambda w: abs(count(w) - target))
+    return hparams | {"hidden_channels": best}
+
+
+def check_data(spec: SweepSpec, spec_path: str | Path, absent: dict[str, str] | None = None) -> dict[str, DatasetInfo]:
+    """Each data set's shape and split sizes, read without loading pixels (the driver's check
+    that every one is there). With ``absent`` (planning, where the files need not be), a data set
+    whose files are not found is described by its published shape and sizes (``published_info``),
+    and why in ``absent[name]``."""
+    infos = {}
+    for dataset in spec.datasets:
+        root = spec.data_roots.get(dataset)
+        published = published_info(dataset) if absent is not None else None
+        if dataset in NEEDS_ROOT and root is None:
+            if published is not None and absent is not None:
+                infos[dataset], absent[dataset] = published, f"no data_roots.{dataset} given"
+                continue
+            raise FlowbenchError(f"{spec_path}: datasets: {dataset} needs data_roots.{dataset} (a local folder)")
+        if root is not None and not is_remote(root) and not Path(root).is_absolute():
+            root = str((Path(spec_path).parent / root).resolve())
+            spec.data_roots[dataset] = root
+        try:
+            infos[dataset] = dataset_info(dataset, root)
+        except FlowbenchError as err:
+            if published is None or absent is None:
+                raise FlowbenchError(f"{spec_path}: datasets: {err}") from None
+            infos[dataset], absent[dataset] = published, str(err)
+    return infos
+
+
+def data_fingerprint(info: DatasetInfo) -> str:
+    """What of a data set is part of a trial's identity: its shape, bit depth and split sizes."""
+    return json.dumps(
+        {"image_shape": list(info.image_shape), "n_bits": info.n_bits, "sizes": info.sizes}, sort_keys=True
+    )
+
+
+def grid_settings(spec: SweepSpec, model: str) -> list[dict]:
+    """The product of the spec's grid over the hyperparameters ``model`` has ([{}]: no grid)."""
+    keys = sorted(k for k in spec.grid if k in model_entry(model).hparams())
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(spec.grid[k] for k in keys))]
+
+
+def expand(spec: SweepSpec, infos: dict[str, DatasetInfo]) -> list[TrialConfig]:
+    """One TrialConfig per (model, dataset, grid variant, seed): card hparams, then overrides, then
+    the variant's values, then match_params. A variant is named by its settings, sorted by key
+    ("actnorm=false,learned_prior=true"); its trial id is MODEL-DATASET-VARIANT-seedN."""
+    configs = []
+    for dataset in spec.datasets:
+        for model in spec.models:
+            override = spec.overrides.get(model, {})
+            # the card's recipe, then what the spec's train: sets explicitly, then per-model overrides
+            explicit = spec.train.model_dump(exclude_unset=True) | {
+                k: v for k, v in override.items() if k in TRAIN_KEYS
+            }
+            recipe, source = training_settings(model, dataset, explicit)
+            train = spec.train.model_dump() | recipe
+            card = load_card(model).hparams_for(dataset) | {k: v for k, v in override.items() if k not in TRAIN_KEYS}
+            for setting in grid_settings(spec, model):
+                variant = ",".join(f"{k}={variant_text(v)}" for k, v in setting.items())
+                hparams = card | setting
+                with one_thread():
+                    if spec.match_params:
+                        hparams = match_width(model, infos[dataset].image_shape, hparams, spec.match_params)
+                    else:  # build once: a model that cannot exist for this data fails here, not in a trial
+                        flowbench.build_model(model, infos[dataset].image_shape, **hparams)
+                stem = "-".join(part for part in (model, dataset, variant) if part)
+                for seed in spec.seeds:
+                    configs.append(
+                        TrialConfig(
+                            model=model,
+                            dataset=dataset,
+                            hparams=hparams,
+                            variant=variant,
+                            seed=seed,
+                            data_fingerprint=data_fingerprint(infos[dataset]),
+                            budget_kind=spec.budget.kind,
+                            budget=spec.budget.amount,
+                            **train,
+                            recipe_source=source,
+                            latency_batch_size=spec.latency.batch_size,
+                            latency_repeats=spec.latency.repeats,
+                            numerics=spec.numerics,
+                            data_root=spec.data_roots.get(dataset),
+                            sweep=spec.name,
+                            trial_id=f"{stem}-seed{seed}",
+                        )
+                    )
+    return configs
+
+
+def trial_config(trial: dict, search: dict) -> dict:
+    """A TrialConfig dict (``trial``, as planned) with searched values merged in: training settings
+    at the top, the model's hyperparameters under ``hparams``."""
+    config = dict(trial)
+    config["hparams"] = dict(config["hparams"])
+    for key, value in search.items():
+        if key in TRAIN_KEYS:
+            config[key] = value
+        else:
+            config["hparams"][key] = value
+    return config
+
+
+# --------------------------------------------------------------------------- units: what is planned
+@dataclasses.dataclass
+class Unit:
+    """A grid trial (``configs`` one trial) or a search group (``configs`` its trials on every seed,
+    searched on the first seed's)."""
+
+    id: str
+    hash: str
+    configs: list[TrialConfig]
+    search: bool
+    cost: list[float]  # ordering key, larger first: see estimated_cost
+
+
+def estimated_cost(config: TrialConfig, info: DatasetInfo) -> list[float]:
+    """How long a trial will take, to start the longest first: the images it trains on times the
+    parameter count times the pixels (a convolutional flow's FLOPs per image grow with both).
+    Budgets in seconds or FLOPs are equal by construction: the parameter count breaks the tie
+    (evaluation, latency and figures grow with it)."""
+    import flowbench
+
+    model = flowbench.build_model(config.model, info.image_shape, **config.hparams)
+    params = float(model.num_parameters())
+    pixels = float(math.prod(info.image_shape))
+    images = {
+        "steps": config.budget * config.batch_size,
+        "images": config.budget,
+        "epochs": config.budget * info.sizes["train"],
+    }
+    if config.budget_kind in images:
+        return [images[config.budget_kind] * params * pixels, params]
+    return [config.budget, params]
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def plan_units(spec: SweepSpec, configs: list[TrialConfig], infos: dict[str, DatasetInfo]) -> list[Unit]:
+    costs = {}
+    for c in configs:  # one model build per (model, dataset, variant): seeds share it
+        key = (c.model, c.dataset, c.variant)
+        if key not in costs:
+            costs[key] = estimated_cost(c, infos[c.dataset])
+    if spec.search is None:
+        return [Unit(c.trial_id, c.config_hash(), [c], False, costs[(c.model, c.dataset, c.variant)]) for c in configs]
+    units = []
+    for key in dict.fromkeys((c.model, c.dataset, c.variant) for c in configs):
+        group = [c for c in configs if (c.model, c.dataset, c.variant) == key]
+        name = "-".join(part for part in key if part)
+        identity = [[c.config_hash() for c in group], spec.search.model_dump(mode="json")]
+        units.append(Unit(f"search-{name}", digest(identity), group, True, costs[key]))
+    return units
+
+
+def trial_of(tune_config: dict, unit: Unit) -> TrialConfig:
+    """The trial a Tune trial runs. Its Tune config only names it (``flowbench.sweep.search.tune_config``:
+    its id, its unit, the values searched), as Tune keeps every trial's config in the driver for the
+    whole sweep, several times over, and sends it back with every result: the configuration itself
+    is the unit's (a search sample: the unit's first trial) with the searched values merged in."""
+    trial_id = tune_config["trial_id"]
+    base = (
+        unit.configs[0] if tune_config["phase"] == "search" else next(c for c in unit.configs if c.trial_id == trial_id)
+    )
+    trial = trial_config(base.model_dump(), tune_config.get("search", {}))
+    return TrialConfig.model_validate(trial | {"trial_id": trial_id})
+
+
+def sample_id(base: TrialConfig, index: int, values: dict) -> str:
+    """A search sample's trial id: unique (the sample's index in its group) and stable (the same
+    sampled values under the same index give the same id on a re-run)."""
+    stem = base.trial_id.rsplit("-seed", 1)[0]
+    return f"{stem}-search{index}-{digest(values)[:6]}"
+
+
+# the layout of Tune's trial configs: 2 since they name their trial (``trial_of``) instead of holding it.
+# An experiment of another layout (an older flowbench's, killed) is neither resumed nor read back: its trials run anew
+TUNE_CONFIG_LAYOUT = 2
+
+
+def experiment_name(units: list[Unit]) -> str:
+    """The Tune experiment of exactly these units at these configurations."""
+    return "trials-" + digest([TUNE_CONFIG_LAYOUT, sorted((u.id, u.hash) for u in units)])[:10]

@@ -12,9 +12,9 @@ from pathlib import Path
 from flowbench.atomic import atomic_write
 from flowbench.record import RECORD_COLUMNS
 from flowbench.results.tables import CURVE_METRICS
+from flowbench.sweep.plan import Unit, trial_of
 from flowbench.sweep.search import METRIC
 from flowbench.sweep.storage import copy_from_checkpoint, read_from_checkpoint, tune_storage
-from flowbench.sweep.units import Unit, trial_of
 from flowbench.sweep.worker import CURVE_FILE, RECORD_FILE
 
 FIGURES = ("samples", "reconstructions")

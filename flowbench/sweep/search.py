@@ -17,8 +17,8 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 from ray.tune.search import Searcher
 
 from flowbench import stopping
+from flowbench.sweep.plan import Unit, sample_id
 from flowbench.sweep.spec import TIME_ATTR, Search, SweepSpec
-from flowbench.sweep.units import Unit, sample_id
 
 log = logging.getLogger(__name__)
 METRIC, MODE = "val_bpd", "min"  # selection (search, ASHA, the best sample) is on validation bits/dim

@@ -1,27 +1,21 @@
-"""The sweep spec: YAML validated with pydantic, expanded into one trial config per
-(model, dataset, seed). Every mistake is found here, before any trial starts."""
+"""The sweep spec: YAML validated with pydantic. Every mistake in the file is found here, before
+anything runs; ``flowbench.sweep.plan`` expands a valid spec into its trials."""
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import json
 from pathlib import Path
 from typing import Annotated, Literal
 
 import pydantic
-import torch
 
-import flowbench
-from flowbench.cards import check_hparams, load_card, training_settings
-from flowbench.data import DATASETS, NEEDS_ROOT, DatasetInfo, dataset_info, published_info
-from flowbench.data.remote import is_remote
-from flowbench.errors import FlowbenchError, unknown_name
+from flowbench.cards import check_hparams
+from flowbench.data import DATASETS
+from flowbench.errors import unknown_name
 from flowbench.flows.registry import MODELS, model_entry
 from flowbench.numerics import Numerics
 from flowbench.results.power import DETECT_BPD, TARGET_POWER
 from flowbench.specfile import FieldError, error_location, load_spec
-from flowbench.trial import TrainSettings, TrialConfig
+from flowbench.trial import TrainSettings
 
 TRAIN_KEYS = ("optimizer", "batch_size", "lr", "warmup_steps", "grad_clip")  # searchable besides model hparams
 TIME_ATTR = {
@@ -262,140 +256,6 @@ def load_sweep_spec(path: str | Path) -> SweepSpec:
     return load_spec(path, SweepSpec, "sweep spec")
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Build models on one thread: their orthogonal initialisations (many small QRs) crawl when
-    threads contend on a busy machine, and nothing built for planning is large enough to share."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def match_width(model: str, image_shape, hparams: dict, target: int) -> dict:
-    """hparams with ``hidden_channels`` chosen so the model has about ``target`` parameters.
-
-    Parameter count grows monotonically with width: bisection over integer widths.
-    """
-    if "hidden_channels" not in model_entry(model).hparams():
-        raise FlowbenchError(f"match_params: model {model!r} has no hidden_channels to scale")
-
-    def count(width):
-        return flowbench.build_model(model, image_shape, **(hparams | {"hidden_channels": width})).num_parameters()
-
-    low, high = 1, 8
-    while count(high) < target:
-        low, high = high, high * 2
-        if high > 1 << 14:
-            raise FlowbenchError(f"match_params: {model} cannot reach {target:,} parameters by width alone")
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if count(mid) < target else (low, mid)
-    best = min((low, high), key=lambda w: abs(count(w) - target))
-    return hparams | {"hidden_channels": best}
-
-
-def check_data(spec: SweepSpec, spec_path: str | Path, absent: dict[str, str] | None = None) -> dict[str, DatasetInfo]:
-    """Each data set's shape and split sizes, read without loading pixels (the driver's check
-    that every one is there). With ``absent`` (planning, where the files need not be), a data set
-    whose files are not found is described by its published shape and sizes (``published_info``),
-    and why in ``absent[name]``."""
-    infos = {}
-    for dataset in spec.datasets:
-        root = spec.data_roots.get(dataset)
-        published = published_info(dataset) if absent is not None else None
-        if dataset in NEEDS_ROOT and root is None:
-            if published is not None and absent is not None:
-                infos[dataset], absent[dataset] = published, f"no data_roots.{dataset} given"
-                continue
-            raise FlowbenchError(f"{spec_path}: datasets: {dataset} needs data_roots.{dataset} (a local folder)")
-        if root is not None and not is_remote(root) and not Path(root).is_absolute():
-            root = str((Path(spec_path).parent / root).resolve())
-            spec.data_roots[dataset] = root
-        try:
-            infos[dataset] = dataset_info(dataset, root)
-        except FlowbenchError as err:
-            if published is None or absent is None:
-                raise FlowbenchError(f"{spec_path}: datasets: {err}") from None
-            infos[dataset], absent[dataset] = published, str(err)
-    return infos
-
-
-def data_fingerprint(info: DatasetInfo) -> str:
-    """What of a data set is part of a trial's identity: its shape, bit depth and split sizes."""
-    return json.dumps(
-        {"image_shape": list(info.image_shape), "n_bits": info.n_bits, "sizes": info.sizes}, sort_keys=True
-    )
-
-
 def variant_text(value) -> str:
+    """A grid value as it appears in a variant's name (booleans lower-case, as YAML writes them)."""
     return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def grid_settings(spec: SweepSpec, model: str) -> list[dict]:
-    """The product of the spec's grid over the hyperparameters ``model`` has ([{}]: no grid)."""
-    keys = sorted(k for k in spec.grid if k in model_entry(model).hparams())
-    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(spec.grid[k] for k in keys))]
-
-
-def expand(spec: SweepSpec, infos: dict[str, DatasetInfo]) -> list[TrialConfig]:
-    """One TrialConfig per (model, dataset, grid variant, seed): card hparams, then overrides, then
-    the variant's values, then match_params. A variant is named by its settings, sorted by key
-    ("actnorm=false,learned_prior=true"); its trial id is MODEL-DATASET-VARIANT-seedN."""
-    configs = []
-    for dataset in spec.datasets:
-        for model in spec.models:
-            override = spec.overrides.get(model, {})
-            # the card's recipe, then what the spec's train: sets explicitly, then per-model overrides
-            explicit = spec.train.model_dump(exclude_unset=True) | {
-                k: v for k, v in override.items() if k in TRAIN_KEYS
-            }
-            recipe, source = training_settings(model, dataset, explicit)
-            train = spec.train.model_dump() | recipe
-            card = load_card(model).hparams_for(dataset) | {k: v for k, v in override.items() if k not in TRAIN_KEYS}
-            for setting in grid_settings(spec, model):
-                variant = ",".join(f"{k}={variant_text(v)}" for k, v in setting.items())
-                hparams = card | setting
-                with one_thread():
-                    if spec.match_params:
-                        hparams = match_width(model, infos[dataset].image_shape, hparams, spec.match_params)
-                    else:  # build once: a model that cannot exist for this data fails here, not in a trial
-                        flowbench.build_model(model, infos[dataset].image_shape, **hparams)
-                stem = "-".join(part for part in (model, dataset, variant) if part)
-                for seed in spec.seeds:
-                    configs.append(
-                        TrialConfig(
-                            model=model,
-                            dataset=dataset,
-                            hparams=hparams,
-                            variant=variant,
-                            seed=seed,
-                            data_fingerprint=data_fingerprint(infos[dataset]),
-                            budget_kind=spec.budget.kind,
-                            budget=spec.budget.amount,
-                            **train,
-                            recipe_source=source,
-                            latency_batch_size=spec.latency.batch_size,
-                            latency_repeats=spec.latency.repeats,
-                            numerics=spec.numerics,
-                            data_root=spec.data_roots.get(dataset),
-                            sweep=spec.name,
-                            trial_id=f"{stem}-seed{seed}",
-                        )
-                    )
-    return configs
-
-
-def trial_config(trial: dict, search: dict) -> dict:
-    """A TrialConfig dict (``trial``, as planned) with searched values merged in: training settings
-    at the top, the model's hyperparameters under ``hparams``."""
-    config = dict(trial)
-    config["hparams"] = dict(config["hparams"])
-    for key, value in search.items():
-        if key in TRAIN_KEYS:
-            config[key] = value
-        else:
-            config["hparams"][key] = value
-    return config

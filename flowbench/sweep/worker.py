@@ -20,10 +20,10 @@ from pathlib import Path
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from flowbench.errors import FlowbenchError
+from flowbench.sweep.plan import Unit, trial_of
 from flowbench.sweep.search import INTERRUPTED, METRIC, tune_metrics
 from flowbench.sweep.stop_broadcast import stop_asked
 from flowbench.sweep.storage import tune_storage
-from flowbench.sweep.units import Unit, trial_of
 from flowbench.trial import (
     CHECKPOINT_FILE,
     SELECTED_FILE,

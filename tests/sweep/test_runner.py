@@ -19,10 +19,9 @@ from flowbench.record import RECORD_COLUMNS
 from flowbench.results.tables import CURVE_METRICS, read_table
 from flowbench.sweep.driver import run_sweep
 from flowbench.sweep.experiment import start_ray, stored_results
+from flowbench.sweep.plan import Unit, plan_sweep, sample_id, trial_of
 from flowbench.sweep.records import RecordStore, collect
 from flowbench.sweep.search import INTERRUPTED, SweepSearch, tune_config
-from flowbench.sweep.spec import check_data, load_sweep_spec
-from flowbench.sweep.units import Unit, plan, plan_units, sample_id, trial_of
 from flowbench.trial import TrialConfig
 
 TINY = "{depth: 2, levels: 2, hidden_channels: 8}"
@@ -66,7 +65,7 @@ def test_grid_variants_are_the_product_over_the_models_that_have_each_key(tmp_pa
         """,
         overrides={"glow": TINY, "realnvp": "{levels: 2, n_blocks: 1, hidden_channels: 8}"},
     )
-    _, configs = plan(spec)
+    configs = plan_sweep(spec).configs
     # glow has both keys: 2 x 2 variants x 2 seeds; realnvp has neither: its card x 2 seeds
     assert len(configs) == 2 * 2 * 2 + 2
     ids = [c.trial_id for c in configs]
@@ -85,9 +84,8 @@ def test_grid_variants_are_the_product_over_the_models_that_have_each_key(tmp_pa
 
 
 def _units(spec_path):
-    spec = load_sweep_spec(spec_path)
-    _, configs = plan(spec_path)
-    return spec, plan_units(spec, configs, check_data(spec, spec_path))
+    planned = plan_sweep(spec_path)
+    return planned.spec, planned.units
 
 
 def test_grid_trials_are_handed_out_longest_first(tmp_path):
@@ -246,15 +244,43 @@ WIDER = "{depth: 2, levels: 2, hidden_channels: 12}"
 
 
 @pytest.mark.slow
-def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray):
+def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray, monkeypatch):
     """Equal training FLOPs for two models of unequal cost (n×n 1.5x Glow's FLOPs per image), two
-    seeds, evaluated at the same four fractions of the budget; then the same command again, then a
-    card change."""
+    seeds, evaluated at the same four fractions of the budget, drawn by the CLI's live bar; then the
+    same command again, then a card change."""
+    import tqdm
+
+    from flowbench.cli.progress import SweepProgress, headline, opening_line, planned_trials
+
     budget = 1.0e8
     spec = spec_file(
         tmp_path, "e2e", seeds=(0, 1), budget=f"{{flops: {budget}}}", overrides={"glow": TINY, "nxn_shift": WIDER}
     )
-    outcome = run_sweep(spec, tmp_path / "results")
+    frames = []
+
+    class Watched(tqdm.tqdm):  # the bar's own state at every redraw, drawn as on a terminal
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs | {"disable": False})
+
+        def refresh(self, *args, **kwargs):
+            frames.append((self.n, self.total, self.postfix))
+            return super().refresh(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm, "tqdm", Watched)
+    planned = plan_sweep(spec)
+    opening = opening_line(planned, planned_trials(planned), set(), 2)
+    assert opening.startswith(
+        "sweep e2e: 4 trials (2 models × 1 data sets × 2 seeds), budget 1e+08 flops each, 2 slots"
+    )
+    assert " training FLOPs to run, about " in opening
+    progress = SweepProgress(planned, planned_trials(planned), 0)
+    outcome = run_sweep(spec, tmp_path / "results", callbacks=(progress.callback,), planned=planned)
+    progress.close()
+    assert frames[-1] == (4 * budget, 4 * budget, "4/4 trials, best val " + frames[-1][2].split("best val ")[1])
+    assert all(a[0] <= b[0] for a, b in zip(frames, frames[1:], strict=False))  # the bar never goes back
+    assert [f[2].split(" trials")[0] for f in frames][-1] == "4/4" and any(f[2].startswith("2/4") for f in frames)
+    (lead,) = headline(outcome.trials)
+    assert lead.startswith("digits: ") and " ahead of " in lead
     out = tmp_path / "results" / "e2e"
     trials = read_table(out / "trials.parquet", "trials")
     assert sorted(trials.trial_id) == [

@@ -7,7 +7,8 @@ import pytest
 
 from flowbench.cli import main
 from flowbench.sweep.driver import plan
-from flowbench.sweep.spec import load_sweep_spec, match_width
+from flowbench.sweep.plan import match_width
+from flowbench.sweep.spec import load_sweep_spec
 
 SWEEPS = Path(__file__).parents[2] / "sweeps"
 

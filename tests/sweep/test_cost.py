@@ -13,8 +13,9 @@ from flowbench.cards import load_card
 from flowbench.cli import main
 from flowbench.flows.actnorm import ActNorm
 from flowbench.flows.registry import build_model
-from flowbench.sweep.plan import ACCELERATORS, DEFAULT_MFU, plan_cost
-from flowbench.sweep.spec import expand, load_sweep_spec
+from flowbench.sweep.cost import ACCELERATORS, DEFAULT_MFU, plan_cost
+from flowbench.sweep.plan import expand
+from flowbench.sweep.spec import load_sweep_spec
 from flowbench.trial import run_trial
 
 SPECS = Path(__file__).parents[2] / "sweeps"
