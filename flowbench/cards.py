@@ -21,6 +21,9 @@ from flowbench.specfile import FieldError, error_location, load_spec
 # logit preprocessing's margin alpha keeps alpha + (1 - 2 alpha) x inside (0, 1).
 HPARAM_RANGES: dict[str, dict[str, Any]] = {  # keyword arguments of pydantic.Field
     **{count: {"ge": 1} for count in ("depth", "levels", "hidden_channels", "n_blocks", "kernel_size")},
+    **{rank: {"ge": 1} for rank in ("channel_rank", "spatial_rank", "height_rank", "width_rank")},  # Woodbury's d
+    "butterfly_levels": {"ge": 0},
+    "coeff": {"gt": 0, "lt": 1},  # the convolution exponential's bound on its kernel's norm
     "n_bits": {"ge": 1, "le": 8},
     "alpha": {"gt": 0, "lt": 0.5},
 }
@@ -72,7 +75,8 @@ class Recipe(pydantic.BaseModel):
 
 class Published(pydantic.BaseModel):
     """The bits/dim the architecture's own paper reports on a data set, and where: a table of that
-    paper, or "not reported" (bpd null). A figure from a secondary source says so in ``source``."""
+    paper; bpd null with "not reported" (the paper has none) or "not read" (it has one that was not
+    read when the card was written: to be filled). A figure from a secondary source says so in ``source``."""
 
     model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
     bpd: float | None = pydantic.Field(gt=0)
@@ -80,8 +84,8 @@ class Published(pydantic.BaseModel):
 
     @pydantic.model_validator(mode="after")
     def _not_reported_said(self):
-        if self.bpd is None and "not reported" not in self.source:
-            raise ValueError('a null bpd needs source "not reported" (and where it was looked for)')
+        if self.bpd is None and not self.source.startswith(("not reported", "not read")):
+            raise ValueError('a null bpd needs a source that starts "not reported" or "not read", and says why')
         return self
 
 

@@ -52,3 +52,25 @@ def test_malformed_card_names_file_and_line(tmp_path, monkeypatch):
     (tmp_path / "glow.yaml").write_text("name: glow\npaper: x\ndatasets:\n  cifar10: {hparams: {}, paper_bdp: 3}\n")
     with pytest.raises(FlowbenchError, match=r"glow.yaml:4: datasets.cifar10.paper_bdp: unknown key"):
         load_card("glow")
+
+
+MIXERS = ("woodbury", "me_woodbury", "butterfly", "convexp", "finc")
+
+
+@pytest.mark.parametrize("name", [m for m in MIXERS if m in flowbench.list_models()])
+def test_a_mixers_card_says_what_its_own_paper_reports_on_each_paper_data_set(name):
+    card = load_card(name)
+    for dataset in ("cifar10", "imagenet32", "imagenet64"):
+        published = card.published(dataset)
+        assert published is not None, (name, dataset)
+        assert published.bpd is not None or published.source.startswith(("not reported", "not read")), (name, dataset)
+    assert card.inverse is not None
+
+
+def test_a_null_published_figure_must_say_whether_the_paper_has_one():
+    from flowbench.cards import Published
+
+    assert Published(bpd=3.47, source="Lu & Huang 2020, Table 1").bpd == 3.47
+    assert Published(bpd=None, source="not reported (no ImageNet run)").bpd is None
+    with pytest.raises(ValueError, match="not reported"):
+        Published(bpd=None, source="Table 1")

@@ -6,7 +6,19 @@ from flowbench.flows import registry
 
 
 def test_registry_lists_the_built_in_flows_in_order_of_publication():
-    assert flowbench.list_models() == ["realnvp", "glow", "emerging", "periodic", "nxn_shift"]
+    assert flowbench.list_models() == [
+        "realnvp",
+        "glow",
+        "emerging",
+        "periodic",
+        "convexp",
+        "me_woodbury",
+        "woodbury",
+        "cinc",
+        "nxn_shift",
+        "butterfly",
+        "finc",
+    ]
 
 
 def test_unknown_model_suggests_the_closest_name():

@@ -25,7 +25,20 @@ def toy_plugin(monkeypatch, isolated_registry):
 
 
 def test_the_plugin_registers_after_the_built_in_flows(toy_plugin):
-    assert flowbench.list_models() == ["realnvp", "glow", "emerging", "periodic", "nxn_shift", "toy"]
+    assert flowbench.list_models() == [
+        "realnvp",
+        "glow",
+        "emerging",
+        "periodic",
+        "convexp",
+        "me_woodbury",
+        "woodbury",
+        "cinc",
+        "nxn_shift",
+        "butterfly",
+        "finc",
+        "toy",
+    ]
     assert registry.model_entry("toy").builder.__module__ == "flowbench_plugin_toy_flow"
 
 
