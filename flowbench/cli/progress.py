@@ -34,7 +34,7 @@ def local_slots(planned: SweepPlan, num_cpus: int | None) -> int:
     """How many trials a local Ray runs at once (what ``cluster_slots`` will find, without Ray)."""
     resources = planned.spec.resources
     cpus = num_cpus or os.cpu_count() or 1
-    return max(1, cpus // max(1, resources.cpu * resources.workers))
+    return max(1, int(cpus // max(1, resources.cpu * resources.workers)))
 
 
 def _duration(seconds: float) -> str:
@@ -55,7 +55,7 @@ def opening_line(planned: SweepPlan, total: int, recorded: set[str], slots: int 
     spec = planned.spec
     left = [c for c in planned.configs if c.trial_id not in recorded]
     threads = torch.get_num_threads()
-    torch.set_num_threads(spec.resources.cpu)
+    torch.set_num_threads(max(1, int(spec.resources.cpu)))  # a trial's threads: its whole CPUs
     try:
         cost = cost_of(spec, left, planned.infos, measure_steps=ESTIMATE_STEPS) if left and slots else None
     finally:
