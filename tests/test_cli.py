@@ -145,3 +145,30 @@ def test_version_names_the_release_the_commit_and_torchs_build(capsys):
     out = capsys.readouterr().out.strip()
     assert exit_info.value.code == 0 and out.startswith("flowbench 0.1.0 (commit ")
     assert f"torch {torch.__version__}" in out and ("CPU only" in out or "CUDA" in out)
+
+
+def test_a_sweep_in_a_log_says_where_it_stands_once_a_trial_ends(tmp_path, capsys):
+    """Not on a terminal (a log, SLURM's output): no bar frames, one line per finished trial with the
+    trials done, the budget spent and the time left; a trial ended early takes its unspent budget off."""
+    from flowbench.cli.progress import SweepProgress, planned_trials
+    from flowbench.sweep.plan import plan_sweep
+
+    spec = tmp_path / "logged.yaml"
+    spec.write_text(
+        "name: logged\nmodels: [glow]\ndatasets: [digits]\nseeds: [0, 1, 2]\nbudget: {steps: 10}\n"
+        "overrides:\n  glow: {depth: 2, levels: 2, hidden_channels: 8}\n"
+    )
+    planned = plan_sweep(spec)
+    progress = SweepProgress(planned, planned_trials(planned), recorded=1)  # one trial recorded before
+    assert progress.bar.disable  # pytest's stderr is no terminal
+    progress.result("glow-digits-seed1", {"step": 5, "val_bpd": 3.5})
+    progress.end("glow-digits-seed1", {"step": 10, "val_bpd": 3.2, "status": "ok"}, failed=False)
+    progress.end("glow-digits-seed2", {"step": 4, "status": "diverged"}, failed=False)
+    progress.close()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("[2/3 trials, 67% of the budget, ") and "glow-digits-seed1 ok" in lines[0]
+    assert "best val 3.200 (glow-digits-seed1)" in lines[0]
+    # the diverged trial spent 4 of its 10 steps: the total is 24, all of it spent
+    assert lines[1].startswith("[3/3 trials, 100% of the budget, ") and "glow-digits-seed2 diverged" in lines[1]
+    assert (progress.bar.n, progress.bar.total) == (24, 24)

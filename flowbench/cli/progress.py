@@ -89,6 +89,7 @@ class SweepProgress:
         spec = planned.spec
         self.amount, self.key = spec.budget.amount, TIME_ATTR[spec.budget.kind]
         self.total, self.done, self.best = total, recorded, None
+        self.recorded_budget = recorded * spec.budget.amount  # spent in earlier runs
         self.spent: dict[str, float] = {}
         self.finished: set[str] = set()
         self.started = time.monotonic()
@@ -147,13 +148,13 @@ class SweepProgress:
 
     def _draw(self) -> None:
         self._postfix()
-        self.bar.n = self.bar.initial + sum(self.spent.values())
+        self.bar.n = self.recorded_budget + sum(self.spent.values())
         self.bar.refresh()
 
     def _log(self, what: str) -> None:
         spent, total = self.bar.n, self.bar.total
         elapsed = time.monotonic() - self.started
-        rate = (spent - self.bar.initial) / elapsed if elapsed > 0 else 0.0
+        rate = (spent - self.recorded_budget) / elapsed if elapsed > 0 else 0.0
         left = (total - spent) / rate if rate > 0 else math.inf
         best = f"; best val {self.best[0]:.3f} ({self.best[1]})" if self.best else ""
         where = f"{self.done}/{self.total} trials, {spent / total:.0%} of the budget, {_duration(left)} left"
