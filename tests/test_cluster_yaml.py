@@ -76,6 +76,34 @@ def test_every_node_installs_the_checkout_with_the_readmes_torch_pin(name):
         assert "-e" not in words  # installed as the wheel is: package data, not the checkout's files
 
 
+def test_ssh_comes_in_only_through_a_group_the_operator_makes(cluster):
+    """Left to itself, Ray makes a security group that lets SSH in from 0.0.0.0/0. Every node type names the
+    operator's group instead (tests/sweep/test_ray_aws.py makes it as the file says and reads it back)."""
+    groups = {name: t["node_config"].get("SecurityGroupIds") for name, t in cluster["available_node_types"].items()}
+    assert len({tuple(g or ()) for g in groups.values()}) == 1 and all(groups.values()), groups
+    text = (ROOT / "cluster.yaml").read_text()
+    (edit,) = [line for line in text.splitlines() if "# EDIT" in line]
+    assert "SecurityGroupIds" in edit
+    # how to make it: SSH from one network, and every port among the nodes themselves
+    assert re.search(r"aws ec2 create-security-group .*--group-name", text)
+    assert re.search(r"authorize-security-group-ingress .*\n#.*--protocol tcp --port 22 --cidr", text)
+    assert re.search(r"authorize-security-group-ingress .*\n#.*--protocol all --source-group", text)
+    assert "0.0.0.0/0" not in yaml.safe_dump(cluster)
+
+
+def test_no_credentials_in_the_config(cluster):
+    assert "aws_credentials" not in cluster["provider"]  # Ray would copy them to the head
+    text = (ROOT / "cluster.yaml").read_text()
+    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|aws_access_key_id", text, re.I)
+
+
+def test_node_paths_are_in_the_image_users_home(cluster):
+    """The container's user is `ray` (/home/ray), the AMI's `ubuntu`: paths under ~ exist for either."""
+    assert all(remote.startswith("~/") for remote in cluster["file_mounts"]), cluster["file_mounts"]
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "/home/" not in text.split("file_mounts:")[1] and "--results '~/results'" in text
+
+
 def test_the_install_gives_a_head_the_dashboard_and_the_jobs_api():
     # what Ray imports to decide between the full dashboard (HTTP server, jobs API) and the minimal one
     # without them (ray._private.utils.get_dashboard_dependency_error): ray[default] brings it

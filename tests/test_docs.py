@@ -36,7 +36,7 @@ RUN_BY = {
     r"ray job submit .* --storage /shared/flowbench .*": "tests/sweep/test_ray_up.py::onprem",
     r"sbatch .* cluster-slurm\.sbatch .*": "tests/sweep/test_slurm.py::slurm",
     r"scancel --batch --signal=TERM JOBID": "tests/sweep/test_slurm.py::slurm",
-    r"ray (up|dashboard|rsync-down|down)( -y)? cluster\.yaml.*": "tests/sweep/test_ray_aws.py::aws",
+    r"ray (up -y|dashboard|exec|rsync-down|down -y) cluster\.yaml.*": "tests/sweep/test_ray_aws.py::aws",
     r"ray job submit .* --storage s3://your-bucket/flowbench .*": "tests/sweep/test_ray_aws.py::aws",
     r"flowbench data prepare .*": PREPARE,
     r"flowbench sweep sweeps/table2\.yaml --address auto & pid=\$!": "tests/sweep/test_slurm.py::slurm",

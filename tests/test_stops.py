@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from flowbench.cli.progress import PROGRESS_LINE
 from flowbench.results.tables import read_table
 from flowbench.sweep.experiment import stored_results
 from flowbench.trial import load_checkpoint
@@ -25,7 +26,7 @@ from tests.sweep.test_runner import child_runs, spec_file
 
 pytestmark = pytest.mark.slow
 
-PROGRESS = re.compile(r"^\[\d+ done|^\S.*: +\d+%\|")  # the sweep's progress lines, train's tqdm bar
+PROGRESS = re.compile(rf"{PROGRESS_LINE.pattern}|^\S.*: +\d+%\|")  # the sweep's progress lines, train's tqdm bar
 # evaluations and checkpoints every 10 steps (spec_file); a trial takes some 40 steps to hear of a
 # stop on a loaded 2-core machine, and must not finish in the two runs stopped while it trains
 STEPS = 200

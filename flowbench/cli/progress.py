@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 
@@ -15,6 +16,9 @@ from flowbench.sweep.plan import SweepPlan
 from flowbench.sweep.records import RecordStore
 from flowbench.sweep.spec import TIME_ATTR
 
+# what the sweep writes to stderr as it goes (its opening line, a finished trial's line in a log): what a
+# reader of its output looking for its one error line passes over
+PROGRESS_LINE = re.compile(r"^sweep \S+: \d+ trials \(|^\[\d+/\d+ trials, ")
 ESTIMATE_STEPS = 2  # timed training steps of each distinct model for the opening estimate, after one
 
 

@@ -296,8 +296,11 @@ def run_experiment(
                 trial_name_creator=trial_name,
                 trial_dirname_creator=trial_name,
                 # a reused actor saves its start-up (~2-3 s a trial); Ray then does not sync the
-                # trial's working folder, so everything the driver reads travels in checkpoints
-                reuse_actors=True,
+                # trial's working folder, so everything the driver reads travels in checkpoints. On
+                # several nodes Tune would also hand a trial whose actor is still starting on one node
+                # to an actor freed on another, so a node slow to start its actors (a cold worker)
+                # could train nothing: there each trial trains where Ray placed it
+                reuse_actors=len([node for node in ray.nodes() if node["Alive"]]) == 1,
             ),
             run_config=tune.RunConfig(
                 name=name,

@@ -68,6 +68,7 @@ _UNREACHABLE = (
     "Name or service not known",
 )
 _outages: dict[str, str] = {}  # tracking URI -> what it failed to log, in this process's sweep
+_drivers: dict[str, MlflowCallback] = {}  # MLflow experiment -> the callback this process's sweep made for it
 
 
 def failure_reason(err: BaseException) -> str:
@@ -184,7 +185,13 @@ class MlflowTracker:
         return run.info.run_id
 
     def trial_run(self, parent_id: str, row: dict, unit_hash: str) -> tuple[str, int]:
-        """A trial's child run and the last step of its curve logged so far."""
+        """A trial's child run and the last step of its curve logged so far. A run that ended with a
+        failed attempt's record (the trial runs again: a failed unit is not finished) is soft-deleted
+        first, as a changed trial's is, and the attempt gets a new one: MLflow refuses to change a
+        logged param, and a failed record's differ (its hyperparameters as planned, not as resolved)."""
+        failed = self.find_run(row["trial_id"], parent_id)
+        if failed is not None and failed.info.status == "FAILED":
+            self.client.delete_run(failed.info.run_id)
         run_id = self.get_or_create_run(row["trial_id"], parent_id, tags={UNIT_TAG: unit_hash, "phase": row["phase"]})
         return run_id, self.last_step(run_id)
 
@@ -226,19 +233,17 @@ class MlflowTracker:
                 named = Path(scratch) / SAMPLES
                 shutil.copyfile(samples, named)
                 self.client.log_artifact(run_id, str(named))
-        self.client.set_terminated(run_id, "FAILED" if row["status"] == "failed" else "FINISHED")
+        self.client.set_terminated(run_id, _end_status(row))
 
 
 def log_missing(tracker: MlflowTracker, parent_id: str, trials: list[tuple[str, dict]], figures: Path) -> int:
     """Log the recorded ``trials`` ((unit hash, {"row", "curve"}) each) whose runs the store
-    missed (it was down, or the driver died before their end): the curve points after the last
-    one logged, the record, the samples; returns how many. One query when nothing is missing."""
-    done = {
-        run.data.tags.get(KEY_TAG)
-        for run in tracker.find_runs(f"tags.`{PARENT_TAG}` = '{parent_id}'")
-        if run.info.status != "RUNNING"
-    }
-    missing = [(unit_hash, t) for unit_hash, t in trials if t["row"]["trial_id"] not in done]
+    missed (it was down, or the driver died before their end) or that end otherwise (an earlier
+    attempt failed): the curve points after the last one logged, the record, the samples; returns
+    how many. One query when nothing is missing."""
+    runs = tracker.find_runs(f"tags.`{PARENT_TAG}` = '{parent_id}'")
+    ended = {run.data.tags.get(KEY_TAG): run.info.status for run in runs}
+    missing = [(unit_hash, t) for unit_hash, t in trials if ended.get(t["row"]["trial_id"]) != _end_status(t["row"])]
     for unit_hash, trial in missing:
         row = trial["row"]
         run_id, last = tracker.trial_run(parent_id, row, unit_hash)
@@ -246,6 +251,11 @@ def log_missing(tracker: MlflowTracker, parent_id: str, trials: list[tuple[str, 
         samples = figures / f"samples-{row['trial_id']}.png"
         tracker.finish_run(run_id, row, samples if samples.is_file() else None)
     return len(missing)
+
+
+def _end_status(row: dict) -> str:
+    """How a trial's run ends with its record."""
+    return "FAILED" if row["status"] == "failed" else "FINISHED"
 
 
 def _text(value) -> str:
@@ -259,7 +269,13 @@ class MlflowCallback(tune.Callback):
     ``record_of(tune_config, last_result, error, checkpoint)`` and ``curve_of(checkpoint)`` are the
     driver's builders of a trial's row and curve, so MLflow holds exactly what trials.parquet and
     curves.parquet hold. The curve points come with each checkpoint a trial reports (Tune's results
-    carry only what its scheduler and searcher use)."""
+    carry only what its scheduler and searcher use).
+
+    Tune pickles its callbacks into an experiment's saved state when the experiment starts, and a
+    restored experiment runs the callbacks of that state: a restored one logs as the callback made by
+    this process's sweep for the same MLflow experiment, into its store and under its parent run. The
+    driver that saved the state may have logged elsewhere: a new head whose disk lost the results
+    folder resumes the experiment from --storage with a new store, whose parent run has a new id."""
 
     def __init__(
         self, uri: str, experiment: str, parent_id: str | None, artifact_location: str | None, record_of, curve_of
@@ -268,12 +284,18 @@ class MlflowCallback(tune.Callback):
         self.artifact_location, self.record_of, self.curve_of = artifact_location, record_of, curve_of
         self._tracker: MlflowTracker | None = None
         self._runs: dict[str, tuple[str, int]] = {}
+        _drivers[experiment] = self
 
-    def __getstate__(self):  # Tune pickles callbacks with the experiment: no client inside
-        return {k: v for k, v in self.__dict__.items() if k not in ("_tracker", "_runs")}
+    def __getstate__(self):
+        return {"experiment": self.experiment}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _tracker=None, _runs={})
+        driver = _drivers.get(state["experiment"])
+        if driver is None:  # a saved experiment read, not run, by this process: nothing to log
+            settings = dict.fromkeys(("uri", "parent_id", "artifact_location", "record_of", "curve_of"))
+        else:
+            settings = {k: v for k, v in driver.__dict__.items() if k not in ("_tracker", "_runs")}
+        self.__dict__.update(settings, experiment=state["experiment"], _tracker=None, _runs={})
 
     @property
     def tracker(self) -> MlflowTracker:

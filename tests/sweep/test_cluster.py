@@ -20,6 +20,7 @@ import pytest
 
 from flowbench.results.tables import read_table
 from flowbench.trial import CHECKPOINT_FILE
+from tests.sweep.machines import skip_unless_able, unavailable
 from tests.sweep.test_runner import child_runs, spec_file
 
 pytestmark = pytest.mark.slow
@@ -29,22 +30,7 @@ BUCKET = "flowbench"
 S3_OPTIONS = f"endpoint_override=127.0.0.1:{S3_PORT}&scheme=http&region=us-east-1"
 
 
-def _namespaces_unavailable() -> str | None:
-    if sys.platform != "linux":
-        return "private network and PID namespaces (unshare) are Linux-only"
-    for tool in ("unshare", "ip"):
-        if shutil.which(tool) is None:
-            return f"`{tool}` is not installed (util-linux, iproute2)"
-    probe = subprocess.run(
-        ["unshare", "--net", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True
-    )
-    if probe.returncode != 0:
-        return f"unshare --net --pid is not permitted here (needs root or CAP_SYS_ADMIN): {probe.stderr.strip()}"
-    return None
-
-
-UNAVAILABLE = _namespaces_unavailable()
-needs_namespaces = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
+UNAVAILABLE = unavailable({})
 
 # the two nodes; nodes.json names their Ray node ids, $HEAD_RAYLET/$WORKER_RAYLET their raylets' pids
 CLUSTER = f"""\
@@ -160,8 +146,7 @@ def two_node_sweeps(tmp_path_factory):
     with Tune's storage in a local folder that both nodes see, and last a grid sweep whose worker
     node is killed (its raylet, once a trial running there has checkpointed). The GCS declares a
     node dead after three missed health checks a second apart, not Ray's default of a minute."""
-    if UNAVAILABLE:
-        pytest.skip(UNAVAILABLE)
+    skip_unless_able(UNAVAILABLE)
     out = tmp_path_factory.mktemp("two-nodes")
     # glow and nxn_shift, evaluations every 10 steps; Tune asks for both nodes' slots at the start
     spec_file(out, "grid", seeds=(0, 1), steps=30)
@@ -203,7 +188,6 @@ def two_node_sweeps(tmp_path_factory):
     return out, nodes
 
 
-@needs_namespaces
 def test_grid_sweep_on_two_nodes_with_s3_storage(two_node_sweeps):
     out, nodes = two_node_sweeps
     assert set(nodes) == {"head", "worker"} and nodes["head"] != nodes["worker"]
@@ -236,7 +220,6 @@ def test_grid_sweep_on_two_nodes_with_s3_storage(two_node_sweeps):
         assert "samples.png" in [a.path for a in client.list_artifacts(child.info.run_id)]
 
 
-@needs_namespaces
 def test_search_sweep_on_two_nodes_with_a_shared_folder(two_node_sweeps):
     out, nodes = two_node_sweeps
     trials = read_table(out / "results" / "search" / "trials.parquet", "trials")
@@ -253,7 +236,6 @@ def test_search_sweep_on_two_nodes_with_a_shared_folder(two_node_sweeps):
     assert len(children) == len(trials) and all(c.info.status == "FINISHED" for c in children)
 
 
-@needs_namespaces
 def test_a_lost_worker_node_costs_no_trial(two_node_sweeps):
     """The worker node's raylet killed once a trial running there has checkpointed: the sweep ends
     with every trial ok, the lost one resumed on the head from its last checkpoint, nothing

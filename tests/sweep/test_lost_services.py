@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from flowbench.cli.progress import PROGRESS_LINE
 from flowbench.results.tables import read_table
 from tests.sweep.test_runner import child_runs, free_port, spec_file
 
 pytestmark = pytest.mark.slow
 STEPS = 60  # evaluations and checkpoints every 10 steps (spec_file)
-PROGRESS = re.compile(r"^\[\d+ done")
+PROGRESS = PROGRESS_LINE
 
 
 def sweep_command(spec: Path, results: Path, *options: str) -> list[str]:

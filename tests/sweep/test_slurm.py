@@ -10,13 +10,13 @@ import shutil
 import pytest
 
 from flowbench.results.tables import read_table
-from tests.sweep.machines import ray_left, run_session, session_folder, step_seconds, unavailable
+from tests.sweep.machines import ray_left, run_session, session_folder, skip_unless_able, step_seconds, unavailable
+from tests.sweep.test_cluster import attempts
 from tests.sweep.test_runner import spec_file
 
 pytestmark = pytest.mark.slow
 
 UNAVAILABLE = unavailable({"munged": "munge", "slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "sbatch": "slurm-wlm"})
-needs_slurm = pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))
 
 # munged with a key of its own; slurmctld on 127.0.0.1; two nodes, each a slurmd that is its own host, so that
 # the batch script finds each node's address from its name, as on a real cluster (Debian's build would also run
@@ -87,9 +87,17 @@ for _ in $(seq 900); do
     compgen -G "$OUT/storage/*/*/checkpoint_*" > /dev/null && break
     sleep 0.2
 done
+if ! compgen -G "$OUT/storage/*/*/checkpoint_*" > /dev/null; then
+    echo "no trial checkpointed within 180 s of the first job's submission" >&2
+    exit 1
+fi
 seconds checkpointed
 scancel --batch --signal=TERM "$job"
 finished "$job" > "$OUT/status-1.txt"
+date +%s.%N > "$OUT/stopped-at.txt"
+# what the first job left in storage: each trial's checkpoints (Tune's, not a trial's working folders), their records
+(cd "$OUT/storage" && find . -path '*/checkpoint_*/*' \\( -name attempts.jsonl -o -name record.json \\)) \\
+    > "$OUT/storage-1.txt"
 seconds stopped
 ray_processes > "$OUT/ray-after-1.txt"
 cp "flowbench-$job.out" "$OUT/job-1.log"
@@ -104,8 +112,7 @@ cp "flowbench-$job.out" "$OUT/job-2.log"
 
 @pytest.fixture(scope="module")
 def slurm():
-    if UNAVAILABLE:
-        pytest.skip(UNAVAILABLE)
+    skip_unless_able(UNAVAILABLE)  # every test here takes this fixture
     # this run's job ids: the batch script keeps each node's Ray files in /tmp/ray-JOBID, removed after
     first_job = random.randrange(10**6, 10**7)
     try:
@@ -119,18 +126,26 @@ def slurm():
             shutil.rmtree(f"/tmp/ray-{job}", ignore_errors=True)
 
 
-@needs_slurm
 def test_sbatch_passes_sigterm_on_to_the_sweep_and_exits_with_its_status(slurm):
     sinfo = (slurm / "sinfo.txt").read_text()
     assert "node[1-2]" in sinfo and "idle" in sinfo, sinfo
     log = (slurm / "job-1.log").read_text()
     assert "cluster-slurm.sbatch: SIGTERM passed on to flowbench sweep" in log, log[-3000:]
-    (driver,) = re.findall(r"flowbench sweep exited with status (\d+)", log)
-    assert int((slurm / "status-1.txt").read_text()) == int(driver) != 0  # the job's status is the stopped sweep's
+    # flowbench stopped in order, said so in its one line, and exited with 128 + SIGTERM; so did the job
+    said = [line for line in log.splitlines() if line.startswith("flowbench:")]
+    again = f"flowbench sweep {slurm}/slurm.yaml --storage {slurm}/storage --results {slurm}/results --address "
+    assert len(said) == 1 and "Traceback" not in log, log[-3000:]
+    assert re.fullmatch(
+        r"flowbench: interrupted by SIGTERM while trials ran: [1-4] of 4 trials unfinished, [0-4] running ones "
+        r"checkpointed at the step they had reached; the tables and report hold the finished ones and say the sweep "
+        rf"is incomplete; run `{re.escape(again)}127\.0\.0\.2:6379` to resume",
+        said[0],
+    ), said[0]
+    assert "cluster-slurm.sbatch: flowbench sweep exited with status 143" in log, log[-3000:]
+    assert (slurm / "status-1.txt").read_text() == "143\n"  # the job's exit status is the stopped sweep's
     assert ray_left(slurm / "ray-after-1.txt") == []  # no raylet outlives the job
 
 
-@needs_slurm
 def test_sbatch_again_resumes_and_finishes_every_trial(slurm):
     log = (slurm / "job-2.log").read_text()
     assert "flowbench sweep exited with status 0" in log and (slurm / "status-2.txt").read_text() == "0\n", log[-3000:]
@@ -143,5 +158,19 @@ def test_sbatch_again_resumes_and_finishes_every_trial(slurm):
     assert sorted(node_ips) == ["127.0.0.2", "127.0.0.3"], node_ips
     for name in ("curves.parquet", "table2.parquet", "report.md"):
         assert (results / name).stat().st_size > 0, name
+    # every trial the first job left checkpointed and unfinished went on from that checkpoint: its last
+    # checkpoint carries the first job's attempt, then the second's (a retrained trial's would carry one);
+    # each evaluation once
+    left = [path.split("/") for path in (slurm / "storage-1.txt").read_text().split()]
+    checkpointed = {p[2] for p in left if p[-1] == "attempts.jsonl"} - {p[2] for p in left if p[-1] == "record.json"}
+    assert checkpointed, "the first job was stopped before any trial had checkpointed"
+    stopped_at = float((slurm / "stopped-at.txt").read_text())
+    for trial in checkpointed:
+        tried = attempts(slurm / "storage", trial)
+        assert [a["how"] for a in tried] == ["fresh", "resumed"], (trial, tried)
+        assert tried[0]["at"] < stopped_at < tried[1]["at"], (trial, tried, stopped_at)
+    curves = read_table(results / "curves.parquet", "curves")
+    for trial, steps in curves.groupby("trial_id").step:
+        assert sorted(steps) == [10, 20, 30], trial
     assert ray_left(slurm / "ray-after-2.txt") == []
     print("seconds from the session's start:", step_seconds(slurm))
