@@ -7,6 +7,8 @@ import math
 
 import pandas as pd
 
+from flowbench.results.render import Section
+
 PAPER_DATASETS = {"cifar10": "CIFAR-10", "imagenet32": "ImageNet 32", "imagenet64": "ImageNet 64"}
 
 
@@ -64,3 +66,25 @@ def mixer_table(table2: pd.DataFrame, latency: pd.DataFrame | None = None) -> pd
             }
         )
     return pd.DataFrame(rows)
+
+
+def mixer_sections(table2: pd.DataFrame, latency: pd.DataFrame | None = None) -> list[Section]:
+    """The report's mixer section, where the sweep compares two or more mixers (none otherwise)."""
+    table = mixer_table(table2, latency)
+    if len(table) < 2:
+        return []
+    return [
+        Section(
+            "Mixers on one backbone",
+            [
+                "Every mixer sits in the same backbone (Glow's multi-scale architecture: ActNorm → mixer → affine "
+                "coupling, learned priors) at the sweep's depth, levels and matched parameters, trained on the same "
+                "budget: the mixer is the only difference. Ours: test bits/dim, mean [95% interval] over seeds, on "
+                "this sweep's data. Published: what the mixer's own paper reports on its data sets with its own "
+                "architecture and budget (the card's `published`, with its source): a reference, not a comparison "
+                "at equal compute. Latency: median over the model's checkpoints at batch 1, where the sweep has "
+                "a latency table."
+            ],
+            table,
+        )
+    ]

@@ -18,6 +18,7 @@ from flowbench.results.curves import (
     milestone_comparisons,
     milestone_values,
 )
+from flowbench.results.mixers import mixer_sections
 from flowbench.results.plots import report_plots, sample_figures, series_label
 from flowbench.results.power import DETECT_BPD, TARGET_POWER, seeds_needed
 from flowbench.results.render import Section, html_page, markdown_page, write_text_atomic
@@ -338,6 +339,7 @@ def build_report(
             ],
             cost_table(table2),
         ),
+        *mixer_sections(table2),
         Section("Paired comparisons of test bits/dim over seeds", table=comparison_table(bpd_pairs)),
         Section(
             f"Seeds needed (power of the paired t-test, two-sided, α = {ALPHA:g} per comparison)",

@@ -39,3 +39,13 @@ def test_a_published_figure_names_its_table():
     card = load_card("emerging")
     assert published_cell("emerging", "cifar10") == f"{card.paper_bpd('cifar10'):.2f} (n×n paper's Table 2)"
     assert published_cell("emerging", "digits") == "—"
+
+
+def test_the_report_has_a_mixer_section_only_where_mixers_are_compared():
+    from flowbench.results.mixers import mixer_sections
+
+    one = table2_rows({"model": "glow", "test_bpd_mean": 3.59, "test_bpd_ci_low": 3.5, "test_bpd_ci_high": 3.7})
+    two = pd.concat([one, one.assign(model="woodbury")], ignore_index=True)
+    assert mixer_sections(one) == []
+    (section,) = mixer_sections(two)
+    assert list(section.table["mixer"]) == ["glow", "woodbury"] and "only difference" in section.paragraphs[0]
