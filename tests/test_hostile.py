@@ -282,7 +282,7 @@ def test_other_bad_command_lines_are_one_line(tmp_path, capsys, monkeypatch, arg
 def test_numbers_are_read_as_a_person_writes_them(tmp_path):
     """1e-4 (a string to YAML 1.1), 1.0e-4, 3 and '3' are numbers in a spec and on the command line."""
     from flowbench.cli import build_parser
-    from flowbench.sweep.driver import plan
+    from flowbench.sweep.plan import plan
 
     path = tmp_path / "spec.yaml"
     path.write_text(

@@ -71,7 +71,7 @@ def opening_line(planned: SweepPlan, total: int, recorded: set[str], slots: int 
     line += f", {slots} slots" if slots else ", the cluster's slots"
     if recorded:
         line += f"; {len(recorded)} recorded already"
-    if cost is not None:
+    if cost is not None and slots:
         flops = cost.total("train_flops")
         estimate = cost.total("seconds_here") / slots
         searched = ", search samples not counted" if spec.search else ""
@@ -92,7 +92,8 @@ class SweepProgress:
 
         spec = planned.spec
         self.amount, self.key = spec.budget.amount, TIME_ATTR[spec.budget.kind]
-        self.total, self.done, self.best = total, recorded, None
+        self.total, self.done = total, recorded
+        self.best: tuple[float, str] | None = None  # the lowest validation bits/dim so far, and whose
         self.recorded_budget = recorded * spec.budget.amount  # spent in earlier runs
         self.spent: dict[str, float] = {}
         self.finished: set[str] = set()

@@ -50,6 +50,12 @@ def plan_sweep(spec_path: str | Path) -> SweepPlan:
     return SweepPlan(spec, infos, expand(spec, infos))
 
 
+def plan(spec_path: str | Path) -> tuple[SweepSpec, list[TrialConfig]]:
+    """The valid spec and its trials (``plan_sweep`` read for those two)."""
+    planned = plan_sweep(spec_path)
+    return planned.spec, planned.configs
+
+
 # --------------------------------------------------------------------------- trials: the spec expanded
 @contextlib.contextmanager
 def one_thread():

@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from flowbench.cli import main
-from flowbench.sweep.driver import plan
-from flowbench.sweep.plan import match_width
+from flowbench.sweep.plan import match_width, plan
 from flowbench.sweep.spec import load_sweep_spec
 
 SWEEPS = Path(__file__).parents[2] / "sweeps"
