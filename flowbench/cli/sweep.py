@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from pathlib import Path
 
 from flowbench.errors import FlowbenchError
@@ -133,7 +132,7 @@ def cmd_sweep(args) -> None:
     spec = planned.spec
     total, recorded = planned_trials(planned), recorded_trials(planned, Path(args.results).resolve() / spec.name)
     slots = None if args.address else local_slots(planned, args.num_cpus)
-    print(opening_line(planned, total, recorded, slots), file=sys.stderr, flush=True)
+    print(opening_line(planned, total, recorded, slots), flush=True)  # with the summary: stderr is for errors
     progress = SweepProgress(planned, total, len(recorded))
     try:
         outcome = run_sweep(
