@@ -20,6 +20,8 @@ from flowbench.sweep.spec import TIME_ATTR
 # reader of its output looking for its one error line passes over
 PROGRESS_LINE = re.compile(r"^sweep \S+: \d+ trials \(|^\[\d+/\d+ trials, ")
 ESTIMATE_STEPS = 2  # timed training steps of each distinct model for the opening estimate, after one
+# this process's live displays by id: what a Tune callback reaches (it holds a key: Tune pickles callbacks)
+_LIVE: dict[int, SweepProgress] = {}
 
 
 def planned_trials(planned: SweepPlan) -> int:
@@ -110,17 +112,21 @@ class SweepProgress:
             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}<{remaining}{postfix}]",
         )
         self._postfix()
-        progress = self
+        _LIVE[id(self)] = self
+        key = id(self)
 
-        class _Callback(tune.Callback):
+        class _Callback(tune.Callback):  # holds a key, not the bar: Tune pickles its callbacks (tuner.pkl)
             def on_trial_result(self, iteration, trials, trial, result, **info):
-                progress.result(trial.config.get("trial_id", str(trial)), result)
+                if (progress := _LIVE.get(key)) is not None:
+                    progress.result(trial.config.get("trial_id", str(trial)), result)
 
             def on_trial_complete(self, iteration, trials, trial, **info):
-                progress.end(trial.config.get("trial_id", str(trial)), trial.last_result or {}, failed=False)
+                if (progress := _LIVE.get(key)) is not None:
+                    progress.end(trial.config.get("trial_id", str(trial)), trial.last_result or {}, failed=False)
 
             def on_trial_error(self, iteration, trials, trial, **info):
-                progress.end(trial.config.get("trial_id", str(trial)), trial.last_result or {}, failed=True)
+                if (progress := _LIVE.get(key)) is not None:
+                    progress.end(trial.config.get("trial_id", str(trial)), trial.last_result or {}, failed=True)
 
         self.callback = _Callback()
 
@@ -166,6 +172,7 @@ class SweepProgress:
         print(f"[{where}] {what}{best}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        _LIVE.pop(id(self), None)
         self.bar.close()
 
 
