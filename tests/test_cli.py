@@ -172,3 +172,28 @@ def test_a_sweep_in_a_log_says_where_it_stands_once_a_trial_ends(tmp_path, capsy
     # the diverged trial spent 4 of its 10 steps: the total is 24, all of it spent
     assert lines[1].startswith("[3/3 trials, 100% of the budget, ") and "glow-digits-seed2 diverged" in lines[1]
     assert (progress.bar.n, progress.bar.total) == (24, 24)
+
+
+def test_the_sweeps_tune_callback_pickles_without_its_display(tmp_path):
+    """Tune pickles its callbacks into tuner.pkl; the display's stream (pytest's capture, a terminal)
+    does not pickle, so the callback must carry only a key, and find the display again by it."""
+    from ray import cloudpickle
+
+    from flowbench.cli.progress import SweepProgress, planned_trials
+    from flowbench.sweep.plan import plan_sweep
+
+    spec = tmp_path / "pickled.yaml"
+    spec.write_text("name: pickled\nmodels: [glow]\ndatasets: [digits]\nseeds: [0]\nbudget: {steps: 10}\n")
+    planned = plan_sweep(spec)
+    progress = SweepProgress(planned, planned_trials(planned), recorded=0)
+    try:
+        copy = cloudpickle.loads(cloudpickle.dumps(progress.callback))
+        copy.on_trial_complete(0, [], _FinishedTrial())
+        assert progress.done == 1 and progress.finished == {"glow-digits-seed0"}
+    finally:
+        progress.close()
+
+
+class _FinishedTrial:
+    config = {"trial_id": "glow-digits-seed0"}
+    last_result = {"step": 10, "val_bpd": 3.0, "status": "ok"}

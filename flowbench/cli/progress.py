@@ -11,6 +11,7 @@ import sys
 import time
 
 import pandas as pd
+from ray import tune
 
 from flowbench.sweep.plan import SweepPlan
 from flowbench.sweep.records import RecordStore
@@ -89,7 +90,6 @@ class SweepProgress:
     line per finished trial instead."""
 
     def __init__(self, planned: SweepPlan, total: int, recorded: int):
-        from ray import tune
         from tqdm import tqdm
 
         spec = planned.spec
@@ -113,22 +113,7 @@ class SweepProgress:
         )
         self._postfix()
         _LIVE[id(self)] = self
-        key = id(self)
-
-        class _Callback(tune.Callback):  # holds a key, not the bar: Tune pickles its callbacks (tuner.pkl)
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                if (progress := _LIVE.get(key)) is not None:
-                    progress.result(trial.config.get("trial_id", str(trial)), result)
-
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                if (progress := _LIVE.get(key)) is not None:
-                    progress.end(trial.config.get("trial_id", str(trial)), trial.last_result or {}, failed=False)
-
-            def on_trial_error(self, iteration, trials, trial, **info):
-                if (progress := _LIVE.get(key)) is not None:
-                    progress.end(trial.config.get("trial_id", str(trial)), trial.last_result or {}, failed=True)
-
-        self.callback = _Callback()
+        self.callback = SweepCallback(id(self))
 
     def result(self, trial_id: str, result: dict) -> None:
         spent = result.get(self.key)
@@ -174,6 +159,27 @@ class SweepProgress:
     def close(self) -> None:
         _LIVE.pop(id(self), None)
         self.bar.close()
+
+
+class SweepCallback(tune.Callback):
+    """Feeds the display ``key`` names in this process. A top-level class holding a key: Tune pickles
+    its callbacks into tuner.pkl, and cloudpickle would take a class made in a function by value, with
+    the globals its methods read (``_LIVE``, hence the bar and its stream)."""
+
+    def __init__(self, key: int):
+        self.key = key
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if (progress := _LIVE.get(self.key)) is not None:
+            progress.result(trial.config.get("trial_id", str(trial)), result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if (progress := _LIVE.get(self.key)) is not None:
+            progress.end(trial.config.get("trial_id", str(trial)), trial.last_result or {}, failed=False)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        if (progress := _LIVE.get(self.key)) is not None:
+            progress.end(trial.config.get("trial_id", str(trial)), trial.last_result or {}, failed=True)
 
 
 def headline(trials: pd.DataFrame) -> list[str]:

@@ -88,7 +88,8 @@ def test_a_killed_worker_restarts_from_the_latest_checkpoint(tmp_path):
     from mlflow.tracking import MlflowClient
 
     from flowbench.results.tables import read_table
-    from flowbench.sweep.driver import plan, run_sweep
+    from flowbench.sweep.driver import run_sweep
+    from flowbench.sweep.plan import plan
 
     spec = spec_file(
         tmp_path, "restart", models=("glow",), steps=100, extra="resources: {cpu: 1, workers: 2}\nmax_failures: 1\n"
