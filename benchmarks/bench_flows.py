@@ -117,7 +117,6 @@ def bpd_after_steps(args, precision: str, out_dir: str):
         recipe_source=source,
         coupling_precision=precision,
         evaluations=1,
-        latency_repeats=1,
         device=args.device,
         out_dir=out_dir,
     )

@@ -101,7 +101,7 @@ train: {{batch_size: 16, evaluations: 1, eval_images: 64}}
 overrides:
   glow: {{depth: 2, levels: 2, hidden_channels: 8}}
 resources: {{cpu: 1}}
-latency: {{batch_size: 8, repeats: 1}}
+latency: {{batch_sizes: [1], rounds: 2, warmup: 0}}
 """)
     return spec
 

@@ -28,7 +28,7 @@ Two tiers; the summary says which ran:
   benchmarks (``bench_compile.py``: eager and compiled, float32 and bf16 couplings, against
   normflows' Glow when its wheel came, FLOP/s against the device's own bf16 and fp32 matmul rates)
   at the laptop and the CIFAR-10 card shapes, and ``flowbench train`` at the card's shape for 300
-  steps (throughput, peak memory, latency from its record);
+  steps (throughput and peak memory from its record);
 - **with Ray**, where ray, mlflow and optuna import: the ``sweeps/gpu-check.yaml`` sweep; the
   data-parallel (nccl) test in the GPU tests runs where there are two GPUs.
 
@@ -214,9 +214,8 @@ def step_figures(step: Step, out: Path) -> list[str]:
         row = json.loads(record.read_text())
         lines.append(
             f"  - {row['steps']} steps, {row['throughput_images_per_s']:.0f} images/s, peak memory "
-            f"{row['peak_memory_mb']:.0f} MB ({row['memory_kind']}), latency (batch {row['latency_batch_size']}): "
-            f"log_prob {row['density_latency_ms']:.1f} ms, sample {row['sample_latency_ms']:.1f} ms; "
-            f"test bits/dim {row['test_bpd']:.3f} after {row['steps']} steps"
+            f"{row['peak_memory_mb']:.0f} MB ({row['memory_kind']}); test bits/dim {row['test_bpd']:.3f} after "
+            f"{row['steps']} steps"
         )
     return lines
 

@@ -78,11 +78,6 @@ class TrialRecord:
     num_params_allocated: int = column(0, mlflow=METRIC)  # every allocated entry, masked ones included
     throughput_images_per_s: float = column(math.nan, mlflow=METRIC)
     peak_memory_mb: float = column(math.nan, mlflow=METRIC)
-    latency_batch_size: int = column(0, mlflow=METRIC)
-    density_latency_ms: float = column(math.nan, mlflow=METRIC)
-    density_latency_iqr_ms: float = column(math.nan, mlflow=METRIC)
-    sample_latency_ms: float = column(math.nan, mlflow=METRIC)
-    sample_latency_iqr_ms: float = column(math.nan, mlflow=METRIC)
     # status and provenance
     status: str = column("ok", mlflow=TAG)  # ok | diverged | failed | stopped
     reason: str = column("", mlflow=TAG)

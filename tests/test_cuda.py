@@ -124,7 +124,7 @@ overrides:
   glow: {depth: 2, levels: 2, hidden_channels: 8}
   emerging: {depth: 2, levels: 2, hidden_channels: 8}
 resources: {cpu: 1, gpu: 1}
-latency: {batch_size: 8, repeats: 2}
+latency: {batch_sizes: [1, 4], rounds: 2, warmup: 1}
 """)
     try:
         outcome = run_sweep(spec, tmp_path / "results", num_cpus=2)
@@ -151,7 +151,6 @@ def test_two_nccl_workers_reach_the_one_gpu_result(tmp_path):
         batch_size=32,
         budget=6,
         evaluations=2,
-        latency_repeats=2,
     )
     single = run_trial(TrialConfig(**config, out_dir=str(tmp_path / "single"), device="cuda"))
     start_ray(None)

@@ -32,6 +32,7 @@ RUN_BY = {
     r"flowbench sweep sweeps/table2-cpu\.yaml( && .*)?": REPRODUCE,
     r"rm -r results/table2-cpu results/ablations results/search-cpu": REPRODUCE,
     r"flowbench report results/table2(-cpu)?": REPORT,
+    r"flowbench latency results/table2-cpu": "tests/sweep/test_runner.py::test_sweep_end_to_end_rerun_and_card_change",
     r"ray (up -y|dashboard|exec|rsync-down|down -y) cluster-onprem\.yaml.*": "tests/sweep/test_ray_up.py::onprem",
     r"ray job submit .* --storage /shared/flowbench .*": "tests/sweep/test_ray_up.py::onprem",
     r"sbatch .* cluster-slurm\.sbatch .*": "tests/sweep/test_slurm.py::slurm",

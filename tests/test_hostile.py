@@ -149,8 +149,9 @@ SPECS = {
     "cpu-zero": (appended("resources: {cpu: 0}"), "resources.cpu", "greater than 0"),
     "gpu-negative": (appended("resources: {gpu: -1}"), "resources.gpu", "greater than or equal to 0"),
     "workers-zero": (appended("resources: {workers: 0}"), "resources.workers", "greater than or equal to 1"),
-    "latency-batch-zero": (appended("latency: {batch_size: 0}"), "latency.batch_size", "greater than 0"),
-    "latency-repeats-zero": (appended("latency: {repeats: 0}"), "latency.repeats", "greater than 0"),
+    "latency-batch-zero": (appended("latency: {batch_sizes: [1, 0]}"), "latency.batch_sizes.1", "greater than 0"),
+    "latency-one-round": (appended("latency: {rounds: 1}"), "latency.rounds", "greater than or equal to 2"),
+    "latency-retired-repeats": (appended("latency: {repeats: 20}"), "latency.repeats", "timed after training now"),
     "match-params-zero": (appended("match_params: 0"), "match_params", "greater than 0"),
     "max-failures-negative": (appended("max_failures: -1"), "max_failures", "greater than or equal to 0"),
     "override-lr-negative": (

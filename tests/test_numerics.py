@@ -18,7 +18,7 @@ TINY_CLI = ["--hparam", "depth=2", "--hparam", "levels=2", "--hparam", "hidden_c
 
 
 def test_a_record_names_what_its_numbers_depend_on(tmp_path):
-    record = run_trial(TrialConfig(**TINY, budget=2, evaluations=1, latency_repeats=1, out_dir=str(tmp_path)))
+    record = run_trial(TrialConfig(**TINY, budget=2, evaluations=1, out_dir=str(tmp_path)))
     assert record.numerics == "native"
     assert record.cpu_capability == torch.backends.cpu.get_cpu_capability()
     assert record.threads == torch.get_num_threads()

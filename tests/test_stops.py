@@ -64,6 +64,24 @@ def appeared(pattern):
     return lambda: bool(set(pattern()) - before)
 
 
+def latency_timing(ray_tmp: Path):
+    """A moment: the latency phase's timing process running under the Ray whose sessions live in
+    ``ray_tmp`` (its environment names that folder; the uninterrupted run beside it has its own)."""
+    wanted = f"RAY_TMPDIR={ray_tmp}".encode()
+
+    def timing() -> bool:
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if b"flowbench.trial.latency" in (proc / "cmdline").read_bytes():
+                    if wanted in (proc / "environ").read_bytes().split(b"\0"):
+                        return True
+            except OSError:  # ended meanwhile, or not ours to read
+                continue
+        return False
+
+    return timing
+
+
 def rewritten(path: Path):
     """A moment: ``path`` written anew."""
     before = path.stat().st_mtime_ns if path.exists() else None
@@ -72,9 +90,9 @@ def rewritten(path: Path):
 
 def test_a_sweep_stopped_at_six_moments_resumes_exactly(tmp_path):
     """One results folder stopped six times in a row, each run getting further: SIGINT and SIGTERM
-    while Ray starts, while the trials train, and while the tables are written (the runs that
-    finish the trials and then run nothing). Its trials equal those of an uninterrupted run of the
-    same spec, which runs meanwhile beside the others."""
+    while Ray starts and while the trials train; SIGINT in the latency phase (the run that finishes
+    the trials); SIGTERM while the tables are written (the run that trains nothing). Its trials
+    equal those of an uninterrupted run of the same spec, which runs meanwhile beside the others."""
     spec = spec_file(tmp_path, "stops", steps=STEPS)
     # short: Ray's socket paths must fit 107 bytes; one each: the moment Ray starts is a session folder appearing
     ray_tmp, plain_tmp = (Path(tempfile.mkdtemp(prefix="fbray-", dir="/tmp")) for _ in range(2))
@@ -92,7 +110,8 @@ def test_a_sweep_stopped_at_six_moments_resumes_exactly(tmp_path):
         text=True,
         env=env | {"RAY_TMPDIR": str(plain_tmp)},
     )
-    again = re.escape(f"; run `flowbench sweep {spec} --results {results} --num-cpus 2` to resume")
+    resume = f"; run `flowbench sweep {spec} --results {results} --num-cpus 2` to resume"
+    again = re.escape(resume)
     ray_starting = lambda: appeared(lambda: (ray_tmp / "ray").glob("session_2*"))  # noqa: E731
     training = lambda: appeared(lambda: out.glob("tune/*/*/checkpoint_*"))  # noqa: E731
     try:
@@ -135,15 +154,27 @@ def test_a_sweep_stopped_at_six_moments_resumes_exactly(tmp_path):
                 "nxn_shift-digits-seed0",
             ]
 
-        for signum in (signal.SIGINT, signal.SIGTERM):  # the first finishes training, the second runs nothing
-            name = signal.Signals(signum).name
-            moment = rewritten(out / "trials.parquet")
-            said = stop_when(sweep(results), moment, signum, tmp_path / f"tables-{name}.err", env)
-            assert said == [
-                f"flowbench: interrupted by {name} while the tables were written: every trial had finished, and "
-                "the tables and report are complete"
-            ]
-            assert "Incomplete" not in (out / "report.md").read_text()  # written whole, after the signal
+        # SIGINT once the trials have finished and the latency phase times them: the tables are written
+        # without latency, and the next run times it without training
+        said = stop_when(sweep(results), latency_timing(ray_tmp), signal.SIGINT, tmp_path / "latency.err", env)
+        assert said == [
+            "flowbench: interrupted by SIGINT before the latency phase had timed every trial: every trial is "
+            f"recorded; the next run times what the latency table lacks, without training{resume}"
+        ], said
+        assert not (out / "latency.parquet").exists() and "No latency table" in (out / "report.md").read_text()
+        finished = read_table(out / "trials.parquet", "trials").set_index("trial_id").finished_at
+
+        # SIGTERM while the tables are written: the run trains nothing, times the latency, writes the tables
+        moment = rewritten(out / "trials.parquet")
+        said = stop_when(sweep(results), moment, signal.SIGTERM, tmp_path / "tables-SIGTERM.err", env)
+        assert said == [
+            "flowbench: interrupted by SIGTERM while the tables were written: every trial had finished, and "
+            "the tables and report are complete"
+        ]
+        assert "Incomplete" not in (out / "report.md").read_text()  # written whole, after the signal
+        assert read_table(out / "trials.parquet", "trials").set_index("trial_id").finished_at.equals(finished)
+        latency = read_table(out / "latency.parquet", "latency")
+        assert sorted(set(latency.trial_id)) == sorted(finished.index) and len(latency) == 2 * 2 * 2
         _, err = plain.communicate(timeout=600)
         assert plain.returncode == 0, err[-3000:]
     finally:

@@ -11,6 +11,7 @@ import sys
 
 from flowbench import stopping
 from flowbench.atomic import write_error
+from flowbench.cli.latency import cmd_latency
 from flowbench.cli.options import BUDGET_KINDS, hparam_option, image_shape_option, number_option
 from flowbench.cli.sweep import cmd_report, cmd_sweep
 from flowbench.cli.train import cmd_data_prepare, cmd_models, cmd_sample, cmd_train
@@ -142,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", help="rebuild from this MLflow store's runs instead of the Parquet tables")
     p.add_argument("--experiment", help="with --mlflow-uri: the sweep's name")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("latency", help="time a finished sweep's selected weights again on this machine")
+    p.add_argument("results_dir", help="results/NAME of a finished sweep (its trials.parquet and weights/)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where torch sees a GPU, else cpu")
+    p.add_argument("--batch-sizes", type=number_option(int, ge=1), nargs="+", default=[1, 16])
+    p.add_argument("--rounds", type=number_option(int, ge=2), default=10, help="interleaved timing rounds")
+    p.add_argument("--warmup", type=number_option(int, ge=0), default=2, help="untimed calls of each first")
+    p.add_argument("--threads", type=number_option(int, ge=1), help="intra-op threads (default: this process's CPUs)")
+    p.set_defaults(func=cmd_latency)
 
     p = sub.add_parser("sample", help="write a grid of samples from a checkpoint")
     p.add_argument("checkpoint")

@@ -127,6 +127,7 @@ def cmd_sweep(args) -> None:
         planned_trials,
         recorded_trials,
     )
+    from flowbench.sweep.latency import describe
 
     planned = plan_sweep(args.spec)
     spec = planned.spec
@@ -162,6 +163,7 @@ def cmd_sweep(args) -> None:
             f"training over {eff['slots']} slots x {eff['wall_seconds']:.0f} s"
         )
     print(f"  tables   {outcome.results_dir}/trials.parquet, curves.parquet, table2.parquet")
+    print(f"  latency  {outcome.results_dir}/latency.parquet: {describe(outcome.latency)}")
     print(f"  report   {outcome.results_dir}/report.md, report.html, plots/")
     print(
         f"  mlflow   {outcome.mlflow_uri} (experiment {spec.name})"

@@ -173,10 +173,6 @@ def cmd_train(args) -> None:
     )
     print(f"  recipe          {record.recipe}")
     print(f"  parameters      {record.num_params:,} effective ({record.num_params_allocated:,} allocated)")
-    print(
-        f"  latency (batch {record.latency_batch_size})  log_prob {record.density_latency_ms:.1f} ms, "
-        f"sample {record.sample_latency_ms:.1f} ms  (median)"
-    )
     print(f"  peak memory     {record.peak_memory_mb:.0f} MB ({record.memory_kind})")
     print(f"  written         {out}/record.json, record.parquet, curve.parquet, checkpoint/")
 

@@ -6,12 +6,14 @@ A verdict is one of: *supported*, *contradicted*, *inconclusive* (the paired dif
 interval and the Holm-adjusted p-value are shown), or *not tested by this sweep* (naming the data set,
 model or measurement that would test it). Nothing here is written for a particular result:
 
-- bits/dim and latency claims are paired comparisons over seeds from ``paired_comparisons``
+- bits/dim claims are paired comparisons over seeds from ``paired_comparisons``
   (scipy's ``ttest_rel``, Holm over the data set's pairs): supported when the Holm-adjusted p-value
   is at most 5% and the difference has the claimed sign, contradicted when it is at most 5% with
   the other sign, inconclusive otherwise (or with fewer than two seeds). A claim about a data set
   the sweep did not run is not tested by it; the same comparison on the data the sweep did run is
   shown beside it, without a verdict on the paper's claim (embedded photographs are not CIFAR-10);
+- latency claims are ruled per device from the latency table (``flowbench.results.latency``): the
+  time ratio over paired rounds at batch 1, by the same test and rule; the throughput batch beside it;
 - the parameter claim counts the mixing layers as built at the paper's cards (no training needed;
   the sweep's tables hold whole-model counts only);
 - the flexibility claim is checked by folding a randomly parametrised n×n model into a Glow model
@@ -40,12 +42,9 @@ PAPER_IMAGE_SHAPES = {"cifar10": (3, 32, 32), "imagenet32": (3, 32, 32), "imagen
 DATASET_NAMES = {"cifar10": "CIFAR-10", "imagenet32": "ImageNet 32×32", "imagenet64": "ImageNet 64×64"}
 STANDARD_KERNEL = 3  # the standard n×n convolution the paper sets its layer against: 3×3
 FOLD_TOLERANCE = 1e-9  # relative log-density gap of an exact fold in float64
-METRIC_UNITS = {"test_bpd": "bits/dim", "density_latency_ms": "ms", "sample_latency_ms": "ms"}
-METRIC_NAMES = {
-    "test_bpd": "test bits/dim",
-    "density_latency_ms": "log_prob latency",
-    "sample_latency_ms": "sampling latency",
-}
+METRIC_UNITS = {"test_bpd": "bits/dim"}
+METRIC_NAMES = {"test_bpd": "test bits/dim", "density": "log_prob latency", "sampling": "sampling latency"}
+LATENCY_BATCH = 1  # the batch size a latency claim is ruled at (larger ones: throughput, shown beside it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +126,7 @@ def paper_claims() -> PaperClaims:
                 Claim(
                     "d1", "n×n convolution infers faster than Emerging convolutions: density (log_prob)", speed_source
                 ),
-                "density_latency_ms",
+                "density",
                 "nxn_shift",
                 "emerging",
             ),
@@ -135,7 +134,7 @@ def paper_claims() -> PaperClaims:
                 Claim(
                     "d2", "n×n convolution infers faster than Emerging convolutions: sampling (inverse)", speed_source
                 ),
-                "sample_latency_ms",
+                "sampling",
                 "nxn_shift",
                 "emerging",
             ),
@@ -263,6 +262,46 @@ def rule_paired(
     return [Ruling(claim.claim, _paired_verdict(row, claim), _figures(row, claim), others, budgets)]
 
 
+def rule_latency(claim: PairedClaim, pairs: pd.DataFrame, trials: pd.DataFrame) -> list[Ruling]:
+    """One ruling per device and data set timed, from ``latency_pairs``: the claim's kind at batch
+    ``LATENCY_BATCH``, with the throughput batch sizes' ratios beside it."""
+    from flowbench.results.latency import ratio_text
+
+    models = {claim.better, claim.worse}
+    mine = pairs[(pairs["kind"] == claim.metric) & pairs["model_a"].isin(models) & pairs["model_b"].isin(models)]
+    if "variant" in mine:
+        mine = mine[mine["variant"] == ""]
+    rulings = []
+    for (device, dataset), part in mine.groupby(["device", "dataset"], sort=True):
+        at = part[part["batch_size"] == LATENCY_BATCH]
+        others = tuple(
+            f"at batch {int(r.batch_size)} (throughput): {claim.better} / {claim.worse} = {ratio_text(r, claim.better)}"
+            for r in part[part["batch_size"] != LATENCY_BATCH].itertuples()
+        )
+        statement = f"{claim.claim.statement}, on {dataset}, on {device}"
+        if at.empty:
+            rulings.append(
+                Ruling(dataclasses.replace(claim.claim, statement=statement), NOT_TESTED, "needs batch 1 timed", others)
+            )
+            continue
+        row = at.iloc[0]
+        figures = f"at batch {LATENCY_BATCH}: {claim.better} / {claim.worse} = {ratio_text(row, claim.better)}"
+        verdict = _paired_verdict(row, claim)
+        rulings.append(Ruling(dataclasses.replace(claim.claim, statement=statement), verdict, figures, others))
+    if not rulings:
+        return [Ruling(claim.claim, NOT_TESTED, _missing_latency(trials, claim))]
+    return rulings
+
+
+def _missing_latency(trials: pd.DataFrame, claim: PairedClaim) -> str:
+    finals = trials[(trials["phase"] != "search") & (trials["variant"] == "")]
+    ok = finals[compared(finals)]
+    absent = [m for m in (claim.better, claim.worse) if m not in set(ok["model"])]
+    if absent:
+        return f"needs successful trials of {' and '.join(absent)}"
+    return "needs a latency table (the sweep's latency phase, or flowbench latency RESULTS_DIR)"
+
+
 def mixing_counts(dataset: str, kernel_size: int = STANDARD_KERNEL) -> MixingCounts | None:
     """The n×n model's mixing layers at ``dataset``'s card, counted as built (effective parameters),
     beside a standard k×k convolution's k²·C² on the same C channels; None without a card there.
@@ -365,15 +404,22 @@ def rule_flexibility(claim: Claim, gap: float, pairs: pd.DataFrame, along: pd.Da
 
 
 def rule_claims(
-    trials: pd.DataFrame, table2: pd.DataFrame, pairs: pd.DataFrame, along: pd.DataFrame | None = None
+    trials: pd.DataFrame,
+    table2: pd.DataFrame,
+    pairs: pd.DataFrame,
+    along: pd.DataFrame | None = None,
+    latency: pd.DataFrame | None = None,
 ) -> list[Ruling]:
     """Every claim's ruling. ``pairs`` holds paired comparisons of test_bpd (with ``seeds_needed``'s
-    power columns where known), density_latency_ms and sample_latency_ms (``paired_comparisons`` per
-    metric, concatenated); ``along`` the comparisons along the budget (``milestone_comparisons``)."""
+    power columns where known); ``along`` the comparisons along the budget (``milestone_comparisons``);
+    ``latency`` the latency comparisons (``latency_pairs``)."""
+    from flowbench.results.latency import latency_pairs
+
     claims = paper_claims()
     rulings = [r for claim in claims.bpd for r in rule_paired(claim, pairs, trials, along)]
     counts = [c for dataset in PAPER_IMAGE_SHAPES if (c := mixing_counts(dataset)) is not None]
     rulings.append(rule_parameters(claims.parameters, counts, table2))
-    rulings += [r for claim in claims.latency for r in rule_paired(claim, pairs, trials)]
+    timed = latency if latency is not None else latency_pairs(None)
+    rulings += [r for claim in claims.latency for r in rule_latency(claim, timed, trials)]
     rulings.append(rule_flexibility(claims.flexibility, fold_gap(), pairs, along))
     return rulings

@@ -43,7 +43,9 @@ def series_label(model: str, variant: str) -> str:
     return f"{model} ({variant})" if variant else model
 
 
-def report_plots(out: Path, summary: pd.DataFrame, table2: pd.DataFrame) -> list[Path]:
+def report_plots(
+    out: Path, summary: pd.DataFrame, table2: pd.DataFrame, latency: pd.DataFrame | None = None
+) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,15 +106,22 @@ def report_plots(out: Path, summary: pd.DataFrame, table2: pd.DataFrame) -> list
         ax.legend(fontsize=8)
     save(fig, "bpd-vs-params.png")
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    names = [f"{series_label(r.model, r.variant)}\n{r.dataset}" for r in table2.itertuples()]
-    x = np.arange(len(names))
-    ax.bar(x - 0.2, table2["density_latency_ms"], 0.4, label="log_prob")
-    ax.bar(x + 0.2, table2["sample_latency_ms"], 0.4, label="sample")
-    ax.set_xticks(x, names, fontsize=8)
-    ax.set(ylabel="ms per batch (median over seeds)", title="inference latency")
-    ax.legend()
-    save(fig, "latency.png")
+    if latency is not None and len(latency):
+        # one device (the first timed): latencies of different devices are never set side by side
+        device = sorted(latency["device"].unique())[0]
+        at = latency[(latency["device"] == device) & (latency["batch_size"] == latency["batch_size"].min())]
+        medians = at.groupby(["model", "variant", "dataset", "kind"], sort=False)["median_ms"].median().unstack("kind")
+        fig, ax = plt.subplots(figsize=(7, 4))
+        names = [f"{series_label(m, v)}\n{d}" for m, v, d in medians.index]
+        x = np.arange(len(names))
+        for offset, kind in ((-0.2, "density"), (0.2, "sampling")):
+            if kind in medians:
+                ax.bar(x + offset, medians[kind], 0.4, label=kind)
+        ax.set_xticks(x, names, fontsize=8)
+        batch = int(at["batch_size"].iloc[0])
+        ax.set(ylabel=f"ms at batch {batch} (median over checkpoints)", title=f"inference latency on {device}")
+        ax.legend()
+        save(fig, "latency.png")
     return written
 
 

@@ -18,6 +18,7 @@ from flowbench.results.curves import (
     milestone_comparisons,
     milestone_values,
 )
+from flowbench.results.latency import LATENCY_FILE, latency_pairs, latency_summary, ratio_table
 from flowbench.results.mixers import mixer_sections
 from flowbench.results.plots import report_plots, sample_figures, series_label
 from flowbench.results.power import DETECT_BPD, TARGET_POWER, seeds_needed
@@ -26,7 +27,6 @@ from flowbench.results.table2 import ALPHA, SPENT, final_trials, paired_comparis
 from flowbench.results.tables import read_table, write_table
 
 ABLATIONS = "ablations"  # a sibling results folder of that name holds the ablation sweep
-LATENCY_METRICS = ("density_latency_ms", "sample_latency_ms")
 SPLITS = (
     "Splits: validation bits/dim (carved from the training data, the same for every seed and model) for "
     "everything that selects — search, ASHA, early stopping and the checkpoint reported; test bits/dim "
@@ -91,8 +91,6 @@ def cost_table(table2: pd.DataFrame) -> pd.DataFrame:
             "images (mean)": [_fmt(v, 0) for v in table2["images_seen_mean"]],
             "steps (mean)": [_fmt(s, 0) for s in table2["steps_mean"]],
             "train images/s": [_fmt(t, 1) for t in table2["throughput_images_per_s"]],
-            "log_prob ms": [_fmt(v, 1) for v in table2["density_latency_ms"]],
-            "sample ms": [_fmt(v, 1) for v in table2["sample_latency_ms"]],
         }
     )
 
@@ -220,8 +218,50 @@ def _budget_note(trials: pd.DataFrame) -> list[str]:
     ]
 
 
-def _claims_section(trials: pd.DataFrame, table2: pd.DataFrame, pairs: pd.DataFrame, along: pd.DataFrame) -> Section:
-    rulings = rule_claims(trials, table2, pairs, along)
+def _latency_sections(latency: pd.DataFrame | None, pairs: pd.DataFrame, plots: list[Path]) -> list[Section]:
+    if latency is None or latency.empty:
+        return [
+            Section(
+                "Inference latency",
+                [
+                    "No latency table: the sweep's latency phase has not run (an interrupted sweep runs it once its "
+                    "trials are done), or these tables predate it. `flowbench latency RESULTS_DIR` times the selected "
+                    "weights on the machine at hand."
+                ],
+            )
+        ]
+    return [
+        Section(
+            "Inference latency",
+            [
+                "Timed after training, with nothing else running on the node (one Ray task held all its CPUs, and a "
+                "GPU on CUDA), in native numerics at the node's threads: every model side by side, warmed up, then in "
+                "interleaved rounds, each call synchronised. Per device, never across devices: median over the "
+                "model's checkpoints of their median ms per call, the quartiles of its calls, images per second. "
+                "Density is log_prob of the model's own samples; sampling is the inverse. `flowbench latency "
+                "RESULTS_DIR` adds another device's rows."
+            ],
+            latency_summary(latency),
+            plots=[p for p in plots if p.name == "latency.png"],
+        ),
+        Section(
+            "Paired comparisons of inference latency over rounds (time ratio a / b)",
+            [
+                "Rounds are the replicates: each round times every model once, side by side, so the ratio of two "
+                "models' times in a round cancels whatever slowed that round; a model's time in a round is the "
+                "median over its checkpoints (seeds barely change an architecture's cost). Mean log ratio over "
+                "rounds with its 95% t-interval, shown as a ratio; Holm over a device, kind and batch size's pairs "
+                "on a data set."
+            ],
+            ratio_table(pairs),
+        ),
+    ]
+
+
+def _claims_section(
+    trials: pd.DataFrame, table2: pd.DataFrame, pairs: pd.DataFrame, along: pd.DataFrame, latency: pd.DataFrame
+) -> Section:
+    rulings = rule_claims(trials, table2, pairs, along, latency)
     ran = sorted(set(final_trials(trials)["dataset"]))
     other = [d for d in ran if d not in PAPER_IMAGE_SHAPES]
     return Section(
@@ -284,19 +324,20 @@ def build_report(
     detect: float = DETECT_BPD,
     target_power: float = TARGET_POWER,
     unfinished: list[str] | tuple[str, ...] = (),
+    latency: pd.DataFrame | None = None,
 ) -> dict:
     """Write table2.parquet, plots, report.md and report.html under ``out``; return their paths.
     ``detect`` (bits/dim) and ``target_power``: the difference each comparison's power is stated for,
     and the power the seeds needed are counted for; ``unfinished``: the planned trials of an interrupted
-    sweep that have not finished."""
+    sweep that have not finished; ``latency``: the latency table, where the sweep has one."""
     out = Path(out)
     table2 = table2_frame(trials, paper_bpd)
     bpd_pairs = seeds_needed(paired_comparisons(trials), detect, target_power)
-    latency_pairs = pd.concat([paired_comparisons(trials, m) for m in LATENCY_METRICS], ignore_index=True)
+    timed = latency_pairs(latency)
     values = milestone_values(trials, curves)
     summary, along = curve_summary(values), milestone_comparisons(values)
     paths: dict[str, Path | list[Path]] = {"table2": write_table(table2, out / "table2.parquet", "table2")}
-    plots = report_plots(out, summary, table2)
+    plots = report_plots(out, summary, table2, latency)
     figures = sample_figures(out, trials)
     name = trials["sweep"].iloc[0] if len(trials) else out.name
     finals = final_trials(trials)
@@ -331,7 +372,7 @@ def build_report(
             "Table 2 (test bits/dim, lower is better)", _budget_note(trials), table=paper_shaped(table2).reset_index()
         ),
         Section(
-            "Validation and test bits/dim, parameters, compute and latency",
+            "Validation and test bits/dim, parameters and compute",
             [
                 "FLOPs are training FLOPs (forward and backward) per image at the trial's shape; parameters "
                 "count what can change the map (masked entries and buffers excluded), allocated counts every "
@@ -339,7 +380,7 @@ def build_report(
             ],
             cost_table(table2),
         ),
-        *mixer_sections(table2),
+        *mixer_sections(table2, latency),
         Section("Paired comparisons of test bits/dim over seeds", table=comparison_table(bpd_pairs)),
         Section(
             f"Seeds needed (power of the paired t-test, two-sided, α = {ALPHA:g} per comparison)",
@@ -353,11 +394,8 @@ def build_report(
             seeds_table(bpd_pairs),
         ),
         *_along_sections(trials, table2, summary, along, plots),
-        Section(
-            "Paired comparisons of inference latency over seeds (ms per batch)",
-            table=comparison_table(latency_pairs, digits=1),
-        ),
-        _claims_section(trials, table2, pd.concat([bpd_pairs, latency_pairs], ignore_index=True), along),
+        *_latency_sections(latency, timed, plots),
+        _claims_section(trials, table2, bpd_pairs, along, timed),
     ]
     shown = {p for s in sections for p in s.plots}
     rest = [p for p in plots if p not in shown]
@@ -382,4 +420,5 @@ def report_from_dir(results_dir: str | Path) -> dict:
         detect=power.get("difference", DETECT_BPD),
         target_power=power.get("target", TARGET_POWER),
         unfinished=meta.get("unfinished", []),
+        latency=read_table(results_dir / LATENCY_FILE, "latency") if (results_dir / LATENCY_FILE).is_file() else None,
     )

@@ -2,7 +2,7 @@
 
 Selection (search, ASHA, early stopping, the reported checkpoint) happened on validation bits/dim
 inside each trial; a trial's ``test_bpd`` is its selected checkpoint's, computed once. Table 2
-shows it beside ``val_bpd``, the parameter counts, the FLOPs and the latency.
+shows it beside ``val_bpd``, the parameter counts and the FLOPs (latency: ``flowbench.results.latency``).
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ TABLE2_COLUMNS = [
     "train_flops_mean",
     "images_seen_mean",
     "steps_mean",
-    "density_latency_ms",
-    "sample_latency_ms",
     "throughput_images_per_s",
     "paper_bpd",
     "delta_vs_paper",
@@ -198,8 +196,6 @@ def table2_frame(trials: pd.DataFrame, paper_bpd) -> pd.DataFrame:
                 "train_flops_mean": _mean(ok["train_flops"]),
                 "images_seen_mean": _mean(ok["images_seen"]),
                 "steps_mean": _mean(ok["steps"]),
-                "density_latency_ms": float(ok["density_latency_ms"].median()) if len(ok) else math.nan,
-                "sample_latency_ms": float(ok["sample_latency_ms"].median()) if len(ok) else math.nan,
                 "throughput_images_per_s": _mean(ok["throughput_images_per_s"]),
                 "paper_bpd": math.nan if paper is None else float(paper),
                 "delta_vs_paper": math.nan if paper is None else mean - float(paper),

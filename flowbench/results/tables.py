@@ -2,7 +2,7 @@
 
 ``trials.parquet`` holds one row per trial, exactly the columns of ``flowbench.record.TrialRecord``;
 ``curves.parquet`` one row per (trial, evaluation); ``table2.parquet`` one row per (model, variant,
-dataset).
+dataset); ``latency.parquet`` one row per (trial, kind, batch size, device).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from flowbench.record import RECORD_COLUMNS
 # evaluations, eval_images); version 2 curves were evaluated every N steps, at unequal compute. Trials
 # name what their numbers depend on (numerics mode, CPU, ATen's kernels, threads, math libraries, GPU) and
 # their compile_seconds
-SCHEMA_VERSION = 3
+# 4: latency is a table of its own (latency.parquet, one row per trial × kind × batch size × device,
+# timed after training with nothing else running); trials and table2 no longer carry latency columns
+SCHEMA_VERSION = 4
 # one evaluation of a trial (on the validation split): what curves.parquet and MLflow's metric
 # histories hold per step
 CURVE_METRICS = (
@@ -57,6 +59,7 @@ REQUIRED = {
         "flops_per_image",
         "paper_bpd",
     ],
+    "latency": ["trial_id", "model", "dataset", "seed", "kind", "batch_size", "device", "median_ms", "times_ms"],
 }
 
 
@@ -100,7 +103,7 @@ def read_table(path: str | Path, kind: str) -> pd.DataFrame:
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise FlowbenchError(
             f"{path}: {kind} table of schema version {meta.get('schema_version')}, this flowbench reads "
-            f"version {SCHEMA_VERSION} (evaluations at equal fractions of the budget, numerics provenance); re-run "
+            f"version {SCHEMA_VERSION} (latency in a table of its own, timed after training); re-run "
             f"the sweep (flowbench sweep SPEC) or use the flowbench version that wrote it"
         )
     return table.to_pandas()

@@ -38,6 +38,7 @@ from flowbench.sweep.experiment import (
     start_ray,
     stored_results,
 )
+from flowbench.sweep.latency import LATENCY_FILE, WEIGHTS_DIR, read_latency, run_phase
 from flowbench.sweep.plan import SweepPlan, Unit, experiment_name, plan_sweep
 from flowbench.sweep.records import RecordStore, archive_stale, collect, curve_of, record_of
 from flowbench.sweep.search import INTERRUPTED
@@ -63,6 +64,7 @@ class SweepOutcome:
     results_dir: Path
     trials: pd.DataFrame
     curves: pd.DataFrame
+    latency: pd.DataFrame | None  # the latency table (None: no trial ok yet, or the phase was stopped first)
     mlflow_uri: str
     parent_run_id: str
     efficiency: dict  # efficiency, busy_seconds, slots, wall_seconds, trials_run (efficiency, slots None: nothing ran)
@@ -199,7 +201,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
         # at the planned configurations, then run the rest as a new experiment
         earlier = stored_results(storage, previous)
         if earlier is not None:
-            collect(earlier, {u.id: u for u in todo}, store, out / "figures")
+            collect(earlier, {u.id: u for u in todo}, store, out / "figures", out / WEIGHTS_DIR)
         todo = [u for u in units if store.load(u) is None]
         name = experiment_name(todo)
     archive = None
@@ -233,7 +235,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
         lost = _storage_lost(storage, out, [r.error for r in results if r.error is not None])
         if lost is not None:
             raise lost  # trials that failed for want of their storage resume when it is back
-        fresh = collect(results, {u.id: u for u in todo}, store, out / "figures")
+        fresh = collect(results, {u.id: u for u in todo}, store, out / "figures", out / WEIGHTS_DIR)
         checkpointed = sum(bool((r.metrics or {}).get(INTERRUPTED)) for r in results)
         left = [u for u in todo if store.load(u) is None]
         if resumed and left and not stopping.requested():
@@ -254,7 +256,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
             )
             _write_meta(out, _read_meta(out) | {"experiment": name})
             again, _ = run_experiment(spec, storage, name, left, slots, callbacks, earlier)
-            fresh |= collect(again, {u.id: u for u in left}, store, out / "figures")
+            fresh |= collect(again, {u.id: u for u in left}, store, out / "figures", out / WEIGHTS_DIR)
             results += again
         efficiency = slot_efficiency(results, started, time.time(), slots)
     interrupted = bool(todo) and stopping.requested()  # Tune stopped in order (or before any trial started)
@@ -263,11 +265,22 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
     rows = [trial["row"] for _, trial in ended]
     unfinished = _unfinished(units, {row["trial_id"] for row in rows}) if interrupted else []
     trials = trials_frame(rows)
+    latency, timed_all = read_latency(out), False
+    if not unfinished and not stopping.requested():  # every trial trained: the latency phase, alone
+        latency, timed_all = run_phase(
+            spec, out, trials, lambda: start_ray(address, num_cpus, environment_for(spec.numerics))
+        )
     write_table(trials, out / "trials.parquet", "trials")
     curve_table = curves_frame(rows, [trial["curve"] for _, trial in ended])
     write_table(curve_table, out / "curves.parquet", "curves")
     report = build_report(
-        out, trials, curve_table, detect=spec.power.difference, target_power=spec.power.target, unfinished=unfinished
+        out,
+        trials,
+        curve_table,
+        detect=spec.power.difference,
+        target_power=spec.power.target,
+        unfinished=unfinished,
+        latency=latency,
     )
     ran = {"last_run": efficiency, "power": spec.power.model_dump(), "unfinished": unfinished}
     _write_meta(out, _read_meta(out) | ran)
@@ -285,12 +298,19 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
             f"{checkpointed} running ones checkpointed at the step they had reached; the tables and report hold "
             "the finished ones and say the sweep is incomplete"
         )
+    if stop is not None and not unfinished and not timed_all:
+        stop.check(
+            "before the latency phase had timed every trial: every trial is recorded; the next run times what the "
+            "latency table lacks, without training"
+        )
     if stop is not None:
         stop.check(
             "while the tables were written: every trial had finished, and the tables and report are complete", False
         )
     tracked = parent is not None and not tracker.down
-    return SweepOutcome(spec, out, trials, curve_table, uri, parent or "", efficiency, changed, archive, tracked)
+    return SweepOutcome(
+        spec, out, trials, curve_table, latency, uri, parent or "", efficiency, changed, archive, tracked
+    )
 
 
 def _log_sweep(tracker: MlflowTracker, parent: str, spec_path, out: Path, report: dict, efficiency: dict) -> None:
@@ -305,6 +325,7 @@ def _log_sweep(tracker: MlflowTracker, parent: str, spec_path, out: Path, report
         out / "sweep.json",
         out / "trials.parquet",
         out / "curves.parquet",
+        *([out / LATENCY_FILE] if (out / LATENCY_FILE).is_file() else []),
         report["table2"],
         report["md"],
         report["html"],

@@ -168,8 +168,6 @@ def expand(spec: SweepSpec, infos: dict[str, DatasetInfo]) -> list[TrialConfig]:
                             budget=spec.budget.amount,
                             **train,
                             recipe_source=source,
-                            latency_batch_size=spec.latency.batch_size,
-                            latency_repeats=spec.latency.repeats,
                             numerics=spec.numerics,
                             data_root=spec.data_roots.get(dataset),
                             sweep=spec.name,

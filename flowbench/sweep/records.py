@@ -16,6 +16,7 @@ from flowbench.sweep.plan import Unit, trial_of
 from flowbench.sweep.search import METRIC
 from flowbench.sweep.storage import copy_from_checkpoint, read_from_checkpoint, tune_storage
 from flowbench.sweep.worker import CURVE_FILE, RECORD_FILE
+from flowbench.trial.checkpoints import CHECKPOINT_FILE, SELECTED_FILE
 
 FIGURES = ("samples", "reconstructions")
 
@@ -120,10 +121,11 @@ class RecordStore:
         return [p for p in found if current.get(p.stem) != json.loads(p.read_text())["unit_hash"]]
 
 
-def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path) -> dict[str, list[dict]]:
+def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path, weights: Path) -> dict[str, list[dict]]:
     """Store every unit of ``results`` (a ResultGrid) that finished at its planned hash, with its
-    trials' figures; returns the ended trials of every unit found, finished or not (a failed trial
-    is in this run's tables, and runs again next time; an unfinished one is in no table)."""
+    trials' figures and selected weights (``weights/TRIAL.pt``); returns the ended trials of every
+    unit found, finished or not (a failed trial is in this run's tables, and runs again next time;
+    an unfinished one is in no table)."""
     by_unit: dict[str, list] = {}
     for result in results:
         config: dict = result.config or {}
@@ -149,11 +151,14 @@ def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path) 
         if len(finals) < len(unit.configs):
             continue  # not finished: the unit runs (again)
         for t, r in finals:
-            if r.checkpoint is not None:  # the report's sample figures
+            if r.checkpoint is not None:  # the report's sample figures; the latency phase's weights
+                trial_id = t["row"]["trial_id"]
                 for figure in FIGURES:
-                    copy_from_checkpoint(
-                        r.checkpoint, f"{figure}.png", figures / f"{figure}-{t['row']['trial_id']}.png"
-                    )
+                    copy_from_checkpoint(r.checkpoint, f"{figure}.png", figures / f"{figure}-{trial_id}.png")
+                if t["row"]["status"] == "ok" and not copy_from_checkpoint(
+                    r.checkpoint, SELECTED_FILE, weights / f"{trial_id}.pt"
+                ):
+                    copy_from_checkpoint(r.checkpoint, CHECKPOINT_FILE, weights / f"{trial_id}.pt")
         store.save(unit, trials)
     return found
 

@@ -113,8 +113,25 @@ class Power(Strict):
 
 
 class Latency(Strict):
-    batch_size: int = pydantic.Field(16, gt=0)
-    repeats: int = pydantic.Field(20, gt=0)
+    """The sweep's latency phase (``flowbench.sweep.latency``): after training, the selected weights
+    timed side by side at each batch size (1: latency; larger: throughput), ``warmup`` calls each,
+    then ``rounds`` interleaved rounds; on ``device`` (auto: cuda where the trials had a GPU)."""
+
+    batch_sizes: list[pydantic.PositiveInt] = pydantic.Field([1, 16], min_length=1)
+    rounds: int = pydantic.Field(10, ge=2)  # two at least: a paired interval needs a spread
+    warmup: int = pydantic.Field(2, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data):
+        if isinstance(data, dict) and {"batch_size", "repeats"} & set(data):
+            raise FieldError(
+                (sorted({"batch_size", "repeats"} & set(data))[0],),
+                "latency is timed after training now, every model side by side: give batch_sizes: [1, 16], "
+                "rounds: 10 (and optionally warmup, device) instead of batch_size and repeats",
+            )
+        return data
 
 
 def _known(kind: str, known):

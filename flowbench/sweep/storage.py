@@ -55,9 +55,11 @@ def copy_from_checkpoint(checkpoint, name: str, dest: Path) -> bool:
     if checkpoint.filesystem.get_file_info(src).type != pyarrow.fs.FileType.File:
         return False
     dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(f".{dest.name}.partial")  # renamed once whole: a killed copy leaves no half file
     pyarrow.fs.copy_files(
-        src, str(dest), source_filesystem=checkpoint.filesystem, destination_filesystem=pyarrow.fs.LocalFileSystem()
+        src, str(partial), source_filesystem=checkpoint.filesystem, destination_filesystem=pyarrow.fs.LocalFileSystem()
     )
+    partial.replace(dest)
     return True
 
 

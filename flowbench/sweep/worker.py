@@ -23,7 +23,7 @@ from flowbench.errors import FlowbenchError
 from flowbench.sweep.plan import Unit, trial_of
 from flowbench.sweep.search import INTERRUPTED, METRIC, tune_metrics
 from flowbench.sweep.stop_broadcast import stop_asked
-from flowbench.sweep.storage import tune_storage
+from flowbench.sweep.storage import stored_checkpoints, tune_storage
 from flowbench.trial import (
     CHECKPOINT_FILE,
     SELECTED_FILE,
@@ -71,7 +71,11 @@ def tune_trial(tune_config: dict, context: TrialContext) -> None:
     if checkpoint is not None:
         restored: Path | None = Path(checkpoint.to_directory(str(trial_dir / "restored")))
     else:
-        restored = whole_checkpoint(tune_config.get("earlier_checkpoints", []), context.storage, trial_dir)
+        # none from Tune: a driver killed after this trial uploaded a checkpoint but before Tune saved
+        # the experiment's state naming it restores the trial as new; what it left in storage resumes it
+        stored = stored_checkpoints(context.storage, tune.get_context().get_experiment_name(), config.trial_id)
+        earlier_paths = tune_config.get("earlier_checkpoints", []) or stored
+        restored = whole_checkpoint(earlier_paths, context.storage, trial_dir)
     earlier = _lines(restored / ATTEMPTS_FILE) if restored is not None else []
     curve = _lines(restored / CURVE_FILE) if restored is not None else []
 

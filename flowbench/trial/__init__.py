@@ -8,7 +8,8 @@ by Ray Tune in a sweep. The modules, one concern each:
 - ``step``: the optimiser, its warm-up, one training step, the loss meter read at evaluations.
 - ``budget``: how far a trial has come (``Progress``), when it evaluates (``Milestones``), which images
   each step sees (``batch_plan``).
-- ``measure``: bits/dim on a split, training FLOPs, latency, peak memory.
+- ``measure``: bits/dim on a split, training FLOPs, peak memory.
+- ``latency``: inference latency, models side by side in interleaved rounds, in a native process.
 - ``checkpoints``: saved whole or not at all, loaded safely, the model a checkpoint holds.
 - ``loop``: ``run_trial`` itself: set up, step, evaluate and select, checkpoint, the final record.
 """
@@ -22,7 +23,7 @@ from flowbench.trial.checkpoints import (
     save_checkpoint,
 )
 from flowbench.trial.loop import TrialInterrupted, TrialState, run_trial, setup_trial
-from flowbench.trial.measure import evaluate, measure_latency, measure_training_flops, time_call
+from flowbench.trial.measure import evaluate, measure_training_flops
 from flowbench.trial.settings import Shard, TrainSettings, TrialConfig, git_commit, resolve_device
 from flowbench.trial.step import LossMeter, prepare_training, train_step, warmup_schedule
 
@@ -41,7 +42,6 @@ __all__ = [
     "evaluate",
     "git_commit",
     "load_checkpoint",
-    "measure_latency",
     "measure_training_flops",
     "model_from_checkpoint",
     "prepare_training",
@@ -49,7 +49,6 @@ __all__ = [
     "run_trial",
     "save_checkpoint",
     "setup_trial",
-    "time_call",
     "train_step",
     "warmup_schedule",
 ]

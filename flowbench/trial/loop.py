@@ -37,7 +37,7 @@ from flowbench.numerics import check_in_effect, environment
 from flowbench.record import TrialRecord
 from flowbench.trial.budget import Milestones, Progress, batch_plan
 from flowbench.trial.checkpoints import CHECKPOINT_FILE, SELECTED_FILE, load_checkpoint, save_checkpoint
-from flowbench.trial.measure import evaluate, measure_latency, measure_training_flops, peak_memory_mb
+from flowbench.trial.measure import evaluate, measure_training_flops, peak_memory_mb
 from flowbench.trial.settings import Shard, TrialConfig, git_commit, resolve_device
 from flowbench.trial.step import LossMeter, missing_compiler, prepare_training, train_step, warmup_schedule
 
@@ -330,7 +330,7 @@ def run_trial(
 
 def finish_record(state: TrialState, status: str, reason: str) -> TrialRecord:
     """The trial's row: the selected weights evaluated once on the whole validation and test
-    splits, latency, and what was spent."""
+    splits, and what was spent (latency is the sweep's phase, timed alone: ``flowbench.sweep.latency``)."""
     config, progress = state.config, state.progress
     record = config.record(
         state.hparams,
@@ -360,12 +360,6 @@ def finish_record(state: TrialState, status: str, reason: str) -> TrialRecord:
         record.selected_step = state.best["step"]
         record.val_bpd = evaluate(selected, state.data.validation, state.device, shard=state.shard)
         record.test_bpd = evaluate(selected, state.data.test, state.device, shard=state.shard)
-        if status == "ok" and state.shard.rank == 0:
-            latency = measure_latency(
-                selected, state.data.test, state.device, config.latency_batch_size, config.latency_repeats
-            )
-            for key, value in latency.items():
-                setattr(record, key, value)
     n_validation = len(state.data.validation)
     record.eval_images = min(config.eval_images or n_validation, n_validation)
     record.peak_memory_mb, record.memory_kind = peak_memory_mb(state.device)

@@ -1,10 +1,8 @@
-"""Measurement: bits/dim on a split, training FLOPs, latency and peak memory."""
+"""Measurement: bits/dim on a split, training FLOPs and peak memory (latency: ``flowbench.trial.latency``)."""
 
 from __future__ import annotations
 
 import resource
-import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -43,42 +41,6 @@ def evaluate(
         total += model.bits_per_dim_of(model.log_prob(shard.take(x)), shard.take(logdet)).sum()
     model.train(was_training)
     return shard.reduce([total.item()])[0] / n
-
-
-def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> tuple[float, float]:
-    """Median and interquartile range in ms of ``repeats`` calls after ``warmup``, synchronised."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    q1, median, q3 = np.percentile(times, [25, 50, 75])
-    return float(median), float(q3 - q1)
-
-
-@torch.no_grad()
-def measure_latency(model: FlowModel, split, device, batch_size: int, repeats: int) -> dict:
-    model.eval()
-    pixels = split.batch(np.arange(min(batch_size, len(split)))).to(device)
-    x, _ = model.preprocess_pixels(pixels, torch.Generator(device).manual_seed(0))
-    density = time_call(lambda: model.log_prob(x), device, repeats)
-    sample = time_call(lambda: model.sample(len(x)), device, repeats)
-    return {
-        "latency_batch_size": len(x),
-        "density_latency_ms": density[0],
-        "density_latency_iqr_ms": density[1],
-        "sample_latency_ms": sample[0],
-        "sample_latency_iqr_ms": sample[1],
-    }
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:

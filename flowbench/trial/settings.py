@@ -74,8 +74,6 @@ class TrialConfig(TrainSettings):
     seed: int = pydantic.Field(0, ge=0)
     budget_kind: BudgetKind = "steps"
     budget: float = pydantic.Field(500, gt=0)
-    latency_batch_size: int = pydantic.Field(16, gt=0)
-    latency_repeats: int = pydantic.Field(20, gt=0)
     numerics: Numerics = "native"  # "portable": the same bits on every x86-64 CPU with AVX2 (flowbench.numerics)
     data_fingerprint: str = ""  # the data set's split sizes (and source checksum), set by whoever plans the trial
     recipe_source: str = ""  # where the training settings come from (card recipe, spec, CLI): provenance only

@@ -83,7 +83,7 @@ datasets: [digits]
 seeds: [0]
 budget: {steps: 4}
 train: {batch_size: 32, evaluations: 2}
-latency: {batch_size: 8, repeats: 2}
+latency: {batch_sizes: [1, 4], rounds: 2, warmup: 1}
 """)
     monkeypatch.chdir(tmp_path)  # the plugin path reaches the workers made absolute
     start_ray(None, num_cpus=2)

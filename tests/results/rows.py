@@ -4,7 +4,7 @@ from flowbench.record import TrialRecord
 
 
 def trial(model, dataset, seed, bpd, status="ok", phase="final", params=1000, variant="", **figures) -> dict:
-    """One trial row; val_bpd is test_bpd + 0.01 unless given, latency grows with the seed."""
+    """One trial row; val_bpd is test_bpd + 0.01 unless given."""
     record = TrialRecord(
         sweep="s",
         trial_id=f"{model}-{variant}-{dataset}-seed{seed}",
@@ -19,8 +19,6 @@ def trial(model, dataset, seed, bpd, status="ok", phase="final", params=1000, va
         val_bpd=bpd + 0.01,
         num_params=params,
         num_params_allocated=params + 10,
-        density_latency_ms=10.0 + seed,
-        sample_latency_ms=20.0 + seed,
         throughput_images_per_s=100.0,
         steps=50,
         budget=1e9,

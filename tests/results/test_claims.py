@@ -19,8 +19,10 @@ from flowbench.results.claims import (
     rule_paired,
     rule_parameters,
 )
+from flowbench.results.latency import latency_pairs
 from flowbench.results.table2 import paired_comparisons, table2_frame
 from tests.results.rows import trial
+from tests.results.test_latency import timed
 
 CLEAR = [0.00, 0.01, -0.01]  # per-seed noise small against the 0.1 differences below
 
@@ -35,8 +37,7 @@ def bpd_trials(dataset, by_model: dict[str, list[float]], **figures) -> list[dic
 
 def pairs_of(rows) -> pd.DataFrame:
     trials = pd.DataFrame(rows)
-    metrics = ("test_bpd", "density_latency_ms", "sample_latency_ms")
-    return pd.concat([paired_comparisons(trials, m) for m in metrics], ignore_index=True)
+    return paired_comparisons(trials, "test_bpd")
 
 
 def a1():  # n×n beats Glow on ImageNet 32×32
@@ -114,34 +115,6 @@ def test_ablation_variants_do_not_stand_in_for_the_papers_models():
     assert rule(a1(), rows)[0].verdict == NOT_TESTED
 
 
-@pytest.mark.parametrize(("emerging_ms", "verdict"), [(30.0, SUPPORTED), (5.0, CONTRADICTED), (None, INCONCLUSIVE)])
-def test_latency_claims_are_ruled_on_every_data_set_the_sweep_ran(emerging_ms, verdict):
-    d2 = paper_claims().latency[1]  # sampling: nxn_shift's sample latency is 20 + seed in these rows
-    samples = (
-        [20.0 + s + (5.0 if s % 2 else -5.0) for s in range(4)]
-        if emerging_ms is None
-        else [emerging_ms + s + 0.1 * s * s for s in range(4)]
-    )
-    rows = bpd_trials("embedded", {"nxn_shift": [3.0] * 4})
-    rows += [trial("emerging", "embedded", s, 3.0, sample_latency_ms=v) for s, v in enumerate(samples)]
-    rows += bpd_trials("digits", {"nxn_shift": [1.0] * 4, "emerging": [1.0] * 4})  # identical: no evidence
-    rulings = rule(d2, rows)
-    assert [r.claim.statement.rsplit(", on ", 1)[1] for r in rulings] == ["embedded", "digits"]
-    assert rulings[0].verdict == verdict and "sampling latency nxn_shift − emerging" in rulings[0].evidence
-    assert rulings[1].verdict == INCONCLUSIVE
-
-
-def test_latency_not_measured_is_not_tested():
-    d1 = paper_claims().latency[0]
-    rows = bpd_trials("embedded", {"nxn_shift": [3.0] * 3, "emerging": [3.0] * 3}, density_latency_ms=math.nan)
-    [ruling] = rule(d1, rows)
-    assert ruling.verdict == NOT_TESTED
-    assert ruling.evidence == "needs log_prob latency measured for nxn_shift and emerging on the same seeds"
-    assert (
-        rule(d1, bpd_trials("embedded", {"nxn_shift": [3.0] * 3}))[0].evidence == "needs successful trials of emerging"
-    )
-
-
 def test_parameter_counts_at_the_cifar10_card_by_hand():
     counts = mixing_counts("cifar10")
     # CIFAR-10 card: depth 32, 3 levels; after each level's squeeze 3·4 = 12, then (12/2)·4 = 24, then 48
@@ -201,10 +174,14 @@ def test_every_claim_is_ruled_on_in_order_for_an_embedded_sweep():
         {"glow": [4.0 + n for n in CLEAR], "emerging": [3.8 + n for n in CLEAR], "nxn_shift": [3.9 + n for n in CLEAR]},
     )
     trials = pd.DataFrame(rows)
-    rulings = rule_claims(trials, table2_frame(trials, lambda m, d: None), pairs_of(rows))
+    same = [[10.0, 11.0, 12.0]]  # n×n and Emerging timed alike in every round: no difference to find
+    timed_alike = [
+        timed("cpu: A", m, same, kind) for m in ("nxn_shift", "emerging") for kind in ("density", "sampling")
+    ]
+    latency = latency_pairs(pd.DataFrame([row for rows in timed_alike for row in rows]))
+    rulings = rule_claims(trials, table2_frame(trials, lambda m, d: None), pairs_of(rows), latency=latency)
     assert [r.claim.key for r in rulings] == ["a1", "a2", "b1", "b2", "c", "d1", "d2", "e"]
     verdicts = {r.claim.key: r.verdict for r in rulings}
     assert all(verdicts[k] == NOT_TESTED for k in ("a1", "a2", "b1", "b2"))
     assert verdicts["c"] == SUPPORTED and verdicts["e"] == CONTRADICTED
-    # nxn_shift's latencies are 10 + seed and 20 + seed, emerging's the same: no difference to find
     assert verdicts["d1"] == verdicts["d2"] == INCONCLUSIVE

@@ -13,6 +13,8 @@ from flowbench.cli import main
 from flowbench.record import RECORD_COLUMNS
 from flowbench.results.report import NXN_GLOW, SPLITS, build_report, report_from_dir
 from flowbench.results.tables import SCHEMA_VERSION, read_table, write_table
+from flowbench.trial.latency import KINDS
+from tests.results.test_latency import timed
 from tests.results.test_table2 import synthetic
 
 
@@ -44,6 +46,10 @@ def test_parquet_to_report_round_trip(tmp_path, capsys):
     trials = synthetic()
     write_table(trials, tmp_path / "trials.parquet", "trials")
     write_table(curves_for(trials), tmp_path / "curves.parquet", "curves")
+    latency = [
+        timed("cpu: A", m, [[2.0, 2.2, 2.1]] * 3, k, dataset="cifar10") for m in ("glow", "nxn_shift") for k in KINDS
+    ]
+    write_table(pd.DataFrame([row for rows in latency for row in rows]), tmp_path / "latency.parquet", "latency")
     assert main(["report", str(tmp_path)]) == 0
     table2 = read_table(tmp_path / "table2.parquet", "table2")
     glow = table2.set_index(["model", "variant", "dataset"]).loc[("glow", "", "cifar10")]
@@ -59,6 +65,8 @@ def test_parquet_to_report_round_trip(tmp_path, capsys):
     )
     assert "| 50 " in cost and "| 60 " in cost  # effective and allocated parameters
     assert "p_holm" in md and "## The paper's claims" in md and "not tested by this sweep" in md
+    timing = next(line for line in md.splitlines() if line.startswith("| cpu: A ") and "| glow " in line)
+    assert "| density " in timing and "| 2.1 " in timing and "| 3 " in timing  # median ms, over 3 checkpoints
     html = (tmp_path / "report.html").read_text()
     assert "<table" in html and 'src="data:image/png;base64,' in html and "The paper&#x27;s claims" in html
     assert 'src="http' not in html and "src='" not in html  # self-contained

@@ -40,7 +40,6 @@ def test_means_intervals_counts_and_deltas():
     assert (glow.test_bpd_ci_low, glow.test_bpd_ci_high) == pytest.approx((3.10 - half, 3.10 + half))
     assert (glow.n_trials, glow.n_seeds) == (4, 3)  # the diverged trial is counted, not averaged
     assert glow.delta_vs_paper == pytest.approx(3.10 - 3.35)
-    assert glow.density_latency_ms == 11.0 and glow.sample_latency_ms == 21.0  # medians over seeds
     assert (glow.num_params, glow.num_params_allocated) == (1000, 1010)
     assert (glow.flops_per_image, glow.train_flops_mean, glow.images_seen_mean) == (2e6, 1e9, 500)
     assert t2.loc[("nxn_shift", "", "cifar10")].delta_vs_paper == pytest.approx(0.0)
@@ -124,12 +123,12 @@ def test_holm_is_applied_per_data_set_and_variant():
 
 
 def test_comparisons_of_another_metric_skip_unmeasured_seeds():
-    rows = [trial("nxn_shift", "embedded", s, 3.0) for s in range(3)]
-    rows += [trial("emerging", "embedded", s, 3.0, sample_latency_ms=[50.0, math.nan, 60.0][s]) for s in range(3)]
-    row = paired_comparisons(pd.DataFrame(rows), "sample_latency_ms").iloc[0]
-    # emerging comes first (registry order); nxn_shift's sample latency is 20 + seed: seeds 0 and 2 pair
+    rows = [trial("nxn_shift", "embedded", s, 3.0 + s) for s in range(3)]
+    rows += [trial("emerging", "embedded", s, 3.0, val_bpd=[5.0, math.nan, 6.0][s]) for s in range(3)]
+    row = paired_comparisons(pd.DataFrame(rows), "val_bpd").iloc[0]
+    # emerging comes first (registry order); nxn_shift's val_bpd is 3.01 + seed: seeds 0 and 2 pair
     assert (row.model_a, row.model_b) == ("emerging", "nxn_shift")
-    assert (row.metric, row.n_seeds, row.a_minus_b) == ("sample_latency_ms", 2, pytest.approx((50 - 20 + 60 - 22) / 2))
+    assert (row.metric, row.n_seeds, row.a_minus_b) == ("val_bpd", 2, pytest.approx((5 - 3.01 + 6 - 5.01) / 2))
 
 
 def short_budget_trials() -> pd.DataFrame:

@@ -45,7 +45,6 @@ def test_an_interrupted_two_process_memory_lean_trial_resumes_to_the_one_process
         batch_size=32,
         budget=6,
         evaluations=2,
-        latency_repeats=2,
         memory_saving=True,
     )
     run_trial(TrialConfig(**config, out_dir=str(tmp_path / "single")))
@@ -173,7 +172,6 @@ def test_two_gloo_workers_reach_the_one_worker_parameters_and_a_run_again_contin
         batch_size=32,
         budget=6,
         evaluations=2,
-        latency_repeats=2,
     )
     single = run_trial(TrialConfig(**config, out_dir=str(tmp_path / "single")))
 

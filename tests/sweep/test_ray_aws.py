@@ -77,7 +77,7 @@ train: {batch_size: 32, evaluations: 1}
 overrides:
   glow: {depth: 2, levels: 2, hidden_channels: 8}
 resources: {cpu: 1}
-latency: {batch_size: 8, repeats: 2}
+latency: {batch_sizes: [1, 4], rounds: 2, warmup: 1}
 """
 
 # the operator's path of cluster.yaml's comments; what moto holds is written down after `ray up`, after the

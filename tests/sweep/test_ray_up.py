@@ -117,7 +117,7 @@ overrides:
   glow: {depth: 2, levels: 2, hidden_channels: 8}
   nxn_shift: {depth: 2, levels: 2, hidden_channels: 8}
 resources: {cpu: 1}
-latency: {batch_size: 8, repeats: 2}
+latency: {batch_sizes: [1, 4], rounds: 2, warmup: 1}
 """
 
 # the README's operator path

@@ -44,7 +44,7 @@ overrides:
 """
         + "\n".join(f"  {m}: {o}" for m, o in overrides.items())
         + """
-latency: {batch_size: 8, repeats: 2}
+latency: {batch_sizes: [1, 4], rounds: 2, warmup: 1}
 """
         + textwrap.dedent(extra)
     )
@@ -161,7 +161,7 @@ def test_a_tune_trials_row_is_built_from_the_unit_its_config_names(tmp_path):
     older_layout = {"trial": unit.configs[0].model_dump(), "unit": unit.id, "unit_hash": unit.hash, "phase": "final"}
     older = Result(metrics={"config": older_layout}, checkpoint=None, error=RuntimeError("x"), path=str(tmp_path))
     store = RecordStore(tmp_path / "out")
-    found = collect([failed, older], {unit.id: unit}, store, tmp_path / "figures")
+    found = collect([failed, older], {unit.id: unit}, store, tmp_path / "figures", tmp_path / "weights")
     ((trial,),) = found.values()
     row = trial["row"]
     assert (row["trial_id"], row["seed"], row["lr"], row["phase"]) == ("glow-digits-seed1", 1, 0.004, "final")
@@ -278,7 +278,8 @@ def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray, monkeypatch
     progress.close()
     assert frames[-1] == (4 * budget, 4 * budget, "4/4 trials, best val " + frames[-1][2].split("best val ")[1])
     assert all(a[0] <= b[0] for a, b in zip(frames, frames[1:], strict=False))  # the bar never goes back
-    assert [f[2].split(" trials")[0] for f in frames][-1] == "4/4" and any(f[2].startswith("2/4") for f in frames)
+    drawn = [f[2] for f in frames if f[2] is not None]  # tqdm's own first frame comes before any postfix
+    assert drawn[-1].startswith("4/4 trials") and any(p.startswith("2/4") for p in drawn)
     (lead,) = headline(outcome.trials)
     assert lead.startswith("digits: ") and " ahead of " in lead
     out = tmp_path / "results" / "e2e"
@@ -291,7 +292,7 @@ def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray, monkeypatch
     ]
     assert (trials.status == "ok").all() and (trials.phase == "final").all()
     assert trials.val_bpd.between(0, 16).all() and trials.test_bpd.between(0, 16).all()
-    assert (trials.num_params > 0).all() and (trials.density_latency_ms > 0).all()
+    assert (trials.num_params > 0).all()
     step_flops = trials.set_index("trial_id").flops_per_image * 32
     assert step_flops["nxn_shift-digits-seed0"] > 1.4 * step_flops["glow-digits-seed0"]
     for row in trials.itertuples():  # the budget met within the trial's last step
@@ -375,12 +376,53 @@ def test_sweep_end_to_end_rerun_and_card_change(tmp_path, local_ray, monkeypatch
     )
     assert sorted(mlflow_curves.step.tolist()) == sorted(curves.step.tolist())
 
-    # the same command again: every unit has its record, nothing runs
+    # the latency phase: four trials on two slots, then every ok trial's selected weights timed (2 kinds × 2
+    # batch sizes) by one Ray task that held all the node's CPUs, after the last trial had finished
+    import ray
+
+    latency = read_table(out / "latency.parquet", "latency")
+    assert len(latency) == 4 * 2 * 2 and set(latency.weights) == {"selected"}
+    assert sorted(set(latency.trial_id)) == sorted(trials.trial_id) and set(latency.batch_size) == {1, 4}
+    assert (latency.threads == int(ray.cluster_resources()["CPU"])).all() and latency.device.nunique() == 1
+    assert (latency.times_ms.map(len) == 2).all() and (latency.median_ms > 0).all()
+    assert pd.to_datetime(latency.started_at).min() >= pd.to_datetime(trials.finished_at).max()
+    assert "## Inference latency" in md and "needs successful trials of emerging" in md  # (d1), (d2) untested
+
+    # the same command again: every unit has its record, nothing runs, nothing is timed again
     records = {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()}
+    timed = (out / "latency.parquet").stat().st_mtime_ns
     again = run_sweep(spec, tmp_path / "results")
     assert again.efficiency["trials_run"] == 0 and again.efficiency["efficiency"] is None and not again.changed
     assert {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()} == records
+    assert (out / "latency.parquet").stat().st_mtime_ns == timed
     assert len(child_runs(outcome.mlflow_uri, "e2e")[2]) == 4
+
+    # a latency table lacking rows (a phase stopped before it wrote, a trial added): only those are timed
+    from flowbench.results.tables import write_table
+
+    write_table(latency[latency.model == "glow"], out / "latency.parquet", "latency")
+    again = run_sweep(spec, tmp_path / "results")
+    assert again.efficiency["trials_run"] == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "records").iterdir()} == records
+    resumed = read_table(out / "latency.parquet", "latency").set_index(["trial_id", "kind", "batch_size"]).sort_index()
+    before = latency.set_index(["trial_id", "kind", "batch_size"]).sort_index()
+    assert sorted(resumed.index) == sorted(before.index)
+    glow = [i for i in before.index if i[0].startswith("glow")]
+    assert resumed.loc[glow, "started_at"].equals(before.loc[glow, "started_at"])  # kept, not timed again
+    assert (resumed.drop(index=glow).started_at > before.started_at.max()).all()
+
+    # flowbench latency: the same weights timed again at one thread, another device's rows beside the sweep's
+    from flowbench.cli import main
+
+    assert main(["latency", str(out), "--threads", "1", "--rounds", "2", "--warmup", "0", "--batch-sizes", "1"]) == 0
+    both = read_table(out / "latency.parquet", "latency")
+    assert both.device.nunique() == 2 and len(both) == 16 + 4 * 2
+    assert both[both.threads == 1].batch_size.eq(1).all()
+    from flowbench.results.latency import latency_pairs
+
+    pairs = latency_pairs(both)  # glow against nxn_shift per device, kind and batch size: never across devices
+    assert len(pairs) == 2 * 2 + 2 * 1 and set(pairs.device) == set(both.device)
+    assert all(device in (out / "report.md").read_text() for device in both.device.unique())
 
     # glow's configuration changes: exactly its two trials run again, the old records archived
     wider = spec_file(
