@@ -14,33 +14,24 @@ table's rows name: ratios from other machines are not comparable.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-import flowbench
-from flowbench.data import dataset_info
 from flowbench.results.latency import latency_summary
 from flowbench.results.tables import read_table
-from flowbench.trial.checkpoints import load_checkpoint, model_from_checkpoint
+from flowbench.sweep.latency import latency_items
+from flowbench.trial.latency import model_for
 from timing import time_interleaved  # benchmarks/timing.py: the script's folder is on sys.path
 
 
 def models_of(out: Path, latency: pd.DataFrame) -> dict[str, torch.nn.Module]:
-    """One model per model name: its lowest seed's selected weights, or its recorded architecture."""
-    trials = read_table(out / "trials.parquet", "trials").set_index("trial_id")
-    built = {}
-    for model, rows in latency.sort_values("seed").groupby("model", sort=False):
-        trial = trials.loc[rows.trial_id.iloc[0]]
-        weights = out / "weights" / f"{trial.name}.pt"
-        if weights.is_file():
-            built[model] = model_from_checkpoint(load_checkpoint(weights)).eval()
-        else:
-            shape = dataset_info(trial.dataset).image_shape
-            built[model] = flowbench.build_model(model, shape, **json.loads(trial.hparams)).eval()
-    return built
+    """One model per model name, its lowest seed's, built as the latency phase builds it."""
+    trials = read_table(out / "trials.parquet", "trials")
+    first = set(latency.sort_values("seed").groupby("model", sort=False).trial_id.first())
+    items = latency_items(trials[trials.trial_id.isin(first)], out, set(), [1])
+    return {item["model"]: model_for(item, torch.device("cpu"))[0] for item in items}
 
 
 def main() -> None:

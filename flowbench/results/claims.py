@@ -268,9 +268,12 @@ def rule_latency(claim: PairedClaim, pairs: pd.DataFrame, trials: pd.DataFrame) 
     from flowbench.results.latency import ratio_text
 
     models = {claim.better, claim.worse}
-    mine = pairs[(pairs["kind"] == claim.metric) & pairs["model_a"].isin(models) & pairs["model_b"].isin(models)]
-    if "variant" in mine:
-        mine = mine[mine["variant"] == ""]
+    mine = pairs[
+        (pairs["kind"] == claim.metric)
+        & (pairs["variant"] == "")
+        & pairs["model_a"].isin(models)
+        & pairs["model_b"].isin(models)
+    ]
     rulings = []
     for (device, dataset), part in mine.groupby(["device", "dataset"], sort=True):
         at = part[part["batch_size"] == LATENCY_BATCH]

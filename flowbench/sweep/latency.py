@@ -12,7 +12,6 @@ times a finished sweep again on the machine at hand and adds (or replaces) that 
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,8 +29,9 @@ KEY = ["trial_id", "kind", "batch_size", "device"]
 IDENTITY = ["model", "variant", "dataset", "seed"]  # copied from trials.parquet beside each row
 
 
-def weights_path(out: Path, trial_id: str) -> Path:
-    return out / WEIGHTS_DIR / f"{trial_id}.pt"
+def weights_file(folder: Path, trial_id: str) -> Path:
+    """A trial's selected weights in ``folder`` (a results folder's ``WEIGHTS_DIR``; the Ray task's own)."""
+    return folder / f"{trial_id}.pt"
 
 
 def read_latency(out: Path) -> pd.DataFrame | None:
@@ -39,7 +39,9 @@ def read_latency(out: Path) -> pd.DataFrame | None:
     return read_table(out / LATENCY_FILE, "latency") if (out / LATENCY_FILE).is_file() else None
 
 
-def _items(trials: pd.DataFrame, out: Path, timed: set[tuple[str, str, int]], batch_sizes: list[int]) -> list[dict]:
+def latency_items(
+    trials: pd.DataFrame, out: Path, timed: set[tuple[str, str, int]], batch_sizes: list[int]
+) -> list[dict]:
     """The ok final trials with some kind × batch size not in ``timed``: their weights, or what
     builds the architecture where the weights are gone (a committed reference run ships none)."""
     from flowbench.data import dataset_info
@@ -49,7 +51,7 @@ def _items(trials: pd.DataFrame, out: Path, timed: set[tuple[str, str, int]], ba
     for row in finals[compared(finals)].itertuples():
         if all((row.trial_id, kind, b) in timed for kind in KINDS for b in batch_sizes):
             continue
-        weights = weights_path(out, row.trial_id)
+        weights = weights_file(out / WEIGHTS_DIR, row.trial_id)
         item = {"trial_id": row.trial_id, "model": row.model, "hparams": row.hparams, "weights": str(weights)}
         if not weights.is_file():
             item["image_shape"] = list(dataset_info(row.dataset).image_shape)
@@ -77,7 +79,7 @@ def retime(
 ) -> tuple[pd.DataFrame, list[dict]]:
     """``flowbench latency``: every ok final trial timed again here; returns the table and the rows timed."""
     trials = read_table(out / "trials.parquet", "trials")
-    items = _items(trials, out, set(), batch_sizes)
+    items = latency_items(trials, out, set(), batch_sizes)
     if not items:
         raise FlowbenchError(f"{out}: no ok final trial to time; run the sweep first")
     job = {"items": items, "device": device, "batch_sizes": batch_sizes, "rounds": rounds, "warmup": warmup}
@@ -85,17 +87,17 @@ def retime(
     return add_rows(out, trials, rows), rows
 
 
-def _timed_on_a_node(job: dict, weights: dict[str, bytes], threads: int) -> list[dict]:
+def _timed_on_a_node(job: dict, weights: dict[str, bytes]) -> list[dict]:
     """The Ray task's body: the weights written to a folder of its own, then timed."""
     with tempfile.TemporaryDirectory() as folder:
         for item in job["items"]:
             if item["trial_id"] in weights:
-                path = Path(folder) / f"{item['trial_id']}.pt"
+                path = weights_file(Path(folder), item["trial_id"])
                 path.write_bytes(weights[item["trial_id"]])
                 item["weights"] = str(path)
             else:
                 item.pop("weights", None)
-        return time_in_native_process(job | {"threads": threads})
+        return time_in_native_process(job)
 
 
 def _node(trials: pd.DataFrame, gpus: int) -> tuple[str, int]:
@@ -131,7 +133,7 @@ def run_phase(spec, out: Path, trials: pd.DataFrame, start_ray: Callable[[], Non
     if found is not None:
         mine = found[found["device_kind"] == device]
         timed = set(zip(mine["trial_id"], mine["kind"], mine["batch_size"].astype(int), strict=True))
-    items = _items(trials, out, timed, settings.batch_sizes)
+    items = latency_items(trials, out, timed, settings.batch_sizes)
     if not items:
         return found, True
     start_ray()
@@ -144,6 +146,7 @@ def run_phase(spec, out: Path, trials: pd.DataFrame, start_ray: Callable[[], Non
         "batch_sizes": settings.batch_sizes,
         "rounds": settings.rounds,
         "warmup": settings.warmup,
+        "threads": cpus,  # every CPU the task holds
     }
     task = ray.remote(_timed_on_a_node).options(
         num_cpus=cpus,
@@ -156,7 +159,7 @@ def run_phase(spec, out: Path, trials: pd.DataFrame, start_ray: Callable[[], Non
         f"{', '.join(map(str, settings.batch_sizes))}, {settings.rounds} interleaved rounds) on a node held whole",
         flush=True,
     )
-    ref = task.remote(job, weights, cpus)
+    ref = task.remote(job, weights)
     while not ray.wait([ref], timeout=0.5)[0] and not stopping.requested():
         pass
     if stopping.requested():  # asked before the task ended (Ctrl-C reaches its process too, and fails it)
@@ -175,5 +178,5 @@ def describe(latency: pd.DataFrame | None) -> str:
     if latency is None or latency.empty:
         return "no latency table"
     devices = sorted(latency["device"].unique())
-    when = time.strftime("%Y-%m-%d %H:%M", time.strptime(str(latency["ended_at"].max())[:16], "%Y-%m-%dT%H:%M"))
+    when = str(latency["ended_at"].max())[:16].replace("T", " ")  # ISO 8601 UTC, to the minute
     return f"{len(latency)} rows on {'; '.join(devices)} (last timed {when} UTC)"

@@ -12,6 +12,7 @@ from pathlib import Path
 from flowbench.atomic import atomic_write
 from flowbench.record import RECORD_COLUMNS
 from flowbench.results.tables import CURVE_METRICS
+from flowbench.sweep.latency import weights_file
 from flowbench.sweep.plan import Unit, trial_of
 from flowbench.sweep.search import METRIC
 from flowbench.sweep.storage import copy_from_checkpoint, read_from_checkpoint, tune_storage
@@ -155,10 +156,9 @@ def collect(results, units: dict[str, Unit], store: RecordStore, figures: Path, 
                 trial_id = t["row"]["trial_id"]
                 for figure in FIGURES:
                     copy_from_checkpoint(r.checkpoint, f"{figure}.png", figures / f"{figure}-{trial_id}.png")
-                if t["row"]["status"] == "ok" and not copy_from_checkpoint(
-                    r.checkpoint, SELECTED_FILE, weights / f"{trial_id}.pt"
-                ):
-                    copy_from_checkpoint(r.checkpoint, CHECKPOINT_FILE, weights / f"{trial_id}.pt")
+                selected = weights_file(weights, trial_id)
+                if t["row"]["status"] == "ok" and not copy_from_checkpoint(r.checkpoint, SELECTED_FILE, selected):
+                    copy_from_checkpoint(r.checkpoint, CHECKPOINT_FILE, selected)
         store.save(unit, trials)
     return found
 

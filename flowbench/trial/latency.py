@@ -54,8 +54,9 @@ def gpu_clocks() -> str:
     return out.strip().splitlines()[0] if out.strip() else ""
 
 
-def _model(item: dict, device: torch.device):
-    """The item's model on ``device`` in eval mode, and which weights it holds."""
+def model_for(item: dict, device: torch.device):
+    """The item's model on ``device`` in eval mode, and which weights it holds: its selected weights
+    (``weights``), else the architecture its record names (``model``, ``hparams``, ``image_shape``)."""
     weights = item.get("weights")
     if weights and Path(weights).is_file():
         return model_from_checkpoint(load_checkpoint(weights), device).eval(), "selected"
@@ -74,7 +75,7 @@ def time_models(job: dict) -> list[dict]:
         raise FlowbenchError("latency on cuda asked for, but this machine's torch sees no CUDA GPU; give --device cpu")
     calls, rows = [], []
     for item in job["items"]:
-        model, weights = _model(item, device)
+        model, weights = model_for(item, device)
         for batch in job["batch_sizes"]:
             generator = torch.Generator(device).manual_seed(0)
             images = model.sample(batch, generator=generator)  # the density's input: the model's own samples
