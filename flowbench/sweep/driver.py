@@ -190,6 +190,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
         },
     )
     by_id = {u.id: u for u in units}
+    left_behind: dict[str, list[str]] = {}  # trial id -> checkpoints an earlier experiment left, newest first
     stamp = time.strftime("%Y%m%dT%H%M%S")
 
     # units whose records are of another configuration: archived, run again
@@ -204,6 +205,14 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
             collect(earlier, {u.id: u for u in todo}, store, out / "figures", out / WEIGHTS_DIR)
         todo = [u for u in units if store.load(u) is None]
         name = experiment_name(todo)
+        # its unfinished trials of units planned as they were go on from the newest whole checkpoint they
+        # left there, not from step 0 (a unit whose configuration changed starts over)
+        current = {u.id: u.hash for u in todo}
+        left_behind = {
+            r.config["trial_id"]: stored_checkpoints(storage, previous, r.config["trial_id"])
+            for r in earlier or []
+            if r.config and "trial_id" in r.config and current.get(r.config.get("unit")) == r.config.get("unit_hash")
+        }
     archive = None
     old_experiment = previous if todo and previous not in (None, name) else None
     if stale or old_experiment:
@@ -231,7 +240,7 @@ def _run_locked(spec, units, spec_path, out, address, mlflow_uri, callbacks, num
         assert slots is not None, "Ray started: todo only shrinks after the start"
         trial_row = functools.partial(record_of, units=by_id)
         callbacks = [MlflowCallback(uri, spec.name, parent, artifacts, trial_row, curve_of), *callbacks]
-        results, resumed = run_experiment(spec, storage, name, todo, slots, callbacks)
+        results, resumed = run_experiment(spec, storage, name, todo, slots, callbacks, left_behind)
         lost = _storage_lost(storage, out, [r.error for r in results if r.error is not None])
         if lost is not None:
             raise lost  # trials that failed for want of their storage resume when it is back
